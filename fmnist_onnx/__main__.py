@@ -1,0 +1,3 @@
+from fmnist_onnx.cli import main
+
+main()

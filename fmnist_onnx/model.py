@@ -1,0 +1,83 @@
+"""The quickstart tutorial's MLP, and a safe loader for its weights."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fmnist_onnx.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class NeuralNetwork(nn.Module):
+    """Exactly the tutorial's network, so that its model.pth loads here and ours loads there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear_relu_stack = nn.Sequential(
+            nn.Linear(28 * 28, 512),
+            nn.ReLU(),
+            nn.Linear(512, 512),
+            nn.ReLU(),
+            nn.Linear(512, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(x)
+        return self.linear_relu_stack(x)
+
+
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in NeuralNetwork().state_dict().items()}
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a model.pth with weights_only=True and check it is this model's state_dict.
+
+    Raises UserError with one line naming the problem: missing file, not a torch file, a pickle that
+    would run code, or the wrong keys or shapes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses anything but tensors and plain containers: a pickle that would run code.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: refused to load: not plain weights ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a PyTorch weights file ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not a state_dict (a dict of tensors), found {type(state).__name__}")
+    want = expected_shapes()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise UserError(f"{path}: not the quickstart MLP's state_dict: {'; '.join(parts)}")
+    for key, shape in want.items():
+        if tuple(state[key].shape) != shape:
+            raise UserError(
+                f"{path}: not the quickstart MLP's state_dict: {key} has shape "
+                f"{tuple(state[key].shape)}, expected {shape}"
+            )
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> NeuralNetwork:
+    """A NeuralNetwork in eval mode with the weights of ``path``."""
+    model = NeuralNetwork()
+    model.load_state_dict(load_state_dict(path))
+    return model.to(device).eval()
