@@ -1,0 +1,112 @@
+"""onnxruntime sessions for this model: provider choice that never falls back silently, and a signature check.
+
+No torch here: classify, info and the onnxruntime benchmarks run where only onnxruntime is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fmnist_onnx.errors import UserError
+from fmnist_onnx.spec import IMAGE_SIZE, NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class Session:
+    """An onnxruntime session plus what callers need to know about it."""
+
+    session: object  # onnxruntime.InferenceSession
+    provider: str  # "cpu" | "cuda": the provider that actually runs the model
+    input_name: str
+    output_name: str
+    input_type: str  # "tensor(float)" or "tensor(float16)"
+    metadata: dict[str, str]
+
+    def run(self, batch):
+        """Logits for a float32 batch [N, 1, 28, 28] as a numpy array [N, 10] (float32)."""
+        import numpy as np
+
+        if self.input_type == "tensor(float16)":
+            batch = batch.astype(np.float16)
+        out = self.session.run([self.output_name], {self.input_name: batch})[0]
+        return out.astype(np.float32, copy=False)
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def resolve_provider(requested: str) -> str:
+    """'auto' -> cuda when onnxruntime has it, else cpu; an explicit provider that is missing is an error."""
+    requested = requested.lower()
+    if requested not in ("auto", *PROVIDERS):
+        raise UserError(f"unknown provider {requested!r}; choose auto, cpu or cuda")
+    have = available_providers()
+    if requested == "auto":
+        return "cuda" if PROVIDERS["cuda"] in have else "cpu"
+    if PROVIDERS[requested] not in have:
+        raise UserError(
+            f"--provider {requested}: onnxruntime on this machine has no {PROVIDERS[requested]} "
+            f"(available: {', '.join(have)}). Install onnxruntime-gpu instead of onnxruntime "
+            "(never both) on a machine with CUDA, or use --provider cpu."
+        )
+    return requested
+
+
+def _signature_problem(inp, out) -> str | None:
+    """Why this model does not take [N, 1, 28, 28] floats and give [N, 10] logits, or None."""
+    ishape, oshape = list(inp.shape), list(out.shape)
+    if inp.type not in ("tensor(float)", "tensor(float16)"):
+        return f"input {inp.name!r} is {inp.type}, expected float32"
+    if len(ishape) != 4 or ishape[1:] != [1, IMAGE_SIZE, IMAGE_SIZE]:
+        return f"input {inp.name!r} has shape {ishape}, expected [batch, 1, {IMAGE_SIZE}, {IMAGE_SIZE}]"
+    if len(oshape) != 2 or oshape[1] != NUM_CLASSES:
+        return f"output {out.name!r} has shape {oshape}, expected [batch, {NUM_CLASSES}]"
+    return None
+
+
+def open_session(
+    model: str | Path,
+    provider: str = "auto",
+    threads: int | None = None,
+    log_choice: bool = False,
+) -> Session:
+    """A checked session for ``model``: UserError for a missing file, a non-ONNX file, the wrong signature,
+    or a provider that cannot run it (onnxruntime itself would only warn and run on the CPU)."""
+    import onnxruntime as ort
+
+    path = Path(model)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    name = resolve_provider(provider)
+    providers = [PROVIDERS[name]] + ([PROVIDERS["cpu"]] if name != "cpu" else [])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # onnxruntime's warnings are turned into our own errors below
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/... types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: not a loadable ONNX model ({first[:200]})") from None
+    used = sess.get_providers()
+    if used[0] != PROVIDERS[name]:
+        raise UserError(f"{path}: onnxruntime could not run it on {PROVIDERS[name]} (it fell back to {used[0]})")
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise UserError(f"{path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
+    problem = _signature_problem(inputs[0], outputs[0])
+    if problem:
+        raise UserError(f"{path}: not a Fashion-MNIST classifier: {problem}")
+    if log_choice:
+        log.warning("provider: %s%s", name, " (auto)" if provider == "auto" else "")
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    return Session(sess, name, inputs[0].name, outputs[0].name, inputs[0].type, meta)
