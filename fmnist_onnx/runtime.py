@@ -77,7 +77,6 @@ def open_session(
     model: str | Path,
     provider: str = "auto",
     threads: int | None = None,
-    log_choice: bool = False,
 ) -> Session:
     """A checked session for ``model``: UserError for a missing file, a non-ONNX file, the wrong signature,
     or a provider that cannot run it (onnxruntime itself would only warn and run on the CPU)."""
@@ -106,7 +105,5 @@ def open_session(
     problem = _signature_problem(inputs[0], outputs[0])
     if problem:
         raise UserError(f"{path}: not a Fashion-MNIST classifier: {problem}")
-    if log_choice:
-        log.warning("provider: %s%s", name, " (auto)" if provider == "auto" else "")
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     return Session(sess, name, inputs[0].name, outputs[0].name, inputs[0].type, meta)
