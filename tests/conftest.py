@@ -1,0 +1,49 @@
+"""Shared fixtures. Everything runs on the real dataset (Debian's dataset-fashion-mnist)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m fmnist_onnx ARGS`` as a real process; stdout and stderr captured as text."""
+    proc = subprocess.run([sys.executable, "-m", "fmnist_onnx", *map(str, args)], capture_output=True, text=True,
+                          **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int = 2, contains: str = "") -> None:
+    """The CLI's contract for user mistakes: exit ``code``, an 'Error:' line naming the problem, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "Error" in proc.stderr, proc.stderr
+    if contains:
+        assert contains in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory) -> Path:
+    """A real training run (fast recipe, 2 epochs: about 88% test accuracy): model.pth and metrics.json."""
+    out = tmp_path_factory.mktemp("trained")
+    run_cli("train", "--epochs", "2", "--out-dir", out, "--quiet", check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def weights(trained_dir) -> Path:
+    return trained_dir / "model.pth"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep the dataset cache of the tests apart from the user's."""
+    os.environ.setdefault("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
