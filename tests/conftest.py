@@ -47,3 +47,11 @@ def weights(trained_dir) -> Path:
 def _private_cache(tmp_path_factory):
     """Keep the dataset cache of the tests apart from the user's."""
     os.environ.setdefault("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def onnx_model(weights, tmp_path_factory) -> Path:
+    """The `weights` fixture exported to ONNX (fp32, opset 18, symbolic batch axis), without the parity check."""
+    from fmnist_onnx.export import export_onnx
+
+    return export_onnx(weights, tmp_path_factory.mktemp("onnx") / "model.onnx")
