@@ -106,6 +106,68 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
                f"(recipe {result.config.recipe}, {result.config.device})")
 
 
+# ---------------------------------------------------------------------------------------------- bench
+
+@cli.group(invoke_without_command=True, epilog="""\b
+Examples:
+  fmnist-onnx bench                            # artifacts/model.onnx, int8, and model.pth when present
+  fmnist-onnx bench --batch-sizes 1,256 --duration 1 --json bench.json --plot bench.png
+  fmnist-onnx bench --provider cuda --provider cpu --threads 2
+  fmnist-onnx bench classify photos/           # the classify pipeline beside decoding alone
+""")
+@click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
+              show_default=True, help="The ONNX model. int8: the .int8.onnx beside it, or quantized on the fly.")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="model.pth: adds PyTorch eager (where torch is installed). "
+                   "Default: model.pth beside --model, else artifacts/model.pth, when present.")
+@click.option("--batch-sizes", default="1,8,64,256,1024", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--provider", "providers", multiple=True, default=("auto",), show_default=True,
+              help="auto, cpu or cuda; repeatable. auto: cpu, plus cuda where onnxruntime has it.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads for onnxruntime and torch "
+              "[libraries' defaults].")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Seconds of timed calls per measurement (after the first run and a warm-up).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the machine and all records as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a PNG chart.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.pass_context
+def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_path, plot, quiet):
+    """Benchmark inference: onnxruntime fp32 and int8 (fp16, IO binding on CUDA) beside PyTorch eager.
+
+    For each option and batch size: the first run (session creation + first inference) apart, then images/s,
+    latency percentiles and GFLOP/s against a matrix-product peak measured at the start.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from fmnist_onnx import bench as bn
+
+    sizes = bn.parse_batch_sizes(batch_sizes)
+    if weights is None:
+        for candidate in (model.with_name("model.pth"), DEFAULT_DIR / "model.pth"):
+            if candidate.is_file():
+                weights = candidate
+                break
+    progress = show_progress(quiet)
+
+    def on_record(rec):
+        if progress:
+            click.echo(f"  {rec.label} batch {rec.batch_size}: {rec.images_per_s:,.0f} images/s", err=True)
+
+    report = bn.run_benchmark(model, weights, sizes, providers, threads, duration, on_record=on_record)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(bn.format_table(report))
+    if json_path:
+        bn.save_json(report.to_json(), json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plot:
+        from fmnist_onnx.plots import bench_chart
+
+        bench_chart(report.to_json(), plot, title=f"{model.name} on {report.machine['cpu']}")
+        click.echo(f"wrote {plot}", err=True)
+
+
 def main() -> None:
     cli(prog_name="fmnist-onnx")
 
