@@ -1,0 +1,117 @@
+"""Training: recipes, determinism, checkpoints, resume after a real interrupt, devices."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from fmnist_onnx.train import lr_at, make_config, train
+
+
+def test_short_run_learns(trained_dir):
+    metrics = json.loads((trained_dir / "metrics.json").read_text())
+    assert metrics["epochs"][0]["test_accuracy"] > 80  # chance is 10%
+    assert metrics["test_accuracy"] >= metrics["epochs"][0]["test_accuracy"] - 1
+    assert metrics["recipe"] == "fast" and metrics["device"] == "cpu"
+    assert {"torch", "torchvision", "python"} <= set(metrics["versions"])
+    assert set(metrics["epochs"][0]) == {"epoch", "train_loss", "test_loss", "test_accuracy", "seconds"}
+    assert (trained_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (trained_dir / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
+
+
+def test_same_seed_same_metrics(tmp_path):
+    cfg = dict(epochs=1, seed=7)
+    a = train(make_config("fast", **cfg), tmp_path / "a")
+    b = train(make_config("fast", **cfg), tmp_path / "b")
+    assert [(h.train_loss, h.test_loss, h.test_accuracy) for h in a.history] == [
+        (h.train_loss, h.test_loss, h.test_accuracy) for h in b.history]
+    sa = torch.load(tmp_path / "a" / "model.pth", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "model.pth", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_other_seed_other_weights(tmp_path):
+    a = train(make_config("fast", epochs=1, seed=1), tmp_path / "a")
+    b = train(make_config("fast", epochs=1, seed=2), tmp_path / "b")
+    assert a.history[0].train_loss != b.history[0].train_loss
+
+
+def test_tutorial_recipe_is_the_tutorials():
+    cfg = make_config("tutorial")
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.loader, cfg.shuffle) == (
+        "sgd", 1e-3, 64, 10, "dataloader", False)
+
+
+def test_tutorial_recipe_first_epoch(tmp_path):
+    # The tutorial prints 47.6% after its first epoch: plain SGD at 1e-3 learns slowly.
+    result = train(make_config("tutorial", epochs=1), tmp_path)
+    assert 30 < result.test_accuracy < 65
+
+
+def test_onecycle_schedule_warms_up_then_decays():
+    cfg = make_config("fast")
+    lrs = [lr_at(s, 1000, cfg) for s in range(1000)]
+    peak = max(range(1000), key=lrs.__getitem__)
+    assert lrs[0] < lrs[peak] == pytest.approx(cfg.lr)
+    assert lrs[-1] < 0.01 * cfg.lr
+
+
+def _train_proc(out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "fmnist_onnx", "train", "--epochs", "3", "--seed", "3",
+                             "--device", "cpu", "-q", "--out-dir", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path):
+    full = _train_proc(tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+
+    proc = _train_proc(tmp_path / "cut")
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and time.monotonic() < deadline:  # the end of epoch 1
+        time.sleep(0.05)
+    time.sleep(0.3)  # and into epoch 2: the interrupt lands mid-epoch
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()
+    assert "--resume" in proc.stderr.read()
+    assert ckpt.exists() and not (tmp_path / "cut" / "model.pth").exists()
+
+    resumed = run_cli("train", "--resume", "-q", "--out-dir", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "full" / "model.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "model.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert [e["test_accuracy"] for e in ma["epochs"]] == [e["test_accuracy"] for e in mb["epochs"]]
+
+
+def test_new_run_refuses_to_discard_a_checkpoint(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    assert_one_line_error(run_cli("train", "-q", "--out-dir", tmp_path), 2, "--resume")
+
+
+def test_resume_without_checkpoint(tmp_path):
+    assert_one_line_error(run_cli("train", "--resume", "-q", "--out-dir", tmp_path), 2, "no checkpoint")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_missing_is_an_error_not_a_cpu_run(tmp_path):
+    proc = run_cli("train", "--device", "cuda", "-q", "--out-dir", tmp_path)
+    assert_one_line_error(proc, 2, "CUDA")
+    assert not (tmp_path / "model.pth").exists()
+
+
+def test_auto_device_says_which():
+    proc = run_cli("train", "--device", "auto", "--epochs", "0")
+    assert proc.returncode == 2  # a usage error, caught before any training
+    proc = run_cli("train", "--data-dir", "/nonexistent", "--out-dir", "/tmp/unused-fmnist")
+    assert "device: cpu (auto)" in proc.stderr or "device: cuda (auto)" in proc.stderr
