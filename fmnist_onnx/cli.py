@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 a check failed (verify), 2 usage errors and bad input, 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -166,6 +167,129 @@ def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_p
 
         bench_chart(report.to_json(), plot, title=f"{model.name} on {report.machine['cpu']}")
         click.echo(f"wrote {plot}", err=True)
+
+
+# ---------------------------------------------------------------------------------------------- classify
+
+@cli.command(epilog="""\b
+Examples:
+  fmnist-onnx classify photos/ -o preds.csv
+  fmnist-onnx classify shop/*.jpg --top-k 3 -o preds.jsonl
+  fmnist-onnx classify test_pngs/ -o preds.parquet      # ImageFolder layout: accuracy + confusion matrix
+  fmnist-onnx classify photos/ -o preds.csv --resume    # finish a killed run
+  fmnist-onnx classify photos/ | head                   # CSV on stdout, progress on stderr
+\b
+Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors,
+130 interrupted (run again with --resume).
+""")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
+              show_default=True, help="The ONNX model (from `fmnist-onnx export`).")
+@click.option("-o", "--output", default="-", show_default=True,
+              help="Table to write: .csv, .jsonl or .parquet; '-' writes CSV to stdout.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]),
+              help="Table format, when the --output suffix does not say it.")
+@click.option("-k", "--top-k", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="Also write the next K-1 classes and their scores.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Images per onnxruntime call.")
+@click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when onnxruntime has it, else the CPU. An explicit cuda that is missing is an error.")
+@click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="auto: invert images with a light border (dark object on a light background, like a product "
+                   "photo) to Fashion-MNIST's light-on-dark.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run's output (<output>.partial).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output or interrupted run.")
+@click.option("--no-recursive", is_flag=True, help="Only the files directly inside each folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with -o -).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display and no provider line.")
+def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, invert, resume, overwrite,
+             no_recursive, as_json, quiet):
+    """Classify image files and folders into a table of predictions, one row per file.
+
+    PATHS are folders (searched recursively) and files, in any format Pillow reads (PNG, JPEG, BMP, WebP,
+    ...); other files in the folders are skipped and counted. Any size and mode is made 28x28 grayscale
+    (aspect kept, padded). Columns: path, label, index, score (softmax), label_2, score_2 ... with --top-k,
+    and error: a file that cannot be read gets its error and no label, and the run goes on. In the
+    ImageFolder layout (a folder per class name, '/' written as '-') the summary adds accuracy, precision
+    and recall, and a confusion-matrix PNG is written beside the output.
+
+    Rows go to <output>.partial as they are made and the output gets its name only when complete: a
+    killed run continues with --resume. An existing output is never replaced without --overwrite.
+    """
+    import json as jsonlib
+    from dataclasses import asdict
+
+    from fmnist_onnx import classify as cl
+
+    if as_json and output == "-":
+        raise click.UsageError("--json prints the summary on stdout, where -o - writes the table: use -o FILE")
+    talk = not quiet
+
+    def on_provider(name: str) -> None:
+        if talk:
+            why = " (auto)" if provider == "auto" else ""
+            click.echo(f"provider: {name}{why}", err=True)
+
+    try:
+        s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, workers=workers,
+                        provider=provider, invert=invert, resume=resume, overwrite=overwrite,
+                        recursive=not no_recursive, progress=show_progress(quiet), on_provider=on_provider)
+    except cl.Interrupted as e:
+        where = f"rows so far are in {e.journal}; " if e.journal else ""
+        click.echo(f"Interrupted: {where}run the same command with --resume to finish.", err=True)
+        sys.exit(128 + e.signum)
+    except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    if as_json:
+        click.echo(jsonlib.dumps(asdict(s), indent=2))
+    else:
+        click.echo(cl.format_summary(s), err=output == "-")
+    sys.exit(3 if s.failed else 0)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+@cli.group()
+def data() -> None:
+    """Fashion-MNIST as files, for demos, tests and benchmarks."""
+
+
+@data.command("export-png", epilog="""\b
+Examples:
+  fmnist-onnx data export-png --out test_pngs                 # 10,000 test images
+  fmnist-onnx data export-png --split train --out train_pngs  # 60,000 images, for benchmarks
+  fmnist-onnx data export-png --out sample --limit 100
+""")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Folder to write <class>/<index>.png into.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N images of the split.")
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="Fashion-MNIST folder (as for train). Default: $FMNIST_DATA, then Debian's.")
+@click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def export_png(split, out, limit, data_dir, overwrite, quiet):
+    """Write a Fashion-MNIST split as PNG files in the ImageFolder layout (a folder per class).
+
+    Class names become folder names with '/' written as '-' (T-shirt-top). Files are named by their index
+    in the split, so classify's rows can be matched back to the dataset.
+    """
+    from fmnist_onnx.data import load_split
+    from fmnist_onnx.images import ImageError
+    from fmnist_onnx.images import export_png as write_pngs
+
+    s = load_split(split == "train", data_dir)
+    pixels, labels = s.images.numpy(), s.labels.numpy()
+    if limit:
+        pixels, labels = pixels[:limit], labels[:limit]
+    try:
+        n = write_pngs(pixels, labels, out, overwrite=overwrite, progress=show_progress(quiet))
+    except ImageError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"wrote {n} PNG files to {out} ({split} split, ImageFolder layout)")
 
 
 def main() -> None:

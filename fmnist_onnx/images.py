@@ -345,3 +345,35 @@ _BORDER_MASK = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
 _BORDER_MASK[[0, -1], :] = True
 _BORDER_MASK[:, [0, -1]] = True
 _BORDER_SIZE = int(_BORDER_MASK.sum())
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def export_png(pixels: np.ndarray, labels: Sequence[int], out: str | Path, overwrite: bool = False,
+               progress: bool = False) -> int:
+    """Write uint8 images [N, 28, 28] as ``out/<class folder>/<index>.png`` (the ImageFolder layout),
+    each file written under a temporary name and renamed. Returns the number of files written."""
+    Image = _pil()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ImageError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ImageError(f"{out} is not empty; choose another --out, or --overwrite to write into it")
+    for name in CLASSES:
+        (out / class_folder_name(name)).mkdir(parents=True, exist_ok=True)
+    width = max(5, len(str(len(pixels) - 1)))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pixels), unit="img", desc="export-png")
+    for i, (img, label) in enumerate(zip(pixels, labels, strict=True)):
+        dest = out / class_folder_name(CLASSES[int(label)]) / f"{i:0{width}d}.png"
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(tmp, format="PNG")  # 2-D uint8: mode L
+        os.replace(tmp, dest)
+        if bar is not None and i % 1000 == 999:
+            bar.update(1000)
+    if bar is not None:
+        bar.close()
+    return len(pixels)

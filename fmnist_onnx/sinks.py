@@ -221,6 +221,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _check_place(output: Path) -> None:
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name")
+    if not output.parent.is_dir():
+        raise UserError(f"--output {output}: folder {output.parent} does not exist")
+
+
 class JournalSink:
     """Appends rows to ``<output>.partial``; ``finish`` makes the final output. Use ``open`` to create it."""
 
@@ -241,18 +248,11 @@ class JournalSink:
         jfmt = "jsonl" if fmt == "parquet" else fmt
         if fmt == "parquet":
             _pyarrow_parquet()  # fail now, not after an hour of work
-        if output.is_dir():
-            raise UserError(f"--output {output} is a folder; give a file name")
-        if not output.parent.is_dir():
-            raise UserError(f"--output {output}: folder {output.parent} does not exist")
+        _check_place(output)
         if overwrite:
             journal.unlink(missing_ok=True)
         elif not resume:
-            if output.exists():
-                raise UserError(f"{output} exists; use --overwrite to replace it")
-            if journal.exists():
-                raise UserError(f"{journal} is an interrupted run's output; use --resume to continue it, or "
-                                "--overwrite to start over")
+            cls.check_free(output)
         expected = columns(top_k)
         if resume and not journal.exists() and output.exists():
             raise UserError(f"{output} is already complete; use --overwrite to classify again")
@@ -279,6 +279,18 @@ class JournalSink:
                 os.write(fd, csv_header(top_k))
             _fsync_dir(journal.parent)
         return cls(output, fmt, top_k, fd)
+
+    @staticmethod
+    def check_free(output: str | Path) -> None:
+        """UserError unless ``output`` can be written without clobbering a finished or interrupted run."""
+        output = Path(output)
+        journal = journal_path(output)
+        _check_place(output)
+        if output.exists():
+            raise UserError(f"{output} exists; use --overwrite to replace it")
+        if journal.exists():
+            raise UserError(f"{journal} is an interrupted run's output; use --resume to continue it, or "
+                            "--overwrite to start over")
 
     def write(self, rows: Sequence[Row]) -> None:
         """Append rows: one write call, so a killed process leaves whole chunks (a crash: at most a torn line)."""
