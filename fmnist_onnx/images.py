@@ -218,6 +218,8 @@ def _to_gray(im) -> np.ndarray:
 
 def decode_gray(data: bytes) -> np.ndarray:
     """Encoded image bytes -> 8-bit grayscale [h, w] (first frame of an animation), or ImageError."""
+    if not data:
+        raise ImageError("empty file")
     fast = _fast_png(data)
     if fast is not None:
         return fast
