@@ -19,7 +19,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,8 +154,15 @@ class _Pool:
         self.executor = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_worker_init)
         self.executor.submit(os.getpid).result()  # all workers exist from here on
 
-    def submit(self, paths: Sequence[str], invert: str):
-        return self.executor.submit(_decode_chunk, paths, invert)
+    def submit(self, paths: Sequence[str], invert: str) -> Future:
+        """A future of ``_decode_chunk``; one that raises BrokenProcessPool if the pool is already broken
+        (a worker died since: the caller finds out where it collects results, in order)."""
+        try:
+            return self.executor.submit(_decode_chunk, paths, invert)
+        except BrokenProcessPool as e:
+            broken: Future = Future()
+            broken.set_exception(e)
+            return broken
 
     def isolate(self, paths: Sequence[str], invert: str) -> tuple[np.ndarray, list[str]]:
         """Decode a chunk that was in a dying pool file by file, each alone in the pool, so that a file
@@ -275,6 +282,49 @@ def _summary_of_finished(output: Path, fmt: str) -> ClassifySummary:
                            tally.failures, already_complete=True)
 
 
+def check_request(paths: Sequence[str | Path], model: str | Path, output: str, fmt: str | None, top_k: int,
+                  invert: str, resume: bool, overwrite: bool, check_inputs=_check_inputs,
+                  ) -> tuple[list[str], str, ClassifySummary | None]:
+    """The checks every engine (local, Ray) makes before any work, each a one-line UserError. Returns the
+    inputs (checked by ``check_inputs``), the table format, and, when --resume finds the output complete
+    already, its summary (then there is nothing to do)."""
+    fmt = format_for(output, fmt)
+    if not 1 <= top_k <= NUM_CLASSES:
+        raise UserError(f"--top-k must be between 1 and {NUM_CLASSES}")
+    if invert not in images.INVERT_MODES:
+        raise UserError(f"--invert must be one of {', '.join(images.INVERT_MODES)}")
+    if output == "-" and resume:
+        raise UserError("--resume needs an --output file (stdout cannot be resumed)")
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    roots = check_inputs(paths)
+    if not Path(model).is_file():
+        raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
+    if resume and Path(output).exists() and not journal_path(output).exists():
+        log.info("%s is complete already", output)
+        return roots, fmt, _summary_of_finished(Path(output), fmt)
+    if output != "-" and not overwrite and not resume:
+        JournalSink.check_free(output)  # refuse before any work
+    return roots, fmt, None
+
+
+def open_sink(output: str, fmt: str, top_k: int, resume: bool, overwrite: bool,
+              tally: Tally) -> tuple[JournalSink | StdoutSink, _Done | None]:
+    """The output's sink. With --resume, the interrupted run's rows are counted in ``tally`` and their paths
+    come back as a _Done set, for the caller to skip (None when there are none)."""
+    done_keys: list[int] = []
+
+    def previous(row: dict) -> None:
+        tally.add_row(row)
+        tally.resumed += 1
+        done_keys.append(_path_key(row["path"]))
+
+    if output == "-":
+        return StdoutSink(top_k), None
+    sink = JournalSink.open(output, fmt, top_k, resume, overwrite, on_previous_row=previous)
+    return sink, (_Done(done_keys) if done_keys else None)
+
+
 def confusion_png_path(output: str | Path) -> Path:
     output = Path(output)
     return output.with_name(output.stem + ".confusion.png")
@@ -300,23 +350,9 @@ def classify(
     ``on_provider(name)`` is called once the session is open (the CLI says which provider runs)."""
     t0 = time.perf_counter()
     output = os.fspath(output)
-    fmt = format_for(output, fmt)
-    if not 1 <= top_k <= NUM_CLASSES:
-        raise UserError(f"--top-k must be between 1 and {NUM_CLASSES}")
-    if invert not in images.INVERT_MODES:
-        raise UserError(f"--invert must be one of {', '.join(images.INVERT_MODES)}")
-    if output == "-" and resume:
-        raise UserError("--resume needs an --output file (stdout cannot be resumed)")
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite exclude each other")
-    roots = _check_inputs(paths)
-    if not Path(model).is_file():
-        raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
-    if resume and Path(output).exists() and not journal_path(output).exists():
-        log.info("%s is complete already", output)
-        return _summary_of_finished(Path(output), fmt)
-    if output != "-" and not overwrite and not resume:
-        JournalSink.check_free(output)  # refuse before any work
+    roots, fmt, finished = check_request(paths, model, output, fmt, top_k, invert, resume, overwrite)
+    if finished is not None:
+        return finished
     workers = workers or default_workers()
 
     # Fork the workers before onnxruntime starts its thread pool: forking a process with threads is unsafe.
@@ -332,19 +368,7 @@ def classify(
         if on_provider is not None:
             on_provider(session.provider)
         tally = Tally()
-        done_keys: list[int] = []
-
-        def previous(row: dict) -> None:
-            tally.add_row(row)
-            tally.resumed += 1
-            done_keys.append(_path_key(row["path"]))
-
-        if output == "-":
-            sink = StdoutSink(top_k)
-        else:
-            sink = JournalSink.open(output, fmt, top_k, resume, overwrite, on_previous_row=previous)
-        done = _Done(done_keys) if done_keys else None
-        done_keys.clear()  # the sorted digests replace them
+        sink, done = open_sink(output, fmt, top_k, resume, overwrite, tally)
         bar = _progress_bar(progress, tally.resumed)
         chunk_size = [FIRST_CHUNK]
         items = _work_items(images.iter_files(roots, recursive), done, tally, chunk_size)
@@ -403,15 +427,24 @@ def classify(
         signal.signal(signal.SIGTERM, old_term) if old_term is not None else None
         pool.close()
 
-    seconds = time.perf_counter() - t0
+    return summarize(tally, final, output, fmt, session.provider, workers, decoder_name(),
+                     time.perf_counter() - t0)
+
+
+def decoder_name() -> str:
+    return "libspng (PNG) + Pillow" if images.pyspng is not None else "Pillow"
+
+
+def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: str, workers: int, decoder: str,
+              seconds: float) -> ClassifySummary:
+    """The summary of a finished run (any engine), with the confusion-matrix PNG in the ImageFolder layout."""
     acc, per_class = tally.metrics()
     png = None
     if per_class is not None and output != "-":
         png = _confusion_png(tally, output, acc)
     new = tally.classified + tally.failed - tally.resumed
     return ClassifySummary(
-        output=str(final), format=fmt, provider=session.provider, workers=workers,
-        decoder="libspng (PNG) + Pillow" if images.pyspng is not None else "Pillow",
+        output=str(final), format=fmt, provider=provider, workers=workers, decoder=decoder,
         files=tally.classified + tally.failed, classified=tally.classified, failed=tally.failed,
         skipped=tally.skipped, resumed=tally.resumed, seconds=round(seconds, 3),
         images_per_s=round(new / seconds, 1) if seconds > 0 else 0.0, accuracy_pct=acc, per_class=per_class,
