@@ -223,14 +223,15 @@ class Candidate:
     io_binding: bool = False
 
 
-def measure(cand: Candidate, batch: np.ndarray, duration_s: float, peak: Peak) -> BenchRecord:
+def measure(cand: Candidate, batch: np.ndarray, duration_s: float, peak: Peak,
+            warmup_s: float | None = None) -> BenchRecord:
     """First run timed apart (creation + first call), then the timed calls (see the module docstring)."""
     t0 = time.perf_counter()
     runner = cand.make(batch)
     with runner.context():
         runner.run()
         first_s = time.perf_counter() - t0
-        times = time_calls(runner.run, duration_s)
+        times = time_calls(runner.run, duration_s, warmup_s)
     runner.close()
     lat = latency_ms(times)
     bs = len(batch)
@@ -491,10 +492,11 @@ def run_benchmark(
         for prov in names:
             log.info("measuring the %s matrix-product peak", prov)
             report.peaks[prov] = matmul_peak(prov, threads, duration_s=min(1.5, max(0.3, duration_s)))
+        x = make_input(max(batch_sizes))
         for cand in cands:  # torch comes last per provider: its OpenMP threads spin a while after each call
             for bs in batch_sizes:
                 log.info("measuring %s %s %s batch %d", cand.backend, cand.provider, cand.precision, bs)
-                rec = measure(cand, make_input(max(batch_sizes))[:bs], duration_s, report.peaks[cand.provider])
+                rec = measure(cand, x[:bs], duration_s, report.peaks[cand.provider])
                 report.results.append(rec)
                 if on_record:
                     on_record(rec)
@@ -563,3 +565,133 @@ def save_json(data: dict, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# ------------------------------------------------------------------------------------------ bench classify
+
+@dataclass
+class PipelineRecord:
+    """One way through a folder of images, timed from start to end (process starts included)."""
+
+    what: str
+    images: int
+    processes: int
+    seconds: float
+    images_per_s: float
+
+
+def _decode_chunks(paths: list[str], workers: int, chunk: int = 1024) -> None:
+    """Decode alone: classify's own decoding (images.preprocess_batch) in ``workers`` forked processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fmnist_onnx import images
+
+    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    if workers == 1:
+        for c in chunks:
+            images.preprocess_batch(c)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        for _ in pool.map(images.preprocess_batch, chunks):
+            pass
+
+
+def naive_loop(paths: Sequence[str], model: Path, output: Path, provider: str = "cpu") -> None:
+    """The loop a user writes first: one process, Pillow, batches of 256, onnxruntime, a CSV of path,label."""
+    import csv
+
+    import onnxruntime as ort
+    from PIL import Image
+
+    from fmnist_onnx.spec import CLASSES
+
+    sess = ort.InferenceSession(str(model), providers=[PROVIDERS[provider]])
+    name = sess.get_inputs()[0].name
+    with open(output, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for i in range(0, len(paths), 256):
+            batch, xs = [], []
+            for p in paths[i:i + 256]:
+                try:
+                    im = Image.open(p).convert("L")
+                except Exception:  # noqa: BLE001 - the naive loop skips what Pillow cannot open
+                    continue
+                if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    im = im.resize((IMAGE_SIZE, IMAGE_SIZE))
+                xs.append(np.asarray(im, dtype=np.float32) / 255.0)
+                batch.append(p)
+            if xs:
+                logits = sess.run(None, {name: np.stack(xs)[:, None]})[0]
+                w.writerows((p, CLASSES[k]) for p, k in zip(batch, logits.argmax(1), strict=True))
+
+
+def bench_classify(
+    folder: str | Path,
+    model: str | Path,
+    workers: int | None = None,
+    provider: str = "auto",
+    batch_size: int = 512,
+    repeats: int = 1,
+    on_record: Callable[[PipelineRecord], None] | None = None,
+) -> dict:
+    """The classify pipeline (find, decode, infer, write) beside decoding alone and the naive loop, on the
+    same folder, best of ``repeats`` each. Every file is read once first, so that all find a warm page cache.
+
+    UserError for a missing folder, a folder with no images, or a missing or wrong model."""
+    from fmnist_onnx import classify as cl
+    from fmnist_onnx import images
+
+    folder, model = Path(folder), Path(model)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    prov = open_session(model, provider).provider  # one line for a missing or wrong model, or provider
+    paths = [f.path for f in images.iter_files([folder]) if f.kind == "file"]
+    if not paths:
+        raise UserError(f"{folder}: no image files in it (looked for {', '.join(sorted(images.image_extensions())[:6])}"
+                        ", ...)")
+    for p in paths:  # warm the page cache: every contender reads from memory
+        with contextlib.suppress(OSError):
+            Path(p).read_bytes()
+    workers = workers or cl.default_workers()
+    n = len(paths)
+    records: list[PipelineRecord] = []
+    with _workdir() as work:
+        def pipeline() -> None:
+            cl.classify([folder], model, work / "classify.csv", batch_size=batch_size, workers=workers,
+                        provider=prov, overwrite=True)
+
+        plan = [
+            (f"classify pipeline (find, decode, infer, write; {workers} processes)", workers, pipeline),
+            (f"decode alone ({workers} processes)", workers, lambda: _decode_chunks(paths, workers)),
+            ("decode alone (1 process)", 1, lambda: _decode_chunks(paths, 1)),
+            ("naive loop (1 process, Pillow, batches of 256)", 1,
+             lambda: naive_loop(paths, model, work / "naive.csv", prov)),
+        ]
+        for what, procs, run in plan:
+            best = float("inf")
+            for _ in range(max(1, repeats)):
+                t0 = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t0)
+            rec = PipelineRecord(what, n, procs, best, n / best)
+            records.append(rec)
+            if on_record:
+                on_record(rec)
+    pipe, decode, naive = records[0], records[1], records[3]
+    return {"machine": machine_info(), "folder": str(folder), "images": n, "model": str(model), "provider": prov,
+            "workers": workers, "repeats": repeats, "results": [asdict(r) for r in records],
+            "pipeline_pct_of_decode": 100 * pipe.images_per_s / decode.images_per_s,
+            "pipeline_over_naive": pipe.images_per_s / naive.images_per_s}
+
+
+def format_classify(result: dict) -> str:
+    lines = [f"{result['images']:,} image files in {result['folder']} (provider {result['provider']}, "
+             f"best of {result['repeats']}):", f"  {'what':<62} {'images/s':>10} {'seconds':>8}"]
+    for r in result["results"]:
+        lines.append(f"  {r['what']:<62} {r['images_per_s']:>10,.0f} {r['seconds']:>8.2f}")
+    lines.append(f"the pipeline runs at {result['pipeline_pct_of_decode']:.0f}% of decoding alone with the same "
+                 f"processes, {result['pipeline_over_naive']:.1f}x the naive loop")
+    return "\n".join(lines)

@@ -169,6 +169,45 @@ def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_p
         click.echo(f"wrote {plot}", err=True)
 
 
+@bench.command("classify", epilog="""\b
+Examples:
+  fmnist-onnx data export-png --split test --out test_png
+  fmnist-onnx bench classify test_png/
+  fmnist-onnx bench classify photos/ --workers 4 --repeats 3 --json classify_bench.json
+""")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
+              show_default=True, help="The ONNX model.")
+@click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Images per onnxruntime call in the pipeline.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs of each; the best counts.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the results as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def bench_classify(folder, model, workers, provider, batch_size, repeats, json_path, quiet):
+    """Time the classify pipeline on FOLDER beside decoding alone and the naive loop.
+
+    The pipeline (find, decode, infer, write) in images/s, beside decoding alone (classify's own decoder, in
+    the same processes and in one) and the naive loop (one process, Pillow, batches of 256), on the same
+    folder in one run: how close the pipeline runs to its decoding limit.
+    """
+    from fmnist_onnx import bench as bn
+
+    progress = show_progress(quiet)
+
+    def on_record(rec):
+        if progress:
+            click.echo(f"  {rec.what}: {rec.images_per_s:,.0f} images/s", err=True)
+
+    result = bn.bench_classify(folder, model, workers, provider, batch_size, repeats, on_record=on_record)
+    click.echo(bn.format_classify(result))
+    if json_path:
+        bn.save_json(result, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+
+
 # ---------------------------------------------------------------------------------------------- classify
 
 @cli.command(epilog="""\b

@@ -64,8 +64,10 @@ def bench_chart(report: dict, path: str | Path, title: str = "") -> Path:
     for i, (prov, peak) in enumerate(report.get("machine", {}).get("peak", {}).items()):
         ax1.axhline(peak["roofline_images_per_s"], color="gray", ls=("--", ":")[i % 2], lw=1,
                     label=f"{prov} fp32 roofline ({peak['gflops']:.0f} GFLOP/s matmul)")
+    sizes = sorted({r["batch_size"] for r in report["results"]})
     for ax, ylabel in ((ax1, "images/s"), (ax2, "median latency per batch (ms)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
         ax.set_ylabel(ylabel)

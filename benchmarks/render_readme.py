@@ -1,0 +1,126 @@
+"""Refresh the README's benchmark tables from benchmarks/results/*.json (between the benchmarks markers).
+
+    python benchmarks/render_readme.py          # rewrites README.md in place
+    python benchmarks/render_readme.py --print  # only prints the tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def machine_line(m: dict) -> str:
+    v = m.get("versions", {})
+    libs = ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnxruntime-gpu", "torch", "numpy") if k in v)
+    gpus = f", GPU {'; '.join(m['gpus'])}" if m.get("gpus") else ""
+    flags = f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
+    return f"{m['cpu']}{flags}, {m.get('usable_cores', m['cores'])} cores, {m['memory_gib']} GiB{gpus}; {libs}"
+
+
+def inference_section(d: dict) -> list[str]:
+    label = lambda r: f"{r['backend']} {r['provider']} {r['precision']}" + (" iobinding" if r["io_binding"] else "")  # noqa: E731
+    options = list(dict.fromkeys(label(r) for r in d["results"]))
+    sizes = sorted({r["batch_size"] for r in d["results"]})
+    cell = {(label(r), r["batch_size"]): r for r in d["results"]}
+    out = ["### Inference: `python benchmarks/inference.py`", "", f"Machine: {machine_line(d['machine'])}.", ""]
+    for prov, p in d["machine"]["peak"].items():
+        by = ", ".join(f"{k} {g:.0f}" for k, g in p["by_method"].items())
+        out.append(f"- {prov}: matrix-product peak {p['gflops']:.0f} GFLOP/s ({by}), so the fp32 roofline is "
+                   f"{p['roofline_images_per_s']:,.0f} images/s (one forward = 1.34 MFLOP).")
+    out += ["", "Images/s (median latency of one batch in ms); the fastest option per batch size in bold.", "",
+            "| batch | " + " | ".join(options) + " |", "| ---: |" + " ---: |" * len(options)]
+    for bs in sizes:
+        best = max((r for r in d["results"] if r["batch_size"] == bs), key=lambda r: r["images_per_s"])
+        cells = []
+        for o in options:
+            r = cell.get((o, bs))
+            text = f"{r['images_per_s']:,.0f} ({r['latency_ms']['p50']:.3g})" if r else "-"
+            cells.append(f"**{text}**" if r is best else text)
+        out.append(f"| {bs} | " + " | ".join(cells) + " |")
+    first = {o: max(r["first_run_ms"] for r in d["results"] if label(r) == o) for o in options}
+    out += ["", "First run (session creation or weights load + first inference, kept out of the figures above), "
+            "at most: " + ", ".join(f"{o} {ms:.0f} ms" for o, ms in first.items()) + "."]
+    if "accuracy" in d:
+        acc = d["accuracy"]["test_accuracy_pct"]
+        out.append(f"Test accuracy (10,000 images): fp32 {acc['fp32']:.2f}%, int8 {acc['int8']:.2f}%.")
+    if d.get("targets"):
+        out += ["", "| target | measured | wanted | |", "| --- | ---: | ---: | --- |"]
+        for t in d["targets"]:
+            sign = "<=" if "lost" in t["target"] else ">="
+            out.append(f"| {t['target']} | {t['value']:.2f} | {sign} {t['threshold']} | "
+                       f"{'met' if t['met'] else '**missed**'} |")
+    return out + ["", "![inference chart](benchmarks/results/inference.png)", ""]
+
+
+def train_section(d: dict) -> list[str]:
+    out = ["### Training: `python benchmarks/train_recipes.py`", "",
+           f"Machine: {machine_line(d['machine'])}; device {d['device']}.", "",
+           "| recipe | seeds | epochs | test accuracy (median, min-max) | wall time (median) |",
+           "| --- | --- | ---: | ---: | ---: |"]
+    for recipe, s in d["summary"].items():
+        if not isinstance(s, dict):
+            continue
+        epochs = next(r["epochs"] for r in d["runs"] if r["recipe"] == recipe)
+        out.append(f"| {recipe} | {','.join(map(str, s['seeds']))} | {epochs} | {s['median_test_accuracy']:.2f}% "
+                   f"({s['min_test_accuracy']:.2f}-{s['max_test_accuracy']:.2f}) | {s['median_wall_s']:.1f} s |")
+    if "fast_over_tutorial_time" in d["summary"]:
+        out += ["", f"The fast recipe takes {d['summary']['fast_over_tutorial_time']:.2f}x the tutorial's time."]
+    return out + [""]
+
+
+def classify_section(d: dict) -> list[str]:
+    out = ["### Classifying a folder: `fmnist-onnx bench classify DIR`", "",
+           f"Machine: {machine_line(d['machine'])}; {d['images']:,} PNG files.", "",
+           "| what | images/s |", "| --- | ---: |"]
+    for row in d["results"]:
+        out.append(f"| {row['what']} | {row['images_per_s']:,.0f} |")
+    return out + [""]
+
+
+def render() -> str:
+    parts: list[str] = []
+    for name, section in (("inference.json", inference_section), ("train.json", train_section),
+                          ("bench_classify.json", classify_section)):
+        d = _load(name)
+        if d is not None:
+            parts += section(d)
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--print", action="store_true", help="print the tables instead of rewriting README.md")
+    args = p.parse_args(argv)
+    tables = render()
+    if args.print:
+        print(tables)
+        return 0
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"README.md has no {START} ... {END} markers", file=sys.stderr)
+        return 2
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    tmp = readme.with_name(f".README.md.tmp{os.getpid()}")
+    tmp.write_text(f"{head}{START}\n{tables}{END}{tail}")
+    os.replace(tmp, readme)
+    print(f"refreshed {readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
