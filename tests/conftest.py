@@ -55,3 +55,11 @@ def onnx_model(weights, tmp_path_factory) -> Path:
     from fmnist_onnx.export import export_onnx
 
     return export_onnx(weights, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def test_pngs(tmp_path_factory) -> Path:
+    """The 10,000 test images as PNG files in the ImageFolder layout, written by `data export-png`."""
+    out = tmp_path_factory.mktemp("pngs") / "test"
+    run_cli("data", "export-png", "--split", "test", "--out", out, "--quiet", check=True)
+    return out
