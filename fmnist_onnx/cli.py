@@ -107,6 +107,168 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
                f"(recipe {result.config.recipe}, {result.config.device})")
 
 
+# ---------------------------------------------------------------------------------------- export, verify, info
+
+def _write_json(obj: dict, path: Path) -> None:
+    import json
+
+    from fmnist_onnx.export import atomic_write_text
+
+    try:
+        atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+_PROVIDER = click.option("--provider", "providers", type=click.Choice(["auto", "cpu", "cuda"]), multiple=True,
+                         default=("auto",), show_default=True,
+                         help="onnxruntime execution provider to check on; repeatable. auto: cuda where "
+                              "onnxruntime has it, else cpu. An explicit one that is missing is an error.")
+_ATOL = click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+                     help="Absolute tolerance on logits (fp32).")
+_RTOL = click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+                     help="Relative tolerance on logits (fp32): an element fails only beyond both.")
+_DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path),
+                         help="Fashion-MNIST folder [$FMNIST_DATA, then /usr/share/datasets/fashion-mnist].")
+
+
+@cli.command(epilog="""\b
+Examples:
+  fmnist-onnx export                               # artifacts/model.pth -> artifacts/model.onnx, verified
+  fmnist-onnx export --weights model.pth --output model.onnx --opset 17
+  fmnist-onnx export --quantize int8               # also artifacts/model.int8.onnx, if it keeps accuracy
+  fmnist-onnx export --no-verify --json export.json
+""")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.pth",
+              show_default=True, help="The model.pth (this project's or the tutorial's own).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=DEFAULT_DIR / "model.onnx",
+              show_default=True, help="The ONNX file to write.")
+@click.option("--opset", type=int, help="ONNX opset, 9 or more [18]. Below 18 the TorchScript exporter is used.")
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="Also write an int8 model beside the output (NAME.int8.onnx), refused if it loses > 0.5 points.")
+@click.option("--int8-method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="static: QDQ calibrated on training images; dynamic: activations quantized at run time.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch (int8 is still measured).")
+@_ATOL
+@_RTOL
+@_PROVIDER
+@_DATA_DIR
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write what was done and measured as JSON.")
+def export(weights, output, opset, quantize, int8_method, no_verify, atol, rtol, providers, data_dir, json_path):
+    """Export model.pth to ONNX and prove it computes the same logits as PyTorch.
+
+    The model takes [batch, 1, 28, 28] float32 in [0, 1] and gives [batch, 10] logits, with a symbolic batch
+    axis, and carries its class names, preprocessing and provenance in its metadata. Unless --no-verify, it is
+    checked on the 10,000 test images exactly as `fmnist-onnx verify` does, and not written (exit 1) when
+    parity does not hold.
+    """
+    from fmnist_onnx import export as ex
+    from fmnist_onnx.verify import format_report
+
+    result = ex.export(weights, output, opset, verify=not no_verify, quantize=quantize, int8_method=int8_method,
+                       atol=atol, rtol=rtol, providers=providers, data_dir=data_dir)
+    if result.verify is not None:
+        click.echo(format_report(result.verify))
+    if json_path:
+        _write_json(result.to_dict(), json_path)
+    if not result.written:
+        click.echo(f"Error: parity does not hold; {output} was not written", err=True)
+        sys.exit(1)
+    click.echo(f"{output}: opset {result.opset}, {'verified' if result.verify else 'NOT verified (--no-verify)'}"
+               f", {result.seconds:.1f} s")
+    if result.int8 is not None:
+        q = result.int8
+        line = (f"int8 ({q.method}): test accuracy {q.int8_accuracy_pct:.2f}% vs fp32 {q.fp32_accuracy_pct:.2f}% "
+                f"({q.accuracy_change_points:+.2f} points), top-1 agreement {q.top1_agreement_pct:.2f}%")
+        if not q.written:
+            click.echo(f"Error: {line}; refused, {q.path} not written: {'; '.join(q.failures)}", err=True)
+            sys.exit(1)
+        click.echo(f"{q.path}: {line}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  fmnist-onnx verify                               # artifacts/model.onnx against artifacts/model.pth
+  fmnist-onnx verify --weights model.pth --model model.onnx --provider cpu --provider cuda
+  fmnist-onnx verify --model artifacts/model.int8.onnx --json verify.json
+  fmnist-onnx verify --atol 1e-5 --rtol 0 --samples 1000
+""")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.pth",
+              show_default=True, help="The model.pth the ONNX model should compute.")
+@click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
+              show_default=True, help="The ONNX model (fp32, or int8: checked by top-1 agreement and accuracy).")
+@_ATOL
+@_RTOL
+@_PROVIDER
+@click.option("--samples", type=click.IntRange(min=1), help="Test images to use [all 10,000].")
+@_DATA_DIR
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the report as JSON (also when it fails).")
+def verify(weights, model, atol, rtol, providers, samples, data_dir, json_path):
+    """Check that an ONNX model computes what model.pth computes, on the real test images.
+
+    \b
+    fp32: an element fails only where |a-b| > atol and |a-b| > rtol*|b| (Polygraphy's
+    rule, b = PyTorch), and top-1 must agree on every image.
+    int8: top-1 agreement >= 98% and accuracy within 0.5 points of PyTorch's.
+    Exit 0 when parity holds on every provider, 1 when it does not.
+    """
+    from fmnist_onnx import verify as vf
+
+    report = vf.verify(model, weights, providers, atol, rtol, samples, data_dir)
+    click.echo(vf.format_report(report))
+    if json_path:
+        _write_json(report.to_dict(), json_path)
+    if not report.passed:
+        click.echo(f"Error: {model} does not match {weights}", err=True)
+        sys.exit(1)
+
+
+@cli.command(epilog="""\b
+Examples:
+  fmnist-onnx info artifacts/model.onnx
+  fmnist-onnx info artifacts/model.int8.onnx --json
+""")
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info(model, as_json):
+    """Show an ONNX model's signature, opset, metadata, size and parameters, and this machine's providers.
+
+    Runs without torch.
+    """
+    import json
+    from dataclasses import asdict
+
+    from fmnist_onnx.export import read_model_info
+
+    mi = read_model_info(model)
+    if as_json:
+        click.echo(json.dumps(asdict(mi), indent=2))
+        return
+
+    def sig(t):
+        return f"{t.name}: {t.type} [{', '.join(map(str, t.shape))}]"
+
+    click.echo(f"{mi.path}  ({mi.file_size_bytes / 1e6:.2f} MB)")
+    for t in mi.inputs:
+        click.echo(f"  input       {sig(t)}")
+    for t in mi.outputs:
+        click.echo(f"  output      {sig(t)}")
+    click.echo(f"  opset       {mi.opset} (IR version {mi.ir_version}), producer {mi.producer or '?'}")
+    click.echo(f"  parameters  {mi.parameters:,} ({'int8 quantized' if mi.quantized else 'fp32'})")
+    if mi.metadata:
+        click.echo("  metadata")
+        for k, v in mi.metadata.items():
+            if k == "classes":
+                try:
+                    v = ", ".join(json.loads(v))
+                except (ValueError, TypeError):
+                    pass
+            click.echo(f"    {k}: {v}")
+    click.echo(f"  providers available here: {', '.join(mi.available_providers)}")
+
+
 # ---------------------------------------------------------------------------------------------- bench
 
 @cli.group(invoke_without_command=True, epilog="""\b

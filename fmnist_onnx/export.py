@@ -46,6 +46,10 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda p: p.write_text(text))
+
+
 def save_model(model, path: Path) -> None:
     """Save an onnx.ModelProto atomically, weights inline (the model is 2.7 MB, far below protobuf's 2 GB)."""
     import onnx
@@ -131,6 +135,11 @@ def _export_proto(net, opset: int):
     return onnx.load_from_string(buf.getvalue())
 
 
+def model_opset(model) -> int | None:
+    """The default-domain opset an onnx.ModelProto imports."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _check_signature(model, opset: int) -> None:
     """The graph must take [batch, 1, 28, 28] float32 and give [batch, 10] with a *symbolic* batch axis."""
     import onnx
@@ -145,7 +154,7 @@ def _check_signature(model, opset: int) -> None:
         problems.append(f"input {inp.name} {dims(inp)}")
     if out.name != spec.OUTPUT_NAME or dims(out) != ["batch", spec.NUM_CLASSES]:
         problems.append(f"output {out.name} {dims(out)}")
-    got_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    got_opset = model_opset(model)
     if got_opset != opset:
         problems.append(f"opset {got_opset} instead of {opset}")
     if problems:
@@ -213,3 +222,265 @@ QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "De
 
 def is_quantized(model) -> bool:
     return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
+
+
+# ------------------------------------------------------------------------------------------------ int8
+
+INT8_METHODS = ("static", "dynamic")
+# Chosen by measurement (README, "int8"): the same accuracy as dynamic, faster at the batch sizes classify uses.
+DEFAULT_INT8_METHOD = "static"
+CALIBRATION_IMAGES = 2000
+CALIBRATION_SEED = 0
+INT8_DESCRIPTIONS = {
+    "static": "int8 static QDQ (onnxruntime.quantization.quantize_static): uint8 activations, int8 weights, "
+              "per-tensor, MinMax-calibrated on {n} training images",
+    "dynamic": "int8 dynamic (onnxruntime.quantization.quantize_dynamic): int8 weights, activations quantized "
+               "per batch at run time (MatMulInteger)",
+}
+
+
+def calibration_images(n: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED, data_dir=None):
+    """``n`` training images (never test images: those judge the result), drawn with a fixed seed."""
+    import numpy as np
+
+    from fmnist_onnx.data import load_split
+
+    split = load_split(True, data_dir)
+    idx = np.random.default_rng(seed).choice(len(split.labels), size=min(n, len(split.labels)), replace=False)
+    return split.as_float().numpy()[np.sort(idx)]
+
+
+def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_METHOD, calibration=None,
+                  data_dir=None) -> Path:
+    """Write an int8 copy of the fp32 model ``model_path`` to ``out_path`` (atomically); no accuracy check here.
+
+    ``calibration``: float32 images [N, 1, 28, 28] for the static method (default: 2,000 training images).
+    The metadata is the fp32 model's, less its test accuracy (int8's differs), plus ``quantization``.
+    """
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in INT8_METHODS:
+        raise UserError(f"unknown int8 method {method!r}; choose {' or '.join(INT8_METHODS)}")
+    model_path, out_path = Path(model_path), Path(out_path)
+    if not model_path.is_file():
+        raise UserError(f"model file not found: {model_path}")
+    try:
+        fp32 = onnx.load(str(model_path))
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, onnx its own types
+        raise UserError(f"{model_path}: not an ONNX model ({type(e).__name__})") from None
+    if is_quantized(fp32):
+        raise UserError(f"{model_path}: already quantized; quantize the fp32 model")
+    meta = {p.key: p.value for p in fp32.metadata_props if p.key != "test_accuracy"}
+    with tempfile.TemporaryDirectory(prefix="fmnist-onnx-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        # onnxruntime's recommended preparation (shape inference, graph clean-up); it warns without it.
+        quant_pre_process(str(model_path), str(src))
+        if method == "dynamic":
+            # quantize_dynamic rewrites each Gemm (nn.Linear) as MatMul + Add, then quantizes the MatMul.
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+            meta["quantization"] = INT8_DESCRIPTIONS["dynamic"]
+        else:
+            images = calibration_images(data_dir=data_dir) if calibration is None else calibration
+            input_name = fp32.graph.input[0].name
+
+            class Reader(CalibrationDataReader):
+                def __init__(self) -> None:
+                    self.batches = iter(range(0, len(images), 500))
+
+                def get_next(self):
+                    i = next(self.batches, None)
+                    return None if i is None else {input_name: images[i:i + 500]}
+
+            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            meta["quantization"] = INT8_DESCRIPTIONS["static"].format(n=len(images))
+        int8 = onnx.load(str(dst))
+    meta["producer"] = json.dumps(producer_versions())
+    set_metadata(int8, meta)
+    int8.doc_string = fp32.doc_string
+    int8.producer_name, int8.producer_version = fp32.producer_name, fp32.producer_version
+    onnx.checker.check_model(int8, full_check=True)
+    save_model(int8, out_path)
+    return out_path
+
+
+def int8_path(output: Path) -> Path:
+    """model.onnx -> model.int8.onnx, beside it."""
+    output = Path(output)
+    stem = output.name[:-len(".onnx")] if output.name.endswith(".onnx") else output.name
+    return output.with_name(f"{stem}.int8.onnx")
+
+
+# ------------------------------------------------------------------------------- export, verified
+
+
+@dataclass
+class Int8Result:
+    path: str
+    written: bool  # False: refused (it lost too much accuracy or disagreed too often with PyTorch)
+    method: str
+    description: str
+    fp32_accuracy_pct: float  # PyTorch's, on the same test images
+    int8_accuracy_pct: float
+    accuracy_change_points: float
+    top1_agreement_pct: float
+    failures: list[str]
+
+
+@dataclass
+class ExportResult:
+    output: str
+    written: bool  # False: parity did not hold, and nothing was written
+    opset: int
+    weights_sha256: str
+    seconds: float
+    verify: object | None = None  # verify.VerifyReport, None with --no-verify
+    int8: Int8Result | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.written and (self.int8 is None or self.int8.written)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {"output": self.output, "written": self.written, "passed": self.passed, "opset": self.opset,
+                "weights_sha256": self.weights_sha256, "seconds": self.seconds,
+                "verify": self.verify.to_dict() if self.verify is not None else None,
+                "int8": asdict(self.int8) if self.int8 is not None else None}
+
+
+def _check_output_path(output: Path) -> None:
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise UserError(f"--output {output}: {output.parent} is not a folder")
+
+
+def _tmp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def export(weights: Path, output: Path, opset: int | None = None, verify: bool = True, quantize: str | None = None,
+           int8_method: str = DEFAULT_INT8_METHOD, atol: float | None = None, rtol: float | None = None,
+           providers: tuple[str, ...] = ("auto",), data_dir=None) -> ExportResult:
+    """Export, check parity (unless ``verify`` is False) and optionally write an int8 copy beside the output.
+
+    A model that fails the parity check is never written under ``output`` (an older file there is left as it
+    was); neither is an int8 model that fails its accuracy check. UserError for bad input.
+    """
+    import time
+
+    from fmnist_onnx import verify as vf
+
+    t0 = time.perf_counter()
+    weights, output = Path(weights), Path(output)
+    if quantize not in (None, "int8"):
+        raise UserError(f"--quantize {quantize}: only int8 is supported")
+    _check_output_path(output)
+    atol = vf.DEFAULT_ATOL if atol is None else atol
+    rtol = vf.DEFAULT_RTOL if rtol is None else rtol
+    model = build_onnx(weights, opset)
+    sha = next(p.value for p in model.metadata_props if p.key == "weights_sha256")
+    result = ExportResult(str(output), False, model_opset(model), sha, 0.0)
+    tmp = _tmp_beside(output)
+    try:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            import onnx
+
+            onnx.save_model(model, str(tmp))
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+        if verify:
+            # The same check as `fmnist-onnx verify`, run on the file as written, before it gets its name.
+            result.verify = vf.verify(tmp, weights, providers, atol, rtol, data_dir=data_dir)
+            result.verify.model = str(output)
+            if not result.verify.passed:
+                result.seconds = time.perf_counter() - t0
+                return result
+        os.replace(tmp, output)
+        result.written = True
+        log.info("wrote %s", output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if quantize == "int8":
+        result.int8 = _write_int8(output, weights, int8_method, providers, data_dir)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _write_int8(fp32_path: Path, weights: Path, method: str, providers, data_dir) -> Int8Result:
+    """Quantize, measure against PyTorch on the test set, and give it its name only if it keeps accuracy."""
+    import onnx
+
+    from fmnist_onnx import verify as vf
+
+    final = int8_path(fp32_path)
+    tmp = _tmp_beside(final)
+    try:
+        quantize_int8(fp32_path, tmp, method, data_dir=data_dir)
+        report = vf.verify(tmp, weights, providers, data_dir=data_dir)
+        worst = min(report.results, key=lambda r: r.onnx_accuracy_pct)
+        failures = [f for r in report.results for f in r.failures]
+        model = onnx.load(str(tmp))
+        meta = {p.key: p.value for p in model.metadata_props}
+        res = Int8Result(str(final), False, method, meta.get("quantization", method), worst.torch_accuracy_pct,
+                         worst.onnx_accuracy_pct, worst.accuracy_change_points, worst.top1_agreement_pct, failures)
+        if failures:
+            return res
+        meta["test_accuracy"] = f"{worst.onnx_accuracy_pct:.2f}"
+        meta["fp32_test_accuracy"] = f"{worst.torch_accuracy_pct:.2f}"
+        set_metadata(model, meta)
+        save_model(model, final)
+        res.written = True
+        return res
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ info
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """What `fmnist-onnx info` shows. No torch: needs onnx and onnxruntime only.
+
+    UserError for a missing file, a file that is not ONNX, or a model with another signature.
+    """
+    import onnx
+
+    from fmnist_onnx.runtime import available_providers, open_session
+
+    path = Path(path)
+    open_session(path, "cpu")  # UserError for a missing, unreadable or foreign model
+    model = onnx.load(str(path), load_external_data=False)
+
+    def tensor(v) -> TensorInfo:
+        t = v.type.tensor_type
+        shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
+        return TensorInfo(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, shape)
+
+    # Weights and biases: the non-scalar initializers, less int64 shape constants (quantization scales and
+    # zero points are scalars per tensor here).
+    params = 0
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        if n > 1 and init.data_type != onnx.TensorProto.INT64:
+            params += n
+    opset = model_opset(model)
+    producer = f"{model.producer_name} {model.producer_version}".strip()
+    return ModelInfo(str(path), path.stat().st_size, opset, model.ir_version, producer,
+                     [tensor(v) for v in model.graph.input], [tensor(v) for v in model.graph.output], params,
+                     is_quantized(model), {p.key: p.value for p in model.metadata_props}, available_providers())
