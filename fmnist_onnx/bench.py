@@ -368,8 +368,10 @@ def _torch_candidate(weights: Path, provider: str, threads: int | None) -> Candi
 
 
 def int8_beside(model: Path) -> Path:
-    """Where `export --int8` puts the quantized model: model.onnx -> model.int8.onnx."""
-    return model.with_name(f"{model.stem}.int8.onnx")
+    """Where export puts the int8 model: model.onnx -> model.int8.onnx."""
+    from fmnist_onnx.export import int8_path
+
+    return int8_path(model)
 
 
 def _model_precision(model: Path) -> str:
@@ -511,13 +513,25 @@ def _torch_has_cuda() -> bool:
 
 
 def _int8_model(model: Path, work: Path, notes: list[str]) -> Path:
+    """The .int8.onnx beside ``model``, else one quantized now as export would (static, calibrated on training
+    images), else, where that cannot run (no torch or no dataset for the calibration), dynamic int8."""
+    from fmnist_onnx.export import DEFAULT_INT8_METHOD, quantize_int8
+
     beside = int8_beside(model)
     if beside.is_file():
-        return beside
-    from fmnist_onnx.export import quantize_int8
-
-    notes.append(f"no {beside.name} beside the model: quantized on the fly (dynamic int8)")
-    return quantize_int8(model, work / beside.name)
+        path = beside
+    else:
+        path, method = work / beside.name, DEFAULT_INT8_METHOD
+        try:
+            quantize_int8(model, path, method=method)
+        except (ImportError, UserError) as e:
+            log.info("%s int8 quantization is not possible here (%s): dynamic instead", method, e)
+            method = "dynamic"
+            quantize_int8(model, path, method=method)
+        notes.append(f"no {beside.name} beside the model: quantized on the fly ({method} int8)")
+    meta = open_session(path, "cpu").metadata
+    notes.append(f"int8 model {path.name}: {meta.get('quantization', 'quantization method not recorded')}")
+    return path
 
 
 # ------------------------------------------------------------------------------------------ rendering
