@@ -263,12 +263,19 @@ def _check_inputs(paths: Sequence[str | Path]) -> list[str]:
         if os.path.islink(s) and not os.path.exists(s):
             raise UserError(f"{s}: dangling symbolic link")
         out.append(s)
-    # a folder named twice, or a path inside another one, would give its files two rows
+    # a path named twice, or one inside a folder also named, would give its files two rows. Linear in the
+    # number of paths (a shell glob can name 100,000 files), times the number of folders named.
     real = [os.path.realpath(s) for s in out]
-    for i, a in enumerate(real):
-        for j, b in enumerate(real):
-            if i != j and os.path.isdir(b) and (a == b and i > j or a.startswith(b.rstrip(os.sep) + os.sep)):
-                raise UserError(f"{out[i]} is inside {out[j]} (or the same); name each file or folder once")
+    first: dict[str, int] = {}
+    for i, r in enumerate(real):
+        if r in first:
+            raise UserError(f"{out[i]} and {out[first[r]]} are the same; name each file or folder once")
+        first[r] = i
+    folders = [(r.rstrip(os.sep) + os.sep, i) for i, r in enumerate(real) if os.path.isdir(r)]
+    for i, r in enumerate(real):
+        for prefix, j in folders:
+            if r.startswith(prefix):
+                raise UserError(f"{out[i]} is inside {out[j]}; name each file or folder once")
     return out
 
 
@@ -442,6 +449,8 @@ def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: 
     png = None
     if per_class is not None and output != "-":
         png = _confusion_png(tally, output, acc)
+    elif output != "-":
+        confusion_png_path(output).unlink(missing_ok=True)  # an earlier run's would describe other rows
     new = tally.classified + tally.failed - tally.resumed
     return ClassifySummary(
         output=str(final), format=fmt, provider=provider, workers=workers, decoder=decoder,

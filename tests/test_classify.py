@@ -266,3 +266,27 @@ def test_help_states_the_exit_codes():
     proc = run_cli("classify", "--help")
     assert proc.returncode == 0
     assert "3 some files failed" in proc.stdout and "Examples:" in proc.stdout
+
+
+def test_ctrl_c_keeps_the_journal_and_says_how_to_resume(clean, test_pngs, onnx_model, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while _journal_rows(journal_path(out)) < 50 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, workers included
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    assert journal_path(out).exists() and not out.exists()
+    resumed = run_cli("classify", test_pngs, "-m", onnx_model, "-o", out, "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert {r["path"]: r["index"] for r in read_rows(out)} == clean["labels"]
+
+
+def test_same_folder_twice_is_refused(onnx_model, test_pngs):
+    proc = run_cli("classify", test_pngs / "Bag", str(test_pngs / "Bag") + "/", "-m", onnx_model)
+    assert_one_line_error(proc, 2, "same")
