@@ -487,16 +487,13 @@ def _progress_bar(progress: bool, initial: int):
 
 
 def _confusion_png(tally: Tally, output: str, acc: float | None) -> Path | None:
+    from fmnist_onnx.plots import confusion_matrix  # Pillow only: works on the inference-only install too
+
     path = confusion_png_path(output)
     try:
-        from fmnist_onnx.plots import confusion_matrix
-    except ImportError:  # matplotlib is not on the inference-only install
-        log.warning("matplotlib is not installed: no confusion-matrix PNG")
-        return None
-    try:
         confusion_matrix(tally.confusion, CLASSES, path, title=f"{Path(output).name}: accuracy {acc:.2f}%")
-    except ImportError:
-        log.warning("matplotlib is not installed: no confusion-matrix PNG")
+    except OSError as e:  # a full disk or a read-only folder: the table is written, the picture is extra
+        log.warning("cannot write %s: %s", path, e)
         return None
     return path
 

@@ -56,6 +56,7 @@ def test_classify_runs_without_torch_and_gives_the_same_labels(bare_python, onnx
     assert "Traceback" not in proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["decoder"] == "Pillow" and summary["classified"] == 1000
+    assert summary["accuracy_pct"] is not None and os.path.getsize(summary["confusion_png"]) > 1000
     here = tmp_path / "here.jsonl"
     main = subprocess.run([sys.executable, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(onnx_model),
                            "-o", str(here), "--json"], capture_output=True, text=True)
