@@ -415,12 +415,13 @@ def export(weights: Path, output: Path, opset: int | None = None, verify: bool =
     finally:
         tmp.unlink(missing_ok=True)
     if quantize == "int8":
-        result.int8 = _write_int8(output, weights, int8_method, providers, data_dir)
+        result.int8 = write_int8(output, weights, int8_method, providers, data_dir)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _write_int8(fp32_path: Path, weights: Path, method: str, providers, data_dir) -> Int8Result:
+def write_int8(fp32_path: Path, weights: Path, method: str = DEFAULT_INT8_METHOD, providers=("auto",),
+               data_dir=None) -> Int8Result:
     """Quantize, measure against PyTorch on the test set, and give it its name only if it keeps accuracy."""
     import onnx
 

@@ -63,3 +63,31 @@ def test_pngs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pngs") / "test"
     run_cli("data", "export-png", "--split", "test", "--out", out, "--quiet", check=True)
     return out
+
+
+def _foreign_model(path: Path, input_shape: list, outputs: int, classes: int) -> Path:
+    """A valid ONNX classifier that is not this one: another input shape, or several outputs."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    features = int(np.prod(input_shape[1:]))
+    w = numpy_helper.from_array(np.zeros((features, classes), np.float32), "w")
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["out0"])]
+    nodes += [helper.make_node("Identity", ["out0"], [f"out{i}"]) for i in range(1, outputs)]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)]
+    outs = [helper.make_tensor_value_info(f"out{i}", TensorProto.FLOAT, ["batch", classes]) for i in range(outputs)]
+    graph = helper.make_graph(nodes, "foreign", inputs, outs, initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def foreign_onnx(tmp_path_factory) -> dict[str, Path]:
+    """Valid ONNX models with another signature, by what is wrong: {'3x32x32 input': ..., '5 outputs': ...}."""
+    d = tmp_path_factory.mktemp("foreign")
+    return {"3x32x32 input": _foreign_model(d / "cifar.onnx", ["batch", 3, 32, 32], 1, 5),
+            "5 outputs": _foreign_model(d / "five.onnx", ["batch", 1, 28, 28], 5, 10)}
