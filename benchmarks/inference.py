@@ -86,6 +86,9 @@ def check_targets(results: list[dict], acc: dict) -> list[dict]:
     r1024 = next((r for r in results if (r["backend"], r["precision"], r["batch_size"], r["provider"])
                   == ("onnxruntime", "fp32", 1024, "cpu") and not r["io_binding"]), None)
     target("onnxruntime fp32 batch 1024, % of roofline", r1024 and r1024["roofline_pct"], 80.0)
+    if r1024 and out[-1]["target"].endswith("roofline"):
+        # The peak is a best call; on a busy machine the mean of the model's calls is not, so say both.
+        out[-1]["best_call_value"] = r1024["roofline_pct"] * r1024["latency_ms"]["mean"] / r1024["latency_ms"]["min"]
     return out
 
 
@@ -120,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     print(f"test accuracy: fp32 {acc['fp32']:.2f}%, int8 {acc['int8']:.2f}%")
     for t in data["targets"]:
+        best = f"; best call {t['best_call_value']:.2f}" if "best_call_value" in t else ""
         print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.2f} "
-              f"({'>=' if 'lost' not in t['target'] else '<='} {t['threshold']})")
+              f"({'>=' if 'lost' not in t['target'] else '<='} {t['threshold']}{best})")
     print(f"wrote {args.out_dir / 'inference.json'} and inference.png", file=sys.stderr)
     return 0
 

@@ -182,10 +182,11 @@ def test_cuda_without_cuda_fails_loudly(onnx_model):
 
 
 def test_matmul_peak_names_its_method():
-    peak = bench.matmul_peak("cpu", threads=1, duration_s=0.1, n=256)
+    peak = bench.matmul_peak("cpu", threads=1, duration_s=0.1, sizes=(128, 256))
     assert peak.method in peak.by_method and peak.gflops == max(peak.by_method.values())
     if len(os.sched_getaffinity(0)) > 1:
         assert "numpy" not in peak.by_method  # numpy's BLAS cannot be held to 1 thread: it must not count
+    assert peak.size in (128, 256)
     assert math.isfinite(peak.roofline_images_per_s) and peak.roofline_images_per_s > 0
 
 
