@@ -5,7 +5,7 @@
 #
 # 1. a venv (.venv-gpu) that sees the system's packages (torch) but holds onnxruntime-gpu instead of the CPU
 #    onnxruntime: both install the same `onnxruntime` module, and with both in one place CUDA is lost;
-# 2. trains the fast recipe on cuda; exports to ONNX; verifies it against PyTorch on the CUDA execution provider;
+# 2. trains the fast recipe on cuda; exports to ONNX (+ int8); verifies it against PyTorch on the CUDA provider;
 # 3. `fmnist-onnx bench` on cuda and cpu (fp32, IO binding, fp16 on cuda; fp32, int8 on cpu; PyTorch on both);
 # 4. the fast training recipe on cuda, seeds 0,1,2 (TUTORIAL=1 adds the tutorial recipe, about a minute more).
 # Everything it prints also goes to benchmarks/results/gpu/gpu.log: record it in the README.
@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 VENV=${VENV:-.venv-gpu}
 DURATION=${DURATION:-1}
+RUN=${RUN:-$(mktemp -d -t fmnist-gpu-XXXXXX)}  # model.pth, model.onnx, model.int8.onnx: not results to commit
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
 start=$(date +%s)
@@ -41,28 +42,20 @@ export LD_LIBRARY_PATH="${NV_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 FM=("$PY" -m fmnist_onnx)
 
 step "train (fast recipe) on cuda"
-"${FM[@]}" train --device cuda --out-dir "$OUT/run" --restart --quiet
+"${FM[@]}" train --device cuda --out-dir "$RUN" --restart --quiet
 
-step "export to ONNX, int8 beside it"
-"$PY" - "$OUT/run" <<'PY'
-import sys
-from pathlib import Path
-from fmnist_onnx.export import export_onnx, quantize_int8
-run = Path(sys.argv[1])
-export_onnx(run / "model.pth", run / "model.onnx")
-quantize_int8(run / "model.onnx", run / "model.int8.onnx")
-print("wrote", run / "model.onnx", "and", run / "model.int8.onnx")
-PY
+step "export to ONNX (verified against PyTorch on cuda and cpu), int8 beside it"
+"${FM[@]}" export --weights "$RUN/model.pth" --output "$RUN/model.onnx" --quantize int8 \
+  --provider cuda --provider cpu --json "$OUT/export.json"
 
 step "verify on the CUDA execution provider"
-"${FM[@]}" verify --help >/dev/null 2>&1 && "${FM[@]}" verify --weights "$OUT/run/model.pth" --model "$OUT/run/model.onnx" --provider cuda \
-  || echo "verify: see the line above (command missing or check failed)"
+"${FM[@]}" verify --weights "$RUN/model.pth" --model "$RUN/model.onnx" --provider cuda --json "$OUT/verify.json"
 
 step "bench: cuda and cpu"
-"${FM[@]}" bench --model "$OUT/run/model.onnx" --weights "$OUT/run/model.pth" --provider cuda --provider cpu \
+"${FM[@]}" bench --model "$RUN/model.onnx" --weights "$RUN/model.pth" --provider cuda --provider cpu \
   --duration "$DURATION" --json "$OUT/inference.json" --plot "$OUT/inference.png" --quiet
 
 step "training recipes on cuda"
 "$PY" benchmarks/train_recipes.py --device cuda --fast-seeds 0,1,2 --tutorial-seeds "${TUTORIAL:+0}" --out "$OUT/train.json"
 
-step "done: $OUT (gpu.log, inference.json, inference.png, train.json)"
+step "done: $OUT (gpu.log, export.json, verify.json, inference.json, inference.png, train.json)"

@@ -279,6 +279,8 @@ def _ort_matmul_gflops(provider: str, threads: int | None, duration_s: float, n:
         opts.intra_op_num_threads = threads
     providers = [PROVIDERS[provider]]
     sess = ort.InferenceSession(_matmul_model(n, TensorProto.FLOAT).SerializeToString(), opts, providers=providers)
+    if sess.get_providers()[0] != providers[0]:  # onnxruntime falls back to the CPU with a mere warning
+        raise UserError(f"onnxruntime could not run a MatMul on {providers[0]} (it fell back to the CPU)")
     rng = np.random.default_rng(SEED)
     a, b = (rng.random((n, n), dtype=np.float32) for _ in range(2))
     if provider == "cuda":  # inputs and output on the device, else the copies are what gets timed
@@ -469,7 +471,8 @@ def run_benchmark(
     if not duration_s > 0:
         raise UserError("--duration must be > 0 seconds")
     names = resolve_providers(providers)
-    open_session(model, names[0], threads)  # fail now, with one line, for a missing or wrong model
+    for name in names:  # fail now, with one line, for a missing or wrong model or a provider that cannot run it
+        open_session(model, name, threads)
     notes: list[str] = []
     precision = _model_precision(model)
     if weights is not None:
