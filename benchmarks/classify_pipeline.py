@@ -1,0 +1,63 @@
+"""`fmnist-onnx bench classify` on a folder of Fashion-MNIST PNG files: the pipeline against its decoding limit.
+
+    python benchmarks/classify_pipeline.py                    # the 60,000 train images as PNG: about 1 min
+    python benchmarks/classify_pipeline.py --folder my_pngs --repeats 3
+
+Runs fmnist_onnx.bench.bench_classify: the whole classify pipeline (find, decode, infer, write), decoding alone
+(classify's own decoder, in the same number of processes and in one) and the naive loop (one process, Pillow,
+batches of 256), each from start to end on a warm page cache, best of --repeats. Writes
+benchmarks/results/bench_classify.json with the machine's description. Uses artifacts/model.onnx; where it is
+missing it trains the fast recipe and exports it, in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fmnist_onnx.bench import bench_classify, format_classify, save_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--folder", type=Path, help="PNG folder [a split exported by `fmnist-onnx data export-png`]")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="split to export [train]")
+    p.add_argument("--model", type=Path, default=Path("artifacts/model.onnx"))
+    p.add_argument("--workers", type=int, help="decoding processes [number of cores]")
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each; the best counts [2]")
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_classify.json")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="fmnist-classify-pipeline-") as tmp:
+        work = Path(tmp)
+        model = args.model
+        if not model.is_file():
+            from fmnist_onnx.export import export_onnx
+            from fmnist_onnx.train import make_config, train
+
+            print(f"{model} not found: training the fast recipe (seed 0) and exporting it", file=sys.stderr)
+            weights = train(make_config("fast", seed=0), work / "trained").out_dir / "model.pth"
+            model = export_onnx(weights, work / "model.onnx")
+        folder = args.folder
+        if folder is None:
+            folder = work / f"{args.split}_png"
+            print(f"exporting the {args.split} split to {folder}", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, "-m", "fmnist_onnx", "data", "export-png", "--split", args.split,
+                            "--out", str(folder), "--quiet"], check=True)
+        result = bench_classify(folder, model, args.workers, args.provider, repeats=args.repeats)
+    if args.folder is None:
+        result["folder"] = f"the {args.split} split as PNG (`fmnist-onnx data export-png --split {args.split}`)"
+    save_json(result, args.out)
+    print(format_classify(result))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
