@@ -84,6 +84,7 @@ class Tally:
         self.unlabelled = 0
         self.confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)  # [true, predicted]
         self.failures: list[dict] = []
+        self._truth: dict[str, int | None] = {}
 
     def add(self, path: str, index: int | None, error: str | None) -> None:
         if error:
@@ -92,7 +93,11 @@ class Tally:
                 self.failures.append({"path": path, "error": error})
             return
         self.classified += 1
-        truth = images.true_class(path)
+        # files of a folder share their class: look it up once per folder
+        folder = path[:max(path.rfind("/"), path.rfind(os.sep))]
+        truth = self._truth.get(folder, -1)
+        if truth == -1:
+            truth = self._truth[folder] = images.true_class(path)
         if truth is None:
             self.unlabelled += 1
         else:

@@ -24,8 +24,8 @@ import stat
 import struct
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -71,10 +71,10 @@ def image_extensions() -> frozenset[str]:
 
 # ---------------------------------------------------------------------------------------------- finding files
 
-@dataclass(frozen=True)
-class Found:
+class Found(NamedTuple):
     """One entry of the walk: an input file (kind 'file'), a file skipped as not an image ('skip'), or a
-    folder that could not be listed ('unlistable': it gets an error row, since its files would be lost)."""
+    folder that could not be listed ('unlistable': it gets an error row, since its files would be lost).
+    A NamedTuple: made once per file, it must be cheap."""
 
     path: str
     kind: str
