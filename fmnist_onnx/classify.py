@@ -512,6 +512,8 @@ def format_summary(s: ClassifySummary) -> str:
         skipped = f", {s.skipped} other files skipped" if s.skipped else ""
         resumed = f", {s.resumed} of them from the interrupted run" if s.resumed else ""
         lines.append(f"{s.classified} of {s.files} files classified, {s.failed} failed{skipped}{resumed}.")
+        if not s.files:
+            lines.append("No image files found (inputs are the suffixes Pillow reads: .png, .jpg, .bmp, .webp, ...).")
         lines.append(f"{s.seconds:.2f} s, {s.images_per_s:,.0f} images/s ({s.provider}, {s.workers} decoding "
                      f"processes, {s.decoder}); wrote {s.output}")
     if s.accuracy_pct is not None:

@@ -105,24 +105,28 @@ def _walk(folder: str, exts: frozenset[str], recursive: bool, seen: set[tuple[in
             return
         seen.add(key)
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            # names and kinds only (not DirEntry objects): a flat folder of a million files must fit in memory
+            entries = sorted((e.name, _is_dir(e)) for e in it)
     except OSError as e:
         yield Found(folder, "unlistable", f"cannot list folder: {e.strerror or e}")
         return
-    for entry in entries:
-        path = entry.path
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            is_dir = False
+    for name, is_dir in entries:
+        path = os.path.join(folder, name)
         if is_dir:
             if recursive:
                 yield from _walk(path, exts, recursive, seen)
             continue
-        if os.path.splitext(entry.name)[1].lower() in exts:
+        if os.path.splitext(name)[1].lower() in exts:
             yield Found(path, "file")  # also a dangling link or an unreadable file: it gets its error row
         else:
             yield Found(path, "skip")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links; free (no stat) for plain entries on Linux
+    except OSError:
+        return False
 
 
 def true_class(path: str) -> int | None:
