@@ -379,6 +379,7 @@ Examples:
   fmnist-onnx classify test_pngs/ -o preds.parquet      # ImageFolder layout: accuracy + confusion matrix
   fmnist-onnx classify photos/ -o preds.csv --resume    # finish a killed run
   fmnist-onnx classify photos/ | head                   # CSV on stdout, progress on stderr
+  fmnist-onnx classify /data/shop/ -o preds.parquet --engine ray --ray-address auto   # on a Ray cluster
 \b
 Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors,
 130 interrupted (run again with --resume).
@@ -404,9 +405,17 @@ Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or interrupted run.")
 @click.option("--no-recursive", is_flag=True, help="Only the files directly inside each folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with -o -).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes on this machine. ray: Ray Data on a cluster (pip install "
+                   "\"fmnist-onnx[ray]\"); same rows, in the order they are done. On one 2-core machine Ray was "
+                   "several times slower than local: it is for clusters, never the default.")
+@click.option("--ray-address", help="With --engine ray: the cluster ('auto', HOST:PORT, ray://HOST:10001) "
+                                    "[default: $RAY_ADDRESS, else a local Ray runtime, stopped at the end].")
+@click.option("--actors", type=click.IntRange(min=1), help="With --engine ray: actors, each with one onnxruntime "
+              "session [cluster's CPUs; with --provider cuda, its GPUs].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no provider line.")
 def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, invert, resume, overwrite,
-             no_recursive, as_json, quiet):
+             no_recursive, as_json, engine, ray_address, actors, quiet):
     """Classify image files and folders into a table of predictions, one row per file.
 
     PATHS are folders (searched recursively) and files, in any format Pillow reads (PNG, JPEG, BMP, WebP,
@@ -421,11 +430,16 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     """
     import json as jsonlib
     from dataclasses import asdict
+    from functools import partial
 
     from fmnist_onnx import classify as cl
 
     if as_json and output == "-":
         raise click.UsageError("--json prints the summary on stdout, where -o - writes the table: use -o FILE")
+    if engine == "local" and (ray_address or actors):
+        raise click.UsageError("--ray-address and --actors are for --engine ray")
+    if engine == "ray" and workers:
+        raise click.UsageError("--workers is for --engine local; with --engine ray, use --actors")
     talk = not quiet
 
     def on_provider(name: str) -> None:
@@ -433,10 +447,16 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
             why = " (auto)" if provider == "auto" else ""
             click.echo(f"provider: {name}{why}", err=True)
 
+    if engine == "ray":
+        from fmnist_onnx.engines.ray import classify_ray  # Ray is imported only here: not on the default install
+
+        run = partial(classify_ray, address=ray_address, actors=actors)
+    else:
+        run = partial(cl.classify, workers=workers)
     try:
-        s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, workers=workers,
-                        provider=provider, invert=invert, resume=resume, overwrite=overwrite,
-                        recursive=not no_recursive, progress=show_progress(quiet), on_provider=on_provider)
+        s = run(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
+                invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
+                progress=show_progress(quiet), on_provider=on_provider)
     except cl.Interrupted as e:
         where = f"rows so far are in {e.journal}; " if e.journal else ""
         click.echo(f"Interrupted: {where}run the same command with --resume to finish.", err=True)

@@ -1,0 +1,475 @@
+"""classify on Ray Data (``classify --engine ray``): the local engine's rows, made by a pool of actors on a cluster.
+
+The driver (this process) walks the inputs with the local engine's discovery function (images.iter_files;
+pyarrow's file systems for URIs such as s3://bucket/photos/) and gives Ray Data the list of paths, in blocks.
+A pool of callable-class actors, each with one onnxruntime session, reads each block's files as bytes,
+decodes and preprocesses them with the local engine's function (images.preprocess_batch) and makes the rows
+with the local engine's predict_rows; the rows stream back to the driver, which writes them through the
+same journaled sinks (CSV, JSONL, Parquet) and counts them with the same Tally. So: exactly one row per
+file, the same columns, scores and summary, errors as rows, --resume, and the same exit codes.
+
+Why the actors read the files, not ray.data.read_binary_files or read_images: a file that Ray's reader cannot
+open (a dangling link, no permission, deleted meanwhile) fails its read task or, with ignore_missing_paths,
+silently disappears; either way its row is lost. And read_images decoded at half the speed here.
+
+Sizing: Ray Data hangs when actors claim every CPU (ray-project/ray#44687): the pool leaves
+max(0.5, 5%) of the cluster's CPUs unclaimed, with fractional CPUs per actor where needed.
+
+Rows are written in the order they are done, not in walk order (the local engine's order). On 2 local
+cores this engine is several times slower than the local one (process start-up, scheduling, the object
+store): it is for clusters, and never picked by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from fmnist_onnx import classify as cl
+from fmnist_onnx import images
+from fmnist_onnx.errors import UserError
+from fmnist_onnx.sinks import Row
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCK = 1024  # files per block (one actor call): tiny PNGs take ~50 ms a block
+MIN_BLOCK = 16
+BLOCKS_PER_ACTOR = 4  # at least: every actor gets work, and the last blocks finish close together
+MIN_RESERVE_CPU = 0.5  # CPUs no actor claims, so that Ray Data's own tasks can run (ray-project/ray#44687)
+RESERVE_CPU_SHARE = 0.05
+TASK_RETRIES = 2  # tries of a block after its actor died, before its files are tried one by one
+CRASHED = "the decoder crashed on this file (its Ray actor died)"
+INSTALL_HINT = 'pip install "fmnist-onnx[ray]"'
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the data extra (pyarrow, pandas) must be there too
+    except ImportError as e:
+        raise UserError(f"--engine ray needs Ray Data ({e}): {INSTALL_HINT}") from None
+    return ray
+
+
+def is_uri(path: str) -> bool:
+    """'s3://bucket/x', 'gs://...', 'file:///...': read through pyarrow's file systems."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.isascii() and scheme.replace("+", "").replace("-", "").isalnum() and len(scheme) > 1
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def _uri_fs(uri: str):
+    """(pyarrow file system, path inside it) for a URI, or UserError."""
+    import pyarrow as pa
+    from pyarrow import fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(f"{uri}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def check_inputs(paths: Sequence[str | Path]) -> list[str]:
+    """Local paths as the local engine checks them; URIs must exist. UserError otherwise."""
+    from pyarrow import fs as pafs
+
+    paths = [os.fspath(p) for p in paths]
+    local = [p for p in paths if not is_uri(p)]
+    if not paths or local:
+        cl._check_inputs(local)  # also: "no PATH given"
+    for uri in paths:
+        if is_uri(uri):
+            filesystem, base = _uri_fs(uri)
+            try:
+                info = filesystem.get_file_info(base)
+            except OSError as e:
+                raise UserError(f"{uri}: {_first_line(e)}") from None
+            if info.type == pafs.FileType.NotFound:
+                raise UserError(f"{uri}: no such file or folder")
+    return paths
+
+
+def _iter_uri(uri: str, recursive: bool, exts: frozenset[str]) -> Iterator[images.Found]:
+    """images.iter_files for one URI: the named file, or the files under the named folder (sorted)."""
+    from pyarrow import fs as pafs
+
+    filesystem, base = _uri_fs(uri)
+    prefix = uri.partition("://")[0] + "://"
+    info = filesystem.get_file_info(base)
+    if info.type != pafs.FileType.Directory:
+        yield images.Found(prefix + base, "file")  # named explicitly: an input, whatever its suffix
+        return
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=recursive))
+    except OSError as e:
+        yield images.Found(uri, "unlistable", f"cannot list folder: {_first_line(e)}")
+        return
+    named, unnamed = [], 0
+    for i in infos:
+        if i.type == pafs.FileType.Directory:
+            continue
+        try:
+            named.append(i.path)
+        except UnicodeDecodeError:  # a local file name that is not UTF-8: pyarrow cannot give it
+            unnamed += 1
+    for path in sorted(named):
+        kind = "file" if os.path.splitext(path)[1].lower() in exts else "skip"
+        yield images.Found(prefix + path, kind)
+    for n in range(unnamed):
+        yield images.Found(f"{uri.rstrip('/')}/<file name {n + 1} that is not UTF-8>", "unlistable",
+                           "file name is not UTF-8: pyarrow cannot read it (give the folder as a plain path)")
+
+
+def _walk(roots: Sequence[str], recursive: bool) -> Iterator[tuple[int, images.Found]]:
+    """(root index, entry) for every entry under ``roots``: local paths exactly as the local engine walks."""
+    exts = images.image_extensions()
+    for r, root in enumerate(roots):
+        found = _iter_uri(root, recursive, exts) if is_uri(root) else images.iter_files([root], recursive)
+        for f in found:
+            yield r, f
+
+
+# ---------------------------------------------------------------------------------------------- the actors
+
+def _read_uri(filesystem, path: str) -> bytes:
+    """images.read_file for a path in a pyarrow file system."""
+    try:
+        with filesystem.open_input_file(path) as f:
+            size = f.size()
+            if size > images.MAX_FILE_BYTES:
+                raise images.ImageError(f"file too large ({size} bytes, limit {images.MAX_FILE_BYTES})")
+            data = f.read()
+    except images.ImageError:
+        raise
+    except FileNotFoundError:
+        raise images.ImageError("file not found") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError and ArrowException subclasses
+        raise images.ImageError(f"cannot read: {_first_line(e)}") from None
+    if not data:
+        raise images.ImageError("empty file")
+    return data
+
+
+class Predictor:
+    """One Ray actor: an onnxruntime session, and a call that turns a block of paths into rows."""
+
+    def __init__(self, model: list, provider: str, roots: list[str | None], invert: str, top_k: int,
+                 batch_size: int) -> None:
+        import ray
+
+        from fmnist_onnx.runtime import open_session
+
+        # The model travels as bytes (the driver's file may not exist on this node); onnxruntime wants a file.
+        with tempfile.TemporaryDirectory(prefix="fmnist-onnx-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(ray.get(model[0]))
+            # one intra-op thread on CPUs, as in the local engine: the other actors use the other cores
+            self.session = open_session(path, provider, threads=1 if provider == "cpu" else None)
+        self.roots, self.invert, self.top_k, self.batch_size = roots, invert, top_k, batch_size
+        self.filesystems: dict[int, tuple[object, int]] = {}
+
+    def _fs(self, root: int) -> tuple[object, int]:
+        """(file system, length of the 'scheme://' prefix) of a URI root, made once per actor."""
+        if root not in self.filesystems:
+            uri = self.roots[root]
+            self.filesystems[root] = (_uri_fs(uri)[0], len(uri.partition("://")[0]) + 3)
+        return self.filesystems[root]
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        paths = [os.fsdecode(p) for p in batch["path"].to_pylist()]
+        sources: list[str | bytes] = []
+        read_errors: dict[int, str] = {}
+        for i, (path, root) in enumerate(zip(paths, batch["root"].to_pylist(), strict=True)):
+            if self.roots[root] is None:
+                sources.append(path)  # a local path: preprocess_batch reads it (images.read_file)
+                continue
+            try:
+                filesystem, skip = self._fs(root)
+                sources.append(_read_uri(filesystem, path[skip:]))
+            except (images.ImageError, UserError) as e:
+                read_errors[i] = str(e)
+                sources.append(b"")
+        imgs, errors = images.preprocess_batch(sources, self.invert)
+        for i, e in read_errors.items():
+            errors[i] = e
+        rows = cl.predict_rows(self.session, paths, imgs, errors, self.top_k, self.batch_size)
+        return pa.table({
+            "id": batch["id"],
+            "indices": pa.array([list(r.indices) for r in rows], pa.list_(pa.int64())),
+            "scores": pa.array([list(r.scores) for r in rows], pa.list_(pa.float64())),
+            "error": pa.array([r.error for r in rows], pa.string()),
+        })
+
+
+# ---------------------------------------------------------------------------------------------- the pool
+
+def plan_pool(resources: dict[str, float], provider: str, actors: int | None,
+              local_cuda: bool | None = None) -> tuple[str, int, float, float]:
+    """(provider, actors, CPUs per actor, GPUs per actor) for a cluster with ``resources``.
+
+    CPU actors: one per CPU by default, together claiming all but max(0.5, 5%) of the CPUs (fractions where
+    needed: processes still share the cores, but Ray Data keeps slots for its own tasks). GPU actors: one
+    per GPU by default; --actors beyond the GPUs share them (fractional GPUs), which adds decoding processes.
+    ``local_cuda``: for a runtime started here, whether this machine's onnxruntime has CUDA (None: remote)."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    if provider == "auto":
+        provider = "cuda" if gpus >= 1 and local_cuda is not False else "cpu"
+    if provider == "cuda" and gpus < 1:
+        raise UserError("--provider cuda: the Ray cluster has no GPU (resources: "
+                        f"{cpus:g} CPU, {gpus:g} GPU); use --provider cpu")
+    free = cpus - max(MIN_RESERVE_CPU, RESERVE_CPU_SHARE * cpus)
+    if free <= 0:
+        raise UserError(f"the Ray cluster has {cpus:g} CPU: too few for actors (Ray Data needs some for itself)")
+    if provider == "cuda":
+        n = actors or int(gpus)
+        per_gpu = min(1.0, math.floor(100 * gpus / n) / 100)
+        if per_gpu <= 0:
+            raise UserError(f"--actors {n}: too many for {gpus:g} GPU (at most {int(100 * gpus)})")
+    else:
+        n = actors or max(1, int(cpus))
+        per_gpu = 0.0
+    per_cpu = min(1.0, math.floor(1000 * free / n) / 1000)
+    if per_cpu <= 0:
+        raise UserError(f"--actors {n}: too many for {cpus:g} CPU")
+    return provider, n, per_cpu, per_gpu
+
+
+def _block_tables(ids: Sequence[int], roots: Sequence[int], paths: Sequence[bytes], size: int):
+    """The file list as Arrow tables of ``size`` files, one per block (one actor call)."""
+    import pyarrow as pa
+
+    return [pa.table({"id": pa.array(ids[i:i + size], pa.int64()), "root": pa.array(roots[i:i + size], pa.int32()),
+                      "path": pa.array(paths[i:i + size], pa.binary())}) for i in range(0, len(ids), size)]
+
+
+def block_size(files: int, actors: int) -> int:
+    """Enough blocks for every actor, at most MAX_BLOCK files each."""
+    return max(MIN_BLOCK, min(MAX_BLOCK, math.ceil(files / (BLOCKS_PER_ACTOR * actors))))
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+def _run(ray, ids: Sequence[int], roots: Sequence[int], paths: Sequence[bytes], size: int,
+         pool: tuple[int, float, float], predictor: dict) -> Iterator:
+    """Ray Data over the files: blocks of paths -> the actor pool -> Arrow batches of rows (id, indices, scores,
+    error), streamed as they are done. A block whose actor dies is retried a few times on a restarted actor,
+    then skipped (its files come back missing) rather than retried for ever or failing the whole run."""
+    n, per_cpu, per_gpu = pool
+    ctx = ray.data.DataContext.get_current()
+    if hasattr(ctx, "max_errored_blocks"):
+        ctx.max_errored_blocks = -1
+    remote = {"num_gpus": per_gpu} if per_gpu else {}
+    ds = ray.data.from_arrow(_block_tables(ids, roots, paths, size))
+    args = {"batch_size": None, "batch_format": "pyarrow", "fn_constructor_kwargs": predictor, "num_cpus": per_cpu,
+            "compute": ray.data.ActorPoolStrategy(size=min(n, len(ids))), **remote}
+    # Ray Data retries an actor's task for ever by default: a file that crashes the decoder would hang the run.
+    # Ray 2.60 deprecates max_task_retries here, with no named replacement yet: used while it is accepted.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            ds = ds.map_batches(Predictor, max_task_retries=TASK_RETRIES, **args)
+        except TypeError:
+            ds = ds.map_batches(Predictor, **args)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _verbose() -> bool:
+    return logging.getLogger().isEnabledFor(logging.INFO)
+
+
+def _connect(ray, address: str | None) -> bool:
+    """Connect to ``address`` (else $RAY_ADDRESS, else a new local runtime). True if this call connected (then
+    the caller disconnects, which stops a local runtime); False if Ray was connected already (a caller's own
+    runtime: used, and left as it was)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    verbose = _verbose()
+    # Quiet unless -v: Ray's warnings about its own defaults (token auth, deprecations) and the actors' logs
+    # would bury the summary; errors still come through, as exceptions.
+    kwargs: dict = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    if address == "local":
+        kwargs["include_dashboard"] = False
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        hint = ""
+        if address != "local" and os.environ.get("RAY_AUTH_MODE") != "token":
+            # Ray connects to an explicit address without its token unless told to
+            hint = " (if the cluster uses token authentication, set RAY_AUTH_MODE=token)"
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}{hint}") from None
+    return True
+
+
+def _quiet_ray_data(ray) -> None:
+    """Our progress bar and summary only, unless -v: Ray Data's own bars and INFO lines are off."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = _verbose()
+    if not _verbose():
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def _user_error(exc: BaseException) -> UserError | None:
+    """A UserError raised inside an actor (e.g. CUDA missing on a worker node), however Ray wrapped it."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return UserError(e.args[0] if e.args else str(e), getattr(e, "exit_code", 2))
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def classify_ray(
+    paths: Sequence[str | Path],
+    model: str | Path,
+    output: str | Path = "-",
+    fmt: str | None = None,
+    top_k: int = 1,
+    batch_size: int = 512,
+    provider: str = "auto",
+    invert: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    recursive: bool = True,
+    progress: bool = False,
+    on_provider=None,
+    address: str | None = None,
+    actors: int | None = None,
+) -> cl.ClassifySummary:
+    """classify.classify on Ray Data (see the module doc). ``address``: a Ray cluster ('auto', 'host:port',
+    'ray://host:10001'); None: $RAY_ADDRESS, else a local runtime that is stopped at the end. A runtime
+    that the caller connected already is used and left running."""
+    t0 = time.perf_counter()
+    output = os.fspath(output)
+    if provider not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown provider {provider!r}; choose auto, cpu or cuda")
+    if actors is not None and actors < 1:
+        raise UserError("--actors must be at least 1")
+    ray = _import_ray()
+    roots, fmt, finished = cl.check_request(paths, model, output, fmt, top_k, invert, resume, overwrite,
+                                            check_inputs=check_inputs)
+    if finished is not None:
+        return finished
+    from fmnist_onnx.runtime import PROVIDERS, available_providers, open_session
+
+    open_session(model, "cpu")  # a broken or wrong model is one clear error here, before any cluster work
+    model_bytes = Path(model).read_bytes()
+
+    started = _connect(ray, address)
+    local_runtime = started and not (address or os.environ.get("RAY_ADDRESS"))
+    sink = None
+    old_term = cl._install_sigterm()
+    try:
+        _quiet_ray_data(ray)
+        local_cuda = PROVIDERS["cuda"] in available_providers() if local_runtime else None
+        if local_runtime and provider == "cuda" and not local_cuda:
+            from fmnist_onnx.runtime import resolve_provider
+
+            resolve_provider("cuda")  # the local engine's error: onnxruntime here has no CUDA
+        name, n, per_cpu, per_gpu = plan_pool(ray.cluster_resources(), provider, actors, local_cuda)
+        log.info("Ray pool: %d actors, %g CPU and %g GPU each (%s)", n, per_cpu, per_gpu, name)
+        if on_provider is not None:
+            on_provider(name)
+        tally = cl.Tally()
+        sink, done = cl.open_sink(output, fmt, top_k, resume, overwrite, tally)
+        bar = cl._progress_bar(progress, tally.resumed)
+
+        # The walk, here: folders that cannot be listed get their rows at once; the files go to the actors.
+        root_ids: list[int] = []
+        files: list[bytes] = []
+        for r, f in _walk(roots, recursive):
+            if f.kind == "skip":
+                tally.skipped += 1
+            elif done is not None and f.path in done:
+                continue
+            elif f.kind == "unlistable":
+                row = Row(f.path, error=f.error)
+                sink.write([row])
+                tally.add(row.path, None, row.error)
+            else:
+                root_ids.append(r)
+                files.append(os.fsencode(f.path))
+        if files:
+            predictor = {"model": [ray.put(model_bytes)], "provider": name, "invert": invert, "top_k": top_k,
+                         "batch_size": batch_size, "roots": [root if is_uri(root) else None for root in roots]}
+            pool = (n, per_cpu, per_gpu)
+
+            def write(batch) -> None:
+                rows = []
+                for i, idx, sc, err in zip(batch["id"].to_pylist(), batch["indices"].to_pylist(),
+                                           batch["scores"].to_pylist(), batch["error"].to_pylist(), strict=True):
+                    if returned[i]:
+                        continue  # a block that Ray ran twice (a retry after its actor died): rows once
+                    returned[i] = 1
+                    rows.append(Row(os.fsdecode(files[i]), idx or (), sc or (), err or ""))
+                sink.write(rows)
+                for row in rows:
+                    tally.add(row.path, row.indices[0] if row.indices else None, row.error)
+                if bar is not None:
+                    bar.update(len(rows))
+
+            returned = bytearray(len(files))
+            ids = range(len(files))
+            for batch in _run(ray, ids, root_ids, files, block_size(len(files), n), pool, predictor):
+                write(batch)
+            lost = [i for i in ids if not returned[i]]
+            if lost:
+                # Blocks whose actor died on every try (a file that crashes the decoder, or the OOM killer):
+                # again file by file, so that only the culprits get an error row, as in the local engine.
+                log.warning("%d files were in blocks that failed; trying them one by one", len(lost))
+                for batch in _run(ray, lost, [root_ids[i] for i in lost], [files[i] for i in lost], 1, pool,
+                                  predictor):
+                    write(batch)
+                crashed = [Row(os.fsdecode(files[i]), error=CRASHED) for i in lost if not returned[i]]
+                for row in crashed:
+                    log.warning("%s: %s", row.path, row.error)
+                    tally.add(row.path, None, row.error)
+                sink.write(crashed)
+        if bar is not None:
+            bar.close()
+        final = sink.finish()
+    except KeyboardInterrupt:
+        if sink is not None:
+            sink.close()
+        raise cl.Interrupted(signal.SIGINT, getattr(sink, "journal", None)) from None
+    except cl._Terminated:
+        if sink is not None:
+            sink.close()
+        raise cl.Interrupted(signal.SIGTERM, getattr(sink, "journal", None)) from None
+    except BaseException as e:
+        if sink is not None:
+            sink.close()
+        user = _user_error(e) if isinstance(e, Exception) and not isinstance(e, UserError) else None
+        if user is not None:
+            raise user from None
+        raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if started:
+            ray.shutdown()
+
+    decoder = f"{cl.decoder_name()} in Ray actors"
+    return cl.summarize(tally, final, output, fmt, name, n, decoder, time.perf_counter() - t0)

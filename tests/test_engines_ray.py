@@ -1,0 +1,257 @@
+"""`classify --engine ray` (fmnist_onnx/engines/ray.py) on real Ray runtimes, as users run it: a local runtime that
+the CLI starts and stops itself, and a 2-CPU cluster started with `ray start` that the CLI joins. Real PNG files
+from `data export-png`, real broken files, and the local engine's output as the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+
+pytest.importorskip("ray", reason='the Ray engine needs the [ray] extra: pip install -e ".[ray]"')
+
+from fmnist_onnx.sinks import read_rows  # noqa: E402
+
+TOP_K = "3"
+NON_UTF8 = os.fsdecode(b"T-shirt-top/caf\xe9.png")  # a file name that is not UTF-8: rows keep it byte for byte
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def ray_processes(marker: str) -> list[str]:
+    """Processes of the Ray session whose files live under ``marker``: the path is in their command line or in
+    one of their open files (every Ray process logs into its session folder; setproctitle overwrites the
+    environment of workers, so that is no use)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            files = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+        if marker in cmd or any(f.startswith(marker) for f in files):
+            found.append(f"{pid} {cmd[:120]}")
+    return found
+
+
+def wait_until_gone(marker: str, seconds: float = 15.0) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while (left := ray_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def by_path(rows) -> dict[str, dict]:
+    rows = list(rows)
+    out = {r["path"]: r for r in rows}
+    assert len(out) == len(rows), "a file has more than one row"
+    return out
+
+
+def assert_same_rows(got: dict[str, dict], want: dict[str, dict]) -> None:
+    """Same files; for each, the same top-3 labels (or the same error) and the same scores."""
+    assert sorted(got) == sorted(want)
+    for path, w in want.items():
+        g = got[path]
+        assert g["error"] == w["error"], path
+        assert [g["label"], g["label_2"], g["label_3"]] == [w["label"], w["label_2"], w["label_3"]], path
+        if w["error"] is None:
+            assert g["score"] == pytest.approx(w["score"], abs=1e-5), path
+
+
+def parquet_path(path: str) -> str:
+    """How the sinks write a path in Parquet (UTF-8 only: other bytes as \\xNN escapes)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """300 test images in the ImageFolder layout, plus files no engine can classify, and one to skip."""
+    root = tmp_path_factory.mktemp("ray_in") / "images"
+    run_cli("data", "export-png", "--out", root, "--limit", "300", "--quiet", check=True)
+    a_png = next((root / "Coat").glob("*.png")).read_bytes()
+    (root / "Bag" / "not_an_image.png").write_text("these are not the pixels you are looking for")
+    (root / "Coat" / "truncated.png").write_bytes(a_png[:60])
+    (root / "Dress" / "empty.png").write_bytes(b"")
+    (root / "Sandal" / "dangling.png").symlink_to(root / "no-such-file.png")
+    (root / NON_UTF8).write_bytes(a_png)
+    from PIL import Image
+
+    Image.new("RGB", (90, 60), (250, 250, 250)).save(root / "Shirt" / "photo.jpg")  # not 28x28: resized
+    (root / "notes.txt").write_text("not an image: skipped, no row")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(onnx_model) -> Path:
+    return onnx_model
+
+
+@pytest.fixture(scope="module")
+def local_rows(folder, model, tmp_path_factory) -> dict[str, dict]:
+    """The local engine's rows: the reference."""
+    out = tmp_path_factory.mktemp("ray_local") / "local.csv"
+    proc = run_cli("classify", folder, "-m", model, "-o", out, "-k", TOP_K, "-q")
+    assert proc.returncode == 3, proc.stderr  # some files failed
+    return by_path(read_rows(out))
+
+
+@pytest.fixture(scope="module")
+def ray_env(tmp_path_factory):
+    """An environment of our own for Ray: its files (sockets, logs; a short path, sockets are limited to 107
+    bytes) and its token (~/.ray) in temporary folders, and no $RAY_ADDRESS from the caller."""
+    tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    home = tmp_path_factory.mktemp("ray_home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=str(tmp), HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    yield env, str(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_runtime_run(folder, model, ray_env, tmp_path_factory):
+    """One `classify --engine ray` with no address: the CLI starts a local Ray runtime and stops it."""
+    env, tmp = ray_env
+    out = tmp_path_factory.mktemp("ray_out") / "ray.csv"
+    proc = run_cli("classify", folder, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray", env=env)
+    return proc, out, tmp
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_env, tmp_path_factory):
+    """A Ray cluster of 2 CPUs, started with `ray start --head` as on a real head node; stopped at the end
+    (its own processes only: `ray stop` would stop every Ray on the machine)."""
+    env, _ = ray_env
+    marker = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    head_env = {**env, "RAY_TMPDIR": marker}
+    with socket.socket() as s:  # a free port for the head's GCS
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+         f"--port={port}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={marker}/ray"],
+        env=head_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    address, lines = None, []
+    deadline = time.monotonic() + 120
+    while address is None and time.monotonic() < deadline:
+        line = head.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "--address=" in line:  # "ray start --address='192.0.2.2:6379'": how workers join
+            address = line.split("--address=", 1)[1].split()[0].strip("'\"")
+    try:
+        assert address, "ray start did not report an address:\n" + "".join(lines)
+        # an explicit address: Ray sends its token only when told that the cluster wants one
+        yield address, {**env, "RAY_AUTH_MODE": "token"}, marker
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        for left in wait_until_gone(marker, 10):
+            os.kill(int(left.split()[0]), signal.SIGKILL)
+        head.wait(10)
+        shutil.rmtree(marker, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- local runtime
+
+def test_ray_engine_gives_the_local_engines_rows_and_exit_code(local_runtime_run, local_rows):
+    proc, out, _ = local_runtime_run
+    assert proc.returncode == 3, proc.stderr  # the broken files: as the local engine
+    assert "Traceback" not in proc.stderr
+    assert_same_rows(by_path(read_rows(out)), local_rows)
+
+
+def test_ray_engine_writes_one_row_per_file(local_runtime_run, folder):
+    _, out, _ = local_runtime_run
+    files = [p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix != ".txt"]
+    rows = list(read_rows(out))
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in files)
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"not_an_image.png", "truncated.png", "empty.png", "dangling.png"}
+    assert "dangling" in errors["dangling.png"]
+
+
+def test_local_runtime_is_stopped_with_no_process_left(local_runtime_run):
+    proc, _, tmp = local_runtime_run
+    sessions = list((Path(tmp) / "ray").glob("session_2*"))
+    assert sessions, f"Ray did not run under {tmp}: nothing was tested\n{proc.stderr}"
+    assert wait_until_gone(tmp) == []
+
+
+# ---------------------------------------------------------------------------------------------- existing cluster
+
+def test_cluster_parquet_rows_match_and_cluster_keeps_running(cluster, folder, model, local_rows, tmp_path):
+    address, env, marker = cluster
+    out = tmp_path / "preds.parquet"
+    # 3 actors on 2 CPUs: fractional CPUs, and it must still finish (ray-project/ray#44687)
+    proc = run_cli("classify", folder, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray",
+                   "--ray-address", address, "--actors", "3", "--json", env=env)
+    assert proc.returncode == 3, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["workers"] == 3 and summary["failed"] == 4
+    assert_same_rows(by_path(read_rows(out)), {parquet_path(p): r for p, r in local_rows.items()})
+    assert ray_processes(marker), "the CLI stopped a cluster it only joined"
+
+
+def test_cluster_resume_writes_each_file_once(cluster, folder, model, local_rows, tmp_path):
+    address, env, _ = cluster
+    first = tmp_path / "first.jsonl"
+    run_cli("classify", folder, "-m", model, "-o", first, "-k", TOP_K, "-q")
+    out = tmp_path / "preds.jsonl"
+    done = first.read_bytes().splitlines(keepends=True)[:100]
+    (tmp_path / "preds.jsonl.partial").write_bytes(b"".join(done))  # as a killed run leaves it
+    proc = run_cli("classify", folder, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray",
+                   "--ray-address", address, "--actors", "1", "--resume", "--json", env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert json.loads(proc.stdout)["resumed"] == 100
+    assert out.read_bytes().startswith(b"".join(done))
+    assert_same_rows(by_path(read_rows(out)), local_rows)
+
+
+def test_cluster_reads_file_uris_through_pyarrow(cluster, folder, model, local_rows, tmp_path):
+    address, env, _ = cluster
+    out = tmp_path / "preds.csv"
+    proc = run_cli("classify", f"file://{folder}", "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray",
+                   "--ray-address", address, env=env)
+    assert proc.returncode == 3, proc.stderr
+    rows = by_path(read_rows(out))
+    assert all(p.startswith(f"file://{folder}/") for p in rows)
+    # The differences from plain paths: pyarrow does not list dangling links, and cannot name a file whose
+    # name is not UTF-8 (it gets an error row with a stand-in path).
+    unnamed = [p for p, r in rows.items() if "not UTF-8" in (r["error"] or "")]
+    assert len(unnamed) == 1
+    want = {p: r for p, r in local_rows.items() if not p.endswith(("dangling.png", NON_UTF8))}
+    assert_same_rows({p.removeprefix("file://"): r for p, r in rows.items() if p not in unnamed}, want)
+
+
+def test_cuda_on_a_cluster_without_gpu_is_one_clear_error(cluster, folder, model, tmp_path):
+    address, env, _ = cluster
+    proc = run_cli("classify", folder, "-m", model, "-o", tmp_path / "x.csv", "--engine", "ray",
+                   "--ray-address", address, "--provider", "cuda", env=env)
+    assert_one_line_error(proc, 2, "no GPU")
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.csv.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+@pytest.mark.parametrize("args, contains", [
+    (["--actors", "2"], "--engine ray"),
+    (["--ray-address", "auto"], "--engine ray"),
+    (["--engine", "ray", "--workers", "2"], "--actors"),
+])
+def test_engine_options_go_with_their_engine(folder, model, args, contains):
+    proc = run_cli("classify", folder, "-m", model, *args)
+    assert_one_line_error(proc, 2, contains)
