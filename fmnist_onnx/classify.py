@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -123,9 +124,20 @@ class Tally:
 
 # ---------------------------------------------------------------------------------------------- workers
 
-def _worker_init() -> None:
+def _worker_init(parent: int | None = None) -> None:
     # Ctrl-C goes to the whole process group: the parent handles it, workers finish their chunk quietly
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed alone (SIGKILL, the OOM killer) would leave its workers waiting forever on their queue:
+    # on Linux, have the kernel kill a worker when its parent dies.
+    if parent is not None and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(1)
 
 
 def _decode_chunk(paths: Sequence[str], invert: str) -> tuple[np.ndarray, list[str], float]:
@@ -156,7 +168,8 @@ class _Pool:
     def start(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
-        self.executor = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_worker_init)
+        self.executor = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_worker_init,
+                                            initargs=(os.getpid(),))
         self.executor.submit(os.getpid).result()  # all workers exist from here on
 
     def submit(self, paths: Sequence[str], invert: str) -> Future:

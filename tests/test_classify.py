@@ -290,3 +290,32 @@ def test_ctrl_c_keeps_the_journal_and_says_how_to_resume(clean, test_pngs, onnx_
 def test_same_folder_twice_is_refused(onnx_model, test_pngs):
     proc = run_cli("classify", test_pngs / "Bag", str(test_pngs / "Bag") + "/", "-m", onnx_model)
     assert_one_line_error(proc, 2, "same")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_workers_die_with_a_parent_killed_alone(test_pngs, onnx_model, tmp_path):
+    out = tmp_path / "preds.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _journal_rows(journal_path(out)) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    workers = _children(proc.pid)
+    proc.kill()  # the parent only, as the OOM killer would
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert workers and not left, "worker processes outlived their parent"
