@@ -449,7 +449,8 @@ def classify(
             sink.close()
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_term) if old_term is not None else None
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         pool.close()
 
     return summarize(tally, final, output, fmt, session.provider, workers, decoder_name(),
