@@ -65,30 +65,40 @@ def accuracy(model: Path) -> float:
 
 
 def check_targets(results: list[dict], acc: dict) -> list[dict]:
-    """The README's targets, each met or missed (skipped where its batch size was not measured)."""
-    def ips(backend: str, precision: str, bs: int) -> float | None:
-        return next((r["images_per_s"] for r in results if (r["backend"], r["precision"], r["batch_size"],
-                     r["provider"], r["io_binding"]) == (backend, precision, bs, "cpu", False)), None)
+    """The README's targets, each met or missed (skipped where its batch size was not measured).
+
+    ``value`` uses images/s (batch / mean latency), as the table does. On a busy machine the mean carries the
+    stalls that other processes cause, so each speed target also gets ``median_value``: the same ratio from
+    the median latencies, which a few stalls do not move."""
+    def rec(backend: str, precision: str, bs: int) -> dict | None:
+        return next((r for r in results if (r["backend"], r["precision"], r["batch_size"], r["provider"],
+                     r["io_binding"]) == (backend, precision, bs, "cpu", False)), None)
 
     out = []
 
-    def target(name: str, value: float | None, threshold: float, higher: bool = True) -> None:
+    def target(name: str, value: float | None, threshold: float, higher: bool = True, median: float | None = None):
         if value is not None:
             out.append({"target": name, "value": value, "threshold": threshold,
                         "met": value >= threshold if higher else value <= threshold})
+            if median is not None:
+                out[-1]["median_value"] = median
+
+    def ratio(a: dict | None, b: dict | None) -> tuple[float | None, float | None]:
+        if not a or not b:
+            return None, None
+        return a["images_per_s"] / b["images_per_s"], b["latency_ms"]["p50"] / a["latency_ms"]["p50"]
 
     for bs in (1, 256):
-        ort, torch = ips("onnxruntime", "fp32", bs), ips("torch", "fp32", bs)
-        target(f"onnxruntime fp32 / torch eager, batch {bs}", ort / torch if ort and torch else None, 1.3)
-    fp32, int8 = ips("onnxruntime", "fp32", 256), ips("onnxruntime", "int8", 256)
-    target("int8 / fp32, batch 256", int8 / fp32 if fp32 and int8 else None, 2.0)
+        value, median = ratio(rec("onnxruntime", "fp32", bs), rec("torch", "fp32", bs))
+        target(f"onnxruntime fp32 / torch eager, batch {bs}", value, 1.3, median=median)
+    value, median = ratio(rec("onnxruntime", "int8", 256), rec("onnxruntime", "fp32", 256))
+    target("int8 / fp32, batch 256", value, 2.0, median=median)
     target("accuracy lost by int8 (points)", acc["fp32"] - acc["int8"], 0.5, higher=False)
-    r1024 = next((r for r in results if (r["backend"], r["precision"], r["batch_size"], r["provider"])
-                  == ("onnxruntime", "fp32", 1024, "cpu") and not r["io_binding"]), None)
-    target("onnxruntime fp32 batch 1024, % of roofline", r1024 and r1024["roofline_pct"], 80.0)
-    if r1024 and out[-1]["target"].endswith("roofline"):
-        # The peak is a best call; on a busy machine the mean of the model's calls is not, so say both.
-        out[-1]["best_call_value"] = r1024["roofline_pct"] * r1024["latency_ms"]["mean"] / r1024["latency_ms"]["min"]
+    r = rec("onnxruntime", "fp32", 1024)
+    if r:
+        # The peak is the best call of a matrix product; the median call of the model is the fairer match.
+        target("onnxruntime fp32 batch 1024, % of roofline", r["roofline_pct"], 80.0,
+               median=r["roofline_pct"] * r["latency_ms"]["mean"] / r["latency_ms"]["p50"])
     return out
 
 
@@ -123,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     print(f"test accuracy: fp32 {acc['fp32']:.2f}%, int8 {acc['int8']:.2f}%")
     for t in data["targets"]:
-        best = f"; best call {t['best_call_value']:.2f}" if "best_call_value" in t else ""
+        median = f"; from median latencies {t['median_value']:.2f}" if "median_value" in t else ""
         print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.2f} "
-              f"({'>=' if 'lost' not in t['target'] else '<='} {t['threshold']}{best})")
+              f"({'>=' if 'lost' not in t['target'] else '<='} {t['threshold']}{median})")
     print(f"wrote {args.out_dir / 'inference.json'} and inference.png", file=sys.stderr)
     return 0
 

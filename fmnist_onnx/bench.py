@@ -165,9 +165,14 @@ def machine_info() -> dict:
     # The instruction sets that decide the fp32 and int8 figures (VNNI: fast int8 dot products; AMX: tiles).
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
             if f in flags]
+    try:  # other work on the same cores skews every figure: say how busy the machine was
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "memory_gib": memory_gib,
             "cpu_flags": simd, "gpus": _gpu_names(), "platform": platform.platform(),
-            "versions": library_versions(), "providers": available_providers()}
+            "versions": library_versions(), "providers": available_providers(), "load_average": load,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 # ------------------------------------------------------------------------------------------ measuring
