@@ -278,7 +278,7 @@ Examples:
   fmnist-onnx bench --provider cuda --provider cpu --threads 2
   fmnist-onnx bench classify photos/           # the classify pipeline beside decoding alone
 """)
-@click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
+@click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
               show_default=True, help="The ONNX model. int8: the .int8.onnx beside it, or quantized on the fly.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="model.pth: adds PyTorch eager (where torch is installed). "
