@@ -388,6 +388,8 @@ def export(weights: Path, output: Path, opset: int | None = None, verify: bool =
     if quantize not in (None, "int8"):
         raise UserError(f"--quantize {quantize}: only int8 is supported")
     _check_output_path(output)
+    if not weights.is_file():
+        raise UserError(f"weights file not found: {weights} (train one with `fmnist-onnx train`, or pass --weights)")
     atol = vf.DEFAULT_ATOL if atol is None else atol
     rtol = vf.DEFAULT_RTOL if rtol is None else rtol
     model = build_onnx(weights, opset)

@@ -92,14 +92,14 @@ def load_test_set(samples: int | None = None, data_dir: str | Path | None = None
     return EvalSet(split.as_float()[:n].numpy(), split.labels[:n].numpy())
 
 
-def torch_logits(weights: str | Path, images) -> object:
-    """PyTorch's fp32 logits on the CPU for numpy images: the reference."""
+def torch_logits(weights, images) -> object:
+    """PyTorch's fp32 logits on the CPU for numpy images: the reference. ``weights``: a path or a loaded model."""
     import numpy as np
     import torch
 
     from fmnist_onnx.model import load_model
 
-    model = load_model(weights)
+    model = load_model(weights) if isinstance(weights, (str, Path)) else weights
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), BATCH):
@@ -158,6 +158,7 @@ def verify(model: str | Path, weights: str | Path, providers: tuple[str, ...] | 
            min_agreement_pct: float = MIN_INT8_AGREEMENT_PCT) -> VerifyReport:
     """Compare ``model`` with ``weights`` on the test set, on each provider. UserError for bad input."""
     from fmnist_onnx.export import sha256_file
+    from fmnist_onnx.model import load_model
     from fmnist_onnx.runtime import open_session, resolve_provider
 
     if atol < 0 or rtol < 0:
@@ -166,8 +167,9 @@ def verify(model: str | Path, weights: str | Path, providers: tuple[str, ...] | 
     # Open every session first: a bad model or a missing provider is reported before any work is done.
     names = list(dict.fromkeys(resolve_provider(p) for p in providers or ("auto",)))
     sessions = [open_session(model, p) for p in names]
+    net = load_model(weights)  # UserError for a missing .pth or one that is not this model's
     test = load_test_set(samples, data_dir)
-    reference = torch_logits(weights, test.images)  # UserError for a .pth that is not this model's
+    reference = torch_logits(net, test.images)
     mode = "int8" if model_is_int8(model) else "fp32"
     report = VerifyReport(str(model), str(weights), mode, atol, rtol, max_accuracy_drop, min_agreement_pct,
                           len(test.labels), sha256_file(weights), sessions[0].metadata.get("weights_sha256"))
