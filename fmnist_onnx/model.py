@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -49,9 +50,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses anything but tensors and plain containers: a pickle that would run code.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refused to load: not plain weights ({first})") from None
+        # weights_only refuses anything but tensors and plain containers. Name the global it refused (a pickle
+        # that would call code); any other unpickling failure means the bytes are not a torch file at all.
+        refused = re.search(r"(?:unsupported )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
+        if refused:
+            raise UserError(f"{path}: refused to load: it would call {refused.group(1)} (only plain weights are "
+                            "loaded)") from None
+        raise UserError(f"{path}: not a PyTorch weights file") from None
     except Exception as e:  # noqa: BLE001 - arbitrary bytes make the unpickler raise arbitrary errors
         raise UserError(f"{path}: not a PyTorch weights file ({type(e).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -86,7 +86,10 @@ def open_session(
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
     name = resolve_provider(provider)
-    providers = [PROVIDERS[name]] + ([PROVIDERS["cpu"]] if name != "cpu" else [])
+    providers: list = [PROVIDERS[name]] + ([PROVIDERS["cpu"]] if name != "cpu" else [])
+    if name == "cuda":
+        # onnxruntime's CUDA provider may use TF32 matrix products (about 1e-3 relative error): fp32 must be fp32.
+        providers[0] = (PROVIDERS["cuda"], {"use_tf32": 0})
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # onnxruntime's warnings are turned into our own errors below
     if threads:
