@@ -247,6 +247,7 @@ class JournalSink:
 
     def __init__(self, output: Path, fmt: str, top_k: int, fd: int) -> None:
         self.output, self.fmt, self.top_k = output, fmt, top_k
+        self.encoding = "jsonl" if fmt == "parquet" else fmt  # the journal's text format
         self.journal = journal_path(output)
         self.fd = fd
         self._synced = time.monotonic()
@@ -307,8 +308,11 @@ class JournalSink:
                             "--overwrite to start over")
 
     def write(self, rows: Sequence[Row]) -> None:
-        """Append rows: one write call, so a killed process leaves whole chunks (a crash: at most a torn line)."""
-        data = encode(rows, "jsonl" if self.fmt == "parquet" else self.fmt, self.top_k)
+        self.write_encoded(encode(rows, self.encoding, self.top_k))
+
+    def write_encoded(self, data: bytes) -> None:
+        """Append rows already encoded (``encode(rows, self.encoding, top_k)``, perhaps in a worker process):
+        one write call, so a killed process leaves whole chunks (a crash: at most a torn line)."""
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view):]
@@ -379,13 +383,18 @@ def _jsonl_to_parquet(journal: Path, dest: Path, top_k: int, rows_per_group: int
 class StdoutSink:
     """CSV on stdout, flushed chunk by chunk (``-o -``): no journal, no resume."""
 
+    encoding = "csv"
+
     def __init__(self, top_k: int) -> None:
         self.top_k = top_k
         self.out = sys.stdout.buffer
         self.out.write(csv_header(top_k))
 
     def write(self, rows: Sequence[Row]) -> None:
-        self.out.write(encode(rows, "csv", self.top_k))
+        self.write_encoded(encode(rows, "csv", self.top_k))
+
+    def write_encoded(self, data: bytes) -> None:
+        self.out.write(data)
         self.out.flush()
 
     def finish(self) -> str:
