@@ -1,9 +1,10 @@
 """classify: folders of images -> a table of predictions, one row per file, with onnxruntime.
 
 The pipeline: the parent walks the folders (streamed, sorted) and cuts the file list into chunks; worker
-processes read and decode each chunk (reading and decoding are the whole cost: threads would not help
-such small images); the parent runs the model on each chunk, in order, while the workers decode the next
-ones, and appends the rows to the journal (see sinks.py). No torch here.
+processes read and decode each chunk (reading and decoding are most of the cost: threads would not help
+such small images) and, on the CPU, run the model on it too and encode its rows; the parent collects the
+chunks in order and appends them to the journal (see sinks.py). With CUDA the workers only decode and the
+parent runs the model, in big batches. No torch here.
 
 Chunks adapt to the images: small at first (first rows come at once), then about a quarter second of work
 each, at most 2048 files: big photos are journaled often, tiny PNGs go in big chunks.
