@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -116,7 +117,8 @@ def ray_env(tmp_path_factory):
     tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     home = tmp_path_factory.mktemp("ray_home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_TMPDIR=str(tmp), HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_TMPDIR=str(tmp), HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))  # the cluster's and the CLI's token, as on a real cluster
     yield env, str(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -136,7 +138,7 @@ def cluster(ray_env, tmp_path_factory):
     (its own processes only: `ray stop` would stop every Ray on the machine)."""
     env, _ = ray_env
     marker = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    head_env = {**env, "RAY_TMPDIR": marker}
+    head_env = {**env, "RAY_TMPDIR": marker, "RAY_AUTH_MODE": "token"}
     with socket.socket() as s:  # a free port for the head's GCS
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -159,7 +161,7 @@ def cluster(ray_env, tmp_path_factory):
         yield address, {**env, "RAY_AUTH_MODE": "token"}, marker
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        for left in wait_until_gone(marker, 10):
+        for left in wait_until_gone(marker, 3):  # gcs_server and raylet take their time over SIGTERM
             os.kill(int(left.split()[0]), signal.SIGKILL)
         head.wait(10)
         shutil.rmtree(marker, ignore_errors=True)

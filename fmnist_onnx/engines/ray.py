@@ -275,8 +275,11 @@ def _run(ray, ids: Sequence[int], roots: Sequence[int], paths: Sequence[bytes], 
         ctx.max_errored_blocks = -1
     remote = {"num_gpus": per_gpu} if per_gpu else {}
     ds = ray.data.from_arrow(_block_tables(ids, roots, paths, size))
+    # One block at a time per actor when isolating (size 1): a crash then takes down its own file only, not
+    # the other blocks queued on the same actor.
+    strategy = {"max_tasks_in_flight_per_actor": 1} if size == 1 else {}
     args = {"batch_size": None, "batch_format": "pyarrow", "fn_constructor_kwargs": predictor, "num_cpus": per_cpu,
-            "compute": ray.data.ActorPoolStrategy(size=min(n, len(ids))), **remote}
+            "compute": ray.data.ActorPoolStrategy(size=min(n, len(ids)), **strategy), **remote}
     # Ray Data retries an actor's task for ever by default: a file that crashes the decoder would hang the run.
     # Ray 2.60 deprecates max_task_retries here, with no named replacement yet: used while it is accepted.
     with warnings.catch_warnings():
@@ -307,7 +310,7 @@ def _connect(ray, address: str | None) -> bool:
         kwargs["include_dashboard"] = False
     try:
         ray.init(address=address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+    except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, AuthenticationError, ...: all one line
         hint = ""
         if address != "local" and os.environ.get("RAY_AUTH_MODE") != "token":
             # Ray connects to an explicit address without its token unless told to
@@ -323,7 +326,9 @@ def _quiet_ray_data(ray) -> None:
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = _verbose()
     if not _verbose():
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        # CRITICAL: a block whose actor died is logged by Ray Data as an error with a traceback; we say it
+        # ourselves, in one line, and give its files another try
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def _user_error(exc: BaseException) -> UserError | None:
