@@ -240,7 +240,7 @@ def info(model, as_json):
     import json
     from dataclasses import asdict
 
-    from fmnist_onnx.export import read_model_info
+    from fmnist_onnx.info import read_model_info
 
     mi = read_model_info(model)
     if as_json:

@@ -1,6 +1,6 @@
 """Export the quickstart MLP to a self-describing ONNX model, and quantize it to int8.
 
-torch is imported inside the functions that need it: ``quantize_int8`` and ``read_model_info`` run where only
+torch is imported inside the functions that need it: ``quantize_int8`` runs where only
 onnx and onnxruntime are installed.
 """
 
@@ -12,7 +12,7 @@ import logging
 import os
 import platform
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist_onnx import __version__, spec
@@ -191,37 +191,10 @@ def export_onnx(weights: Path, output: Path, opset: int | None = None) -> Path:
     return output
 
 
-# ------------------------------------------------------------------------------------------------ info
-
-
-@dataclass
-class TensorInfo:
-    name: str
-    type: str
-    shape: list  # ints and symbolic names
-
-
-@dataclass
-class ModelInfo:
-    path: str
-    file_size_bytes: int
-    opset: int | None
-    ir_version: int
-    producer: str
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
-    parameters: int
-    quantized: bool
-    metadata: dict[str, str] = field(default_factory=dict)
-    available_providers: list[str] = field(default_factory=list)
-
-
-QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul",
-                 "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
-
-
 def is_quantized(model) -> bool:
-    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
+    from fmnist_onnx.info import has_quantized_ops
+
+    return has_quantized_ops(n.op_type for n in model.graph.node)
 
 
 # ------------------------------------------------------------------------------------------------ int8
@@ -450,40 +423,3 @@ def write_int8(fp32_path: Path, weights: Path, method: str = DEFAULT_INT8_METHOD
         return res
     finally:
         tmp.unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------------------------------ info
-
-
-def read_model_info(path: Path) -> ModelInfo:
-    """What `fmnist-onnx info` shows. No torch: needs onnx and onnxruntime only.
-
-    UserError for a missing file, a file that is not ONNX, or a model with another signature.
-    """
-    import onnx
-
-    from fmnist_onnx.runtime import available_providers, open_session
-
-    path = Path(path)
-    open_session(path, "cpu")  # UserError for a missing, unreadable or foreign model
-    model = onnx.load(str(path), load_external_data=False)
-
-    def tensor(v) -> TensorInfo:
-        t = v.type.tensor_type
-        shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
-        return TensorInfo(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, shape)
-
-    # Weights and biases: the non-scalar initializers, less int64 shape constants (quantization scales and
-    # zero points are scalars per tensor here).
-    params = 0
-    for init in model.graph.initializer:
-        n = 1
-        for d in init.dims:
-            n *= d
-        if n > 1 and init.data_type != onnx.TensorProto.INT64:
-            params += n
-    opset = model_opset(model)
-    producer = f"{model.producer_name} {model.producer_version}".strip()
-    return ModelInfo(str(path), path.stat().st_size, opset, model.ir_version, producer,
-                     [tensor(v) for v in model.graph.input], [tensor(v) for v in model.graph.output], params,
-                     is_quantized(model), {p.key: p.value for p in model.metadata_props}, available_providers())

@@ -65,11 +65,7 @@ def test_classify_runs_without_torch_and_gives_the_same_labels(bare_python, onnx
     assert list(read_rows(out)) == list(read_rows(here))  # Pillow and libspng decode PNG identically
 
 
-@pytest.mark.xfail(strict=True, reason="info reads the model with the onnx package (export.read_model_info), which "
-                   "the inference-only environment does not have: remove this mark when info needs onnxruntime only")
 def test_info_runs_without_torch(bare_python, onnx_model):
     proc = run_bare(bare_python, "-m", "fmnist_onnx", "info", str(onnx_model))
-    if "No such command" in proc.stderr:
-        pytest.skip("no info command in this checkout")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
