@@ -135,7 +135,8 @@ def local_runtime_run(folder, model, ray_env, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(ray_env, tmp_path_factory):
     """A Ray cluster of 2 CPUs, started with `ray start --head` as on a real head node; stopped at the end
-    (its own processes only: `ray stop` would stop every Ray on the machine)."""
+    (its own processes only: `ray stop` would stop every Ray on the machine). It declares 1 GPU, which this
+    machine does not have: GPU actors are then scheduled, and meet onnxruntime's missing CUDA for real."""
     env, _ = ray_env
     marker = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     head_env = {**env, "RAY_TMPDIR": marker, "RAY_AUTH_MODE": "token"}
@@ -143,7 +144,7 @@ def cluster(ray_env, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2", "--num-gpus=1",
          f"--port={port}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={marker}/ray"],
         env=head_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address, lines = None, []
@@ -200,7 +201,7 @@ def test_cluster_parquet_rows_match_and_cluster_keeps_running(cluster, folder, m
     out = tmp_path / "preds.parquet"
     # 3 actors on 2 CPUs: fractional CPUs, and it must still finish (ray-project/ray#44687)
     proc = run_cli("classify", folder, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray",
-                   "--ray-address", address, "--actors", "3", "--json", env=env)
+                   "--ray-address", address, "--provider", "cpu", "--actors", "3", "--json", env=env)
     assert proc.returncode == 3, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["workers"] == 3 and summary["failed"] == 4
@@ -216,7 +217,7 @@ def test_cluster_resume_writes_each_file_once(cluster, folder, model, local_rows
     done = first.read_bytes().splitlines(keepends=True)[:100]
     (tmp_path / "preds.jsonl.partial").write_bytes(b"".join(done))  # as a killed run leaves it
     proc = run_cli("classify", folder, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray",
-                   "--ray-address", address, "--actors", "1", "--resume", "--json", env=env)
+                   "--ray-address", address, "--provider", "cpu", "--actors", "1", "--resume", "--json", env=env)
     assert proc.returncode == 3, proc.stderr
     assert json.loads(proc.stdout)["resumed"] == 100
     assert out.read_bytes().startswith(b"".join(done))
@@ -227,7 +228,7 @@ def test_cluster_reads_file_uris_through_pyarrow(cluster, folder, model, local_r
     address, env, _ = cluster
     out = tmp_path / "preds.csv"
     proc = run_cli("classify", f"file://{folder}", "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray",
-                   "--ray-address", address, env=env)
+                   "--ray-address", address, "--provider", "cpu", env=env)
     assert proc.returncode == 3, proc.stderr
     rows = by_path(read_rows(out))
     assert all(p.startswith(f"file://{folder}/") for p in rows)
@@ -239,12 +240,40 @@ def test_cluster_reads_file_uris_through_pyarrow(cluster, folder, model, local_r
     assert_same_rows({p.removeprefix("file://"): r for p, r in rows.items() if p not in unnamed}, want)
 
 
-def test_cuda_on_a_cluster_without_gpu_is_one_clear_error(cluster, folder, model, tmp_path):
+def test_gpu_actors_without_cuda_are_one_clear_error(cluster, folder, model, tmp_path):
     address, env, _ = cluster
     proc = run_cli("classify", folder, "-m", model, "-o", tmp_path / "x.csv", "--engine", "ray",
                    "--ray-address", address, "--provider", "cuda", env=env)
-    assert_one_line_error(proc, 2, "no GPU")
+    assert "provider: cuda" in proc.stderr  # the cluster has a GPU: the actors asked for it...
+    assert_one_line_error(proc, 2, "CUDAExecutionProvider")  # ...and their onnxruntime has no CUDA
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.csv.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------- sizing
+
+@pytest.mark.parametrize("resources, provider, actors, want", [
+    ({"CPU": 2}, "auto", None, ("cpu", 2, 0.75, 0.0)),  # 0.5 CPU left for Ray Data's own tasks (ray#44687)
+    ({"CPU": 2}, "cpu", 3, ("cpu", 3, 0.5, 0.0)),
+    ({"CPU": 64}, "cpu", None, ("cpu", 64, 0.95, 0.0)),  # 5% left on big clusters
+    ({"CPU": 16, "GPU": 1}, "auto", None, ("cuda", 1, 1.0, 1.0)),
+    ({"CPU": 16, "GPU": 2}, "cuda", 8, ("cuda", 8, 1.0, 0.25)),  # more decoding processes than GPUs
+])
+def test_pool_leaves_cpu_for_ray_data(resources, provider, actors, want):
+    from fmnist_onnx.engines.ray import plan_pool
+
+    assert plan_pool(resources, provider, actors) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("resources, provider, actors, contains", [
+    ({"CPU": 2}, "cuda", None, "no GPU"),
+    ({"CPU": 0.5}, "cpu", None, "too few"),
+])
+def test_pool_that_cannot_be_is_one_clear_error(resources, provider, actors, contains):
+    from fmnist_onnx.engines.ray import plan_pool
+    from fmnist_onnx.errors import UserError
+
+    with pytest.raises(UserError, match=contains):
+        plan_pool(resources, provider, actors)
 
 
 # ---------------------------------------------------------------------------------------------- options

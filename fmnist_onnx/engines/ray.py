@@ -35,7 +35,7 @@ from pathlib import Path
 from fmnist_onnx import classify as cl
 from fmnist_onnx import images
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import Row
+from fmnist_onnx.sinks import Row, journal_path
 
 log = logging.getLogger(__name__)
 
@@ -164,22 +164,30 @@ def _read_uri(filesystem, path: str) -> bytes:
 
 
 class Predictor:
-    """One Ray actor: an onnxruntime session, and a call that turns a block of paths into rows."""
+    """One Ray actor: an onnxruntime session, and a call that turns a block of paths into rows.
+
+    An exception here would only kill the actor, which Ray Data restarts (the constructor's) or retries
+    (the call's) and then hides; instead it goes back to the driver in the ``fatal`` column, and the driver
+    stops the run with its message (a UserError, such as CUDA missing on this node, stays one clear line)."""
 
     def __init__(self, model: list, provider: str, roots: list[str | None], invert: str, top_k: int,
                  batch_size: int) -> None:
-        import ray
-
-        from fmnist_onnx.runtime import open_session
-
-        # The model travels as bytes (the driver's file may not exist on this node); onnxruntime wants a file.
-        with tempfile.TemporaryDirectory(prefix="fmnist-onnx-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            path.write_bytes(ray.get(model[0]))
-            # one intra-op thread on CPUs, as in the local engine: the other actors use the other cores
-            self.session = open_session(path, provider, threads=1 if provider == "cpu" else None)
+        self.fatal: tuple[bool, str] | None = None  # (is a UserError, message)
         self.roots, self.invert, self.top_k, self.batch_size = roots, invert, top_k, batch_size
         self.filesystems: dict[int, tuple[object, int]] = {}
+        try:
+            import ray
+
+            from fmnist_onnx.runtime import open_session
+
+            # The model travels as bytes (the driver's file may not exist on this node); onnxruntime wants a file.
+            with tempfile.TemporaryDirectory(prefix="fmnist-onnx-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                path.write_bytes(ray.get(model[0]))
+                # one intra-op thread on CPUs, as in the local engine: the other actors use the other cores
+                self.session = open_session(path, provider, threads=1 if provider == "cpu" else None)
+        except Exception as e:  # noqa: BLE001 - see the class doc
+            self.fatal = _fatal(e)
 
     def _fs(self, root: int) -> tuple[object, int]:
         """(file system, length of the 'scheme://' prefix) of a URI root, made once per actor."""
@@ -191,6 +199,23 @@ class Predictor:
     def __call__(self, batch):
         import pyarrow as pa
 
+        rows, fatal = [], self.fatal
+        if fatal is None:
+            try:
+                rows = self._rows(batch)
+            except Exception as e:  # noqa: BLE001 - see the class doc
+                fatal = _fatal(e)
+        n = len(batch["id"])
+        return pa.table({
+            "id": batch["id"],
+            "indices": pa.array([list(r.indices) for r in rows] or [[]] * n, pa.list_(pa.int64())),
+            "scores": pa.array([list(r.scores) for r in rows] or [[]] * n, pa.list_(pa.float64())),
+            "error": pa.array([r.error for r in rows] or [""] * n, pa.string()),
+            "fatal": pa.array([fatal[1] if fatal else None] * n, pa.string()),
+            "fatal_is_user_error": pa.array([bool(fatal and fatal[0])] * n, pa.bool_()),
+        })
+
+    def _rows(self, batch) -> list[Row]:
         paths = [os.fsdecode(p) for p in batch["path"].to_pylist()]
         sources: list[str | bytes] = []
         read_errors: dict[int, str] = {}
@@ -207,13 +232,17 @@ class Predictor:
         imgs, errors = images.preprocess_batch(sources, self.invert)
         for i, e in read_errors.items():
             errors[i] = e
-        rows = cl.predict_rows(self.session, paths, imgs, errors, self.top_k, self.batch_size)
-        return pa.table({
-            "id": batch["id"],
-            "indices": pa.array([list(r.indices) for r in rows], pa.list_(pa.int64())),
-            "scores": pa.array([list(r.scores) for r in rows], pa.list_(pa.float64())),
-            "error": pa.array([r.error for r in rows], pa.string()),
-        })
+        return cl.predict_rows(self.session, paths, imgs, errors, self.top_k, self.batch_size)
+
+
+def _fatal(e: BaseException) -> tuple[bool, str]:
+    """An actor's exception as (is a UserError, message) for the driver; a bug keeps its traceback."""
+    import socket
+    import traceback
+
+    if isinstance(e, UserError):
+        return True, str(e)
+    return False, f"on {socket.gethostname()}: " + "".join(traceback.format_exception(e)).strip()
 
 
 # ---------------------------------------------------------------------------------------------- the pool
@@ -278,7 +307,8 @@ def _run(ray, ids: Sequence[int], roots: Sequence[int], paths: Sequence[bytes], 
     # One block at a time per actor when isolating (size 1): a crash then takes down its own file only, not
     # the other blocks queued on the same actor.
     strategy = {"max_tasks_in_flight_per_actor": 1} if size == 1 else {}
-    args = {"batch_size": None, "batch_format": "pyarrow", "fn_constructor_kwargs": predictor, "num_cpus": per_cpu,
+    # batch_size: our blocks' size, so one block is one call (Ray also insists on it for GPU actors)
+    args = {"batch_size": size, "batch_format": "pyarrow", "fn_constructor_kwargs": predictor, "num_cpus": per_cpu,
             "compute": ray.data.ActorPoolStrategy(size=min(n, len(ids)), **strategy), **remote}
     # Ray Data retries an actor's task for ever by default: a file that crashes the decoder would hang the run.
     # Ray 2.60 deprecates max_task_retries here, with no named replacement yet: used while it is accepted.
@@ -329,21 +359,6 @@ def _quiet_ray_data(ray) -> None:
         # CRITICAL: a block whose actor died is logged by Ray Data as an error with a traceback; we say it
         # ourselves, in one line, and give its files another try
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-
-
-def _user_error(exc: BaseException) -> UserError | None:
-    """A UserError raised inside an actor (e.g. CUDA missing on a worker node), however Ray wrapped it."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return UserError(e.args[0] if e.args else str(e), getattr(e, "exit_code", 2))
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return None
 
 
 def classify_ray(
@@ -422,6 +437,12 @@ def classify_ray(
             pool = (n, per_cpu, per_gpu)
 
             def write(batch) -> None:
+                fatal = batch["fatal"]
+                if fatal.null_count < len(fatal):
+                    i = next(i for i, v in enumerate(fatal.to_pylist()) if v is not None)
+                    if batch["fatal_is_user_error"][i].as_py():
+                        raise UserError(fatal[i].as_py())
+                    raise RuntimeError(f"a Ray actor failed {fatal[i].as_py()}")
                 rows = []
                 for i, idx, sc, err in zip(batch["id"].to_pylist(), batch["indices"].to_pylist(),
                                            batch["scores"].to_pylist(), batch["error"].to_pylist(), strict=True):
@@ -466,9 +487,8 @@ def classify_ray(
     except BaseException as e:
         if sink is not None:
             sink.close()
-        user = _user_error(e) if isinstance(e, Exception) and not isinstance(e, UserError) else None
-        if user is not None:
-            raise user from None
+            if isinstance(e, UserError) and not resume and not tally.classified + tally.failed and output != "-":
+                journal_path(output).unlink(missing_ok=True)  # the actors could not start: nothing to resume
         raise
     finally:
         if old_term is not None:
