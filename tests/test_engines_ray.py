@@ -53,6 +53,13 @@ def wait_until_gone(marker: str, seconds: float = 15.0) -> list[str]:
     return left
 
 
+def journal_rows(journal: Path) -> int:
+    try:
+        return journal.read_bytes().count(b"\n") - 1  # less the CSV header
+    except FileNotFoundError:
+        return 0
+
+
 def by_path(rows) -> dict[str, dict]:
     rows = list(rows)
     out = {r["path"]: r for r in rows}
@@ -192,6 +199,35 @@ def test_local_runtime_is_stopped_with_no_process_left(local_runtime_run):
     sessions = list((Path(tmp) / "ray").glob("session_2*"))
     assert sessions, f"Ray did not run under {tmp}: nothing was tested\n{proc.stderr}"
     assert wait_until_gone(tmp) == []
+
+
+def test_ctrl_c_stops_the_runtime_and_resume_finishes(test_pngs, model, ray_env, tmp_path):
+    env, _ = ray_env
+    tmp = tempfile.mkdtemp(prefix="ri", dir="/tmp")  # this run's own Ray files, to find its processes
+    env = {**env, "RAY_TMPDIR": tmp}
+    out = tmp_path / "preds.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(model), "-o", str(out),
+           "--engine", "ray", "--actors", "1"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    journal = tmp_path / "preds.csv.partial"
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline and journal_rows(journal) < 2:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, as in a terminal
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, f"the run finished before Ctrl-C, or failed: nothing was tested\n{stderr}"
+    assert "Traceback" not in stderr and "--resume" in stderr
+    assert wait_until_gone(tmp) == [], "Ctrl-C left Ray processes behind"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    resumed = run_cli("classify", test_pngs, "-m", model, "-o", out, "--engine", "ray", "--resume", "--json", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed"] >= 1
+    local = tmp_path / "local.csv"
+    run_cli("classify", test_pngs, "-m", model, "-o", local, "-q", check=True)
+    got = {p: r["index"] for p, r in by_path(read_rows(out)).items()}  # each file once, and the local labels
+    assert got == {r["path"]: r["index"] for r in read_rows(local)}
 
 
 # ---------------------------------------------------------------------------------------------- existing cluster
