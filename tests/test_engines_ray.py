@@ -208,22 +208,25 @@ def test_ctrl_c_stops_the_runtime_and_resume_finishes(test_pngs, model, ray_env,
     out = tmp_path / "preds.csv"
     cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(model), "-o", str(out),
            "--engine", "ray", "--actors", "1"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    journal = tmp_path / "preds.csv.partial"
-    deadline = time.monotonic() + 180
-    while proc.poll() is None and time.monotonic() < deadline and journal_rows(journal) < 2:
-        time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, as in a terminal
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, f"the run finished before Ctrl-C, or failed: nothing was tested\n{stderr}"
-    assert "Traceback" not in stderr and "--resume" in stderr
-    assert wait_until_gone(tmp) == [], "Ctrl-C left Ray processes behind"
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        journal = tmp_path / "preds.csv.partial"
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline and journal_rows(journal) < 2:
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, as in a terminal
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 130, f"the run finished before Ctrl-C, or failed: nothing was tested\n{stderr}"
+        assert "Traceback" not in stderr and "--resume" in stderr
+        assert wait_until_gone(tmp) == [], "Ctrl-C left Ray processes behind"
 
-    resumed = run_cli("classify", test_pngs, "-m", model, "-o", out, "--engine", "ray", "--resume", "--json", env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["resumed"] >= 1
+        resumed = run_cli("classify", test_pngs, "-m", model, "-o", out, "--engine", "ray", "--resume", "--json",
+                          env=env)
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads(resumed.stdout)["resumed"] >= 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     local = tmp_path / "local.csv"
     run_cli("classify", test_pngs, "-m", model, "-o", local, "-q", check=True)
     got = {p: r["index"] for p, r in by_path(read_rows(out)).items()}  # each file once, and the local labels
