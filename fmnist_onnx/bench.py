@@ -282,10 +282,11 @@ def _ort_matmul_gflops(provider: str, threads: int | None, duration_s: float, n:
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    providers = [PROVIDERS[provider]]
+    # No TF32 on CUDA, as runtime.open_session: the roofline of an fp32 model is an fp32 peak.
+    providers: list = [(PROVIDERS["cuda"], {"use_tf32": 0})] if provider == "cuda" else [PROVIDERS[provider]]
     sess = ort.InferenceSession(_matmul_model(n, TensorProto.FLOAT).SerializeToString(), opts, providers=providers)
-    if sess.get_providers()[0] != providers[0]:  # onnxruntime falls back to the CPU with a mere warning
-        raise UserError(f"onnxruntime could not run a MatMul on {providers[0]} (it fell back to the CPU)")
+    if sess.get_providers()[0] != PROVIDERS[provider]:  # onnxruntime falls back to the CPU with a mere warning
+        raise UserError(f"onnxruntime could not run a MatMul on {PROVIDERS[provider]} (it fell back to the CPU)")
     rng = np.random.default_rng(SEED)
     a, b = (rng.random((n, n), dtype=np.float32) for _ in range(2))
     if provider == "cuda":  # inputs and output on the device, else the copies are what gets timed
