@@ -298,11 +298,9 @@ def _run(ray, ids: Sequence[int], roots: Sequence[int], paths: Sequence[bytes], 
          pool: tuple[int, float, float], predictor: dict) -> Iterator:
     """Ray Data over the files: blocks of paths -> the actor pool -> Arrow batches of rows (id, indices, scores,
     error), streamed as they are done. A block whose actor dies is retried a few times on a restarted actor,
-    then skipped (its files come back missing) rather than retried for ever or failing the whole run."""
+    then skipped (its files come back missing: max_errored_blocks, see _set_data_context) rather than retried
+    for ever or failing the whole run."""
     n, per_cpu, per_gpu = pool
-    ctx = ray.data.DataContext.get_current()
-    if hasattr(ctx, "max_errored_blocks"):
-        ctx.max_errored_blocks = -1
     remote = {"num_gpus": per_gpu} if per_gpu else {}
     ds = ray.data.from_arrow(_block_tables(ids, roots, paths, size))
     # One block at a time per actor when isolating (size 1): a crash then takes down its own file only, not
@@ -350,16 +348,26 @@ def _connect(ray, address: str | None) -> bool:
     return True
 
 
-def _quiet_ray_data(ray) -> None:
-    """Our progress bar and summary only, unless -v: Ray Data's own bars and INFO lines are off."""
+def _set_data_context(ray) -> dict:
+    """Ray Data settings for this run; returns the previous values, for ``_restore`` (a caller's own runtime
+    keeps its settings). Our progress bar and summary only, unless -v: Ray Data's own bars and INFO lines are
+    off. Blocks whose actor died are skipped rather than failing the run (their files are tried again)."""
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    if hasattr(ctx, "print_on_execution_start"):
-        ctx.print_on_execution_start = _verbose()
+    want = {"enable_progress_bars": False, "print_on_execution_start": _verbose(), "max_errored_blocks": -1}
+    old = {k: getattr(ctx, k) for k in want if hasattr(ctx, k)}
+    for k in old:
+        setattr(ctx, k, want[k])
     if not _verbose():
         # CRITICAL: a block whose actor died is logged by Ray Data as an error with a traceback; we say it
         # ourselves, in one line, and give its files another try
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    return old
+
+
+def _restore(ray, old: dict) -> None:
+    ctx = ray.data.DataContext.get_current()
+    for k, v in old.items():
+        setattr(ctx, k, v)
 
 
 def classify_ray(
@@ -402,8 +410,8 @@ def classify_ray(
     local_runtime = started and not (address or os.environ.get("RAY_ADDRESS"))
     sink = None
     old_term = cl._install_sigterm()
+    settings = _set_data_context(ray)
     try:
-        _quiet_ray_data(ray)
         local_cuda = PROVIDERS["cuda"] in available_providers() if local_runtime else None
         if local_runtime and provider == "cuda" and not local_cuda:
             from fmnist_onnx.runtime import resolve_provider
@@ -474,6 +482,8 @@ def classify_ray(
                     log.warning("%s: %s", row.path, row.error)
                     tally.add(row.path, None, row.error)
                 sink.write(crashed)
+                if bar is not None:
+                    bar.update(len(crashed))
         if bar is not None:
             bar.close()
         final = sink.finish()
@@ -494,6 +504,7 @@ def classify_ray(
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        _restore(ray, settings)
         if started:
             ray.shutdown()
 
