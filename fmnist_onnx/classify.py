@@ -485,17 +485,8 @@ def classify(
         if bar is not None:
             bar.close()
         final = sink.finish()
-    except KeyboardInterrupt:
-        if sink is not None:
-            sink.close()
-        raise Interrupted(signal.SIGINT, getattr(sink, "journal", None)) from None
-    except _Terminated:
-        if sink is not None:
-            sink.close()
-        raise Interrupted(signal.SIGTERM, getattr(sink, "journal", None)) from None
-    except BaseException:
-        if sink is not None:
-            sink.close()
+    except BaseException as e:
+        close_on_error(sink, e)
         raise
     finally:
         if old_term is not None:
@@ -531,6 +522,16 @@ def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: 
 
 class _Terminated(Exception):
     pass
+
+
+def close_on_error(sink, e: BaseException) -> None:
+    """After an exception in a run: close the sink (its journal stays, for --resume); Ctrl-C and SIGTERM become
+    Interrupted. The caller re-raises anything else."""
+    if sink is not None:
+        sink.close()
+    if isinstance(e, (KeyboardInterrupt, _Terminated)):
+        signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        raise Interrupted(signum, getattr(sink, "journal", None)) from None
 
 
 def _install_sigterm():

@@ -487,19 +487,11 @@ def classify_ray(
         if bar is not None:
             bar.close()
         final = sink.finish()
-    except KeyboardInterrupt:
-        if sink is not None:
-            sink.close()
-        raise cl.Interrupted(signal.SIGINT, getattr(sink, "journal", None)) from None
-    except cl._Terminated:
-        if sink is not None:
-            sink.close()
-        raise cl.Interrupted(signal.SIGTERM, getattr(sink, "journal", None)) from None
     except BaseException as e:
-        if sink is not None:
-            sink.close()
-            if isinstance(e, UserError) and not resume and not tally.classified + tally.failed and output != "-":
-                journal_path(output).unlink(missing_ok=True)  # the actors could not start: nothing to resume
+        cl.close_on_error(sink, e)
+        if sink is not None and isinstance(e, UserError) and not resume and not tally.classified + tally.failed \
+                and output != "-":
+            journal_path(output).unlink(missing_ok=True)  # the actors could not start: nothing to resume
         raise
     finally:
         if old_term is not None:
