@@ -590,15 +590,11 @@ def save_json(data: dict, path: str | Path) -> Path:
     """Write ``data`` as indented JSON, atomically (temp file, then rename)."""
     import json
 
+    from fmnist_onnx.files import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ bench classify

@@ -112,7 +112,7 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
 def _write_json(obj: dict, path: Path) -> None:
     import json
 
-    from fmnist_onnx.export import atomic_write_text
+    from fmnist_onnx.files import atomic_write_text
 
     try:
         atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

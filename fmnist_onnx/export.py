@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fmnist_onnx import __version__, spec
 from fmnist_onnx.errors import UserError
+from fmnist_onnx.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +37,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename onto ``path``: a half-written model never has the real name."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), lambda p: p.write_text(text))
-
-
 def save_model(model, path: Path) -> None:
     """Save an onnx.ModelProto atomically, weights inline (the model is 2.7 MB, far below protobuf's 2 GB)."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: onnx.save_model(model, str(p)))
+    atomic_write(path, lambda p: onnx.save_model(model, str(p)))
 
 
 def producer_versions() -> dict[str, str]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from fmnist_onnx.files import atomic_write
 
 
 def _pyplot():
@@ -17,10 +18,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight"))
 
 
 def training_curves(history: Sequence, path: str | Path, title: str = "") -> Path:
@@ -138,8 +136,4 @@ def confusion_matrix(matrix, classes: Sequence[str], path: str | Path, title: st
     ImageDraw.Draw(vertical).text((2, 9), "true class (recall)", fill=255, font=font, anchor="lm")
     vertical = vertical.rotate(90, expand=True)
     im.paste((0, 0, 0), (4, top + (n * cell - vertical.height) // 2), vertical)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    im.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, im.save)

@@ -25,6 +25,7 @@ from torch import nn
 from fmnist_onnx import __version__
 from fmnist_onnx.data import load_dataset, load_split
 from fmnist_onnx.errors import UserError
+from fmnist_onnx.files import atomic_write, atomic_write_text
 from fmnist_onnx.model import NeuralNetwork
 
 log = logging.getLogger(__name__)
@@ -158,20 +159,6 @@ def library_versions() -> dict[str, str]:
             "torchvision": torchvision.__version__}
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a half-written file never has the real name."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda p: p.write_text(text))
-
-
 class _Batches:
     """Batches of one epoch, from step ``start`` on, in an order fixed by (seed, epoch)."""
 
@@ -259,7 +246,7 @@ class _StopFlag:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write_bytes(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -387,7 +374,7 @@ def train(
 def _write_outputs(result: TrainResult, model: nn.Module) -> None:
     out = result.out_dir
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out / "model.pth", lambda p: torch.save(state, p))
+    atomic_write(out / "model.pth", lambda p: torch.save(state, p))
     metrics = {
         "recipe": result.config.recipe,
         "hyperparameters": asdict(result.config),
