@@ -58,7 +58,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                             "loaded)") from None
         raise UserError(f"{path}: not a PyTorch weights file") from None
     except Exception as e:  # noqa: BLE001 - arbitrary bytes make the unpickler raise arbitrary errors
-        raise UserError(f"{path}: not a PyTorch weights file ({type(e).__name__})") from None
+        log.debug("torch.load(%s) failed: %r", path, e)
+        raise UserError(f"{path}: not a PyTorch weights file") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state_dict (a dict of tensors), found {type(state).__name__}")
     want = expected_shapes()
