@@ -13,10 +13,11 @@ missing it trains the fast recipe and exports it, in a temporary folder.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from classify_vs_naive import png_folder, prepare_model
 
 from fmnist_onnx.bench import bench_classify, format_classify, save_json
 
@@ -36,20 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fmnist-classify-pipeline-") as tmp:
         work = Path(tmp)
-        model = args.model
-        if not model.is_file():
-            from fmnist_onnx.export import export_onnx
-            from fmnist_onnx.train import make_config, train
-
-            print(f"{model} not found: training the fast recipe (seed 0) and exporting it", file=sys.stderr)
-            weights = train(make_config("fast", seed=0), work / "trained").out_dir / "model.pth"
-            model = export_onnx(weights, work / "model.onnx")
-        folder = args.folder
-        if folder is None:
-            folder = work / f"{args.split}_png"
-            print(f"exporting the {args.split} split to {folder}", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, "-m", "fmnist_onnx", "data", "export-png", "--split", args.split,
-                            "--out", str(folder), "--quiet"], check=True)
+        model = prepare_model(args.model, work)
+        folder = png_folder(args.folder, args.split, work)
         result = bench_classify(folder, model, args.workers, args.provider, repeats=args.repeats)
     if args.folder is None:
         result["folder"] = f"the {args.split} split as PNG (`fmnist-onnx data export-png --split {args.split}`)"

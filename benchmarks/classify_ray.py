@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from classify_vs_naive import count_and_warm, prepare_model
+from classify_vs_naive import count_and_warm, png_folder, prepare_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,18 +95,13 @@ def main() -> None:
 
     import ray
 
-    from fmnist_onnx.bench import machine_info
+    from fmnist_onnx.bench import machine_info, save_json
 
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="fmnist-ray-bench-") as tmp:
         work = Path(tmp)
         model = prepare_model(args.model, work)
-        folder = args.folder
-        if folder is None:
-            folder = work / f"{args.split}_png"
-            print(f"exporting the {args.split} split to {folder}", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, "-m", "fmnist_onnx", "data", "export-png", "--split", args.split,
-                            "--out", str(folder), "--quiet"], check=True)
+        folder = png_folder(args.folder, args.split, work)
         n = count_and_warm(folder)
         # Ray's files and token in temporary folders, not in the user's /tmp/ray and ~/.ray
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -152,10 +147,7 @@ def main() -> None:
         "timing": "wall clock of each whole process, start to exit, warm page cache; best of the repeats",
         "machine": machine_info(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    save_json(result, args.out)
     e = result["engines"]
     print(f"{n} PNG files on {cores} cores: local {e['local']['images_per_s']:,.0f} images/s; Ray with its own "
           f"runtime {e['ray_local_runtime']['images_per_s']:,.0f} ({result['local_over_ray_local_runtime']:.1f}x "

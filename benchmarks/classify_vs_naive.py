@@ -15,7 +15,6 @@ PNG files in a temporary folder (`fmnist-onnx data export-png --split train`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -73,6 +72,17 @@ def prepare_model(model: Path | None, work: Path) -> Path:
     return export_onnx(weights, work / "model.onnx")
 
 
+def png_folder(folder: Path | None, split: str, work: Path) -> Path:
+    """``folder``, or the ``split`` exported as PNG files into ``work`` by `fmnist-onnx data export-png`."""
+    if folder is not None:
+        return folder
+    folder = work / f"{split}_png"
+    print(f"exporting the {split} split to {folder}", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "fmnist_onnx", "data", "export-png", "--split", split,
+                    "--out", str(folder), "--quiet"], check=True)
+    return folder
+
+
 def count_and_warm(folder: Path) -> int:
     """Read every PNG once, so that both contenders find them in the page cache."""
     n = 0
@@ -91,17 +101,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "classify.json")
     args = ap.parse_args()
 
-    from fmnist_onnx.bench import machine_info
+    from fmnist_onnx.bench import machine_info, save_json
 
     with tempfile.TemporaryDirectory(prefix="fmnist-classify-bench-") as tmp:
         work = Path(tmp)
         model = prepare_model(args.model, work)
-        folder = args.folder
-        if folder is None:
-            folder = work / "train_png"
-            print(f"exporting the train split to {folder}", file=sys.stderr, flush=True)
-            run_timed([sys.executable, "-m", "fmnist_onnx", "data", "export-png", "--split", "train",
-                       "--out", str(folder), "--quiet"])
+        folder = png_folder(args.folder, "train", work)
         n = count_and_warm(folder)
         naive_cmd = [sys.executable, "-c", NAIVE, str(folder), str(model), str(work / "naive.csv")]
         classify_cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(model),
@@ -144,10 +149,7 @@ def main() -> None:
         "timing": "wall clock of each whole process, start to exit, warm page cache; best of the repeats",
         "machine": machine_info(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    save_json(result, args.out)
     print(f"{n} PNG files: naive {n / best_naive:,.0f} images/s, classify {n / best_classify:,.0f} images/s: "
           f"{ratio:.2f}x (target {TARGET:.0f}x, aim {AIM:.0f}x); from CPU time over {cores} cores: {cpu_ratio:.2f}x "
           f"(load average {os.getloadavg()[0]:.1f}). Wrote {args.out}")
