@@ -162,14 +162,21 @@ def _journal_rows(journal: Path) -> int:
         return 0
 
 
+def _start_classify(test_pngs: Path, model: Path, out: Path, workers: int, rows: int) -> subprocess.Popen:
+    """A real `classify` in its own process group, returned once its journal holds ``rows`` rows."""
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(model), "-o", str(out),
+           "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while _journal_rows(journal_path(out)) < rows and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return proc
+
+
 def test_sigkill_then_resume_gives_every_file_exactly_once(clean, test_pngs, onnx_model, tmp_path):
     out = tmp_path / "preds.csv"
-    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
-           "--workers", "1"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while _journal_rows(journal_path(out)) < 100 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    proc = _start_classify(test_pngs, onnx_model, out, workers=1, rows=100)
     os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, with no chance to clean up
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -198,13 +205,7 @@ def _children(pid: int) -> list[int]:
 
 def test_a_worker_killed_midway_loses_nothing(clean, test_pngs, onnx_model, tmp_path):
     out = tmp_path / "preds.csv"
-    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
-           "--workers", "2"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while _journal_rows(journal_path(out)) < 100 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    proc = _start_classify(test_pngs, onnx_model, out, workers=2, rows=100)
     workers = _children(proc.pid)
     assert workers, "no worker processes found"
     os.kill(workers[-1], signal.SIGKILL)  # as the OOM killer would
@@ -270,13 +271,7 @@ def test_help_states_the_exit_codes():
 
 def test_ctrl_c_keeps_the_journal_and_says_how_to_resume(clean, test_pngs, onnx_model, tmp_path):
     out = tmp_path / "preds.jsonl"
-    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
-           "--workers", "1"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while _journal_rows(journal_path(out)) < 50 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    proc = _start_classify(test_pngs, onnx_model, out, workers=1, rows=50)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, workers included
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -303,12 +298,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
 def test_workers_die_with_a_parent_killed_alone(test_pngs, onnx_model, tmp_path):
     out = tmp_path / "preds.csv"
-    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
-           "--workers", "2"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _journal_rows(journal_path(out)) < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    proc = _start_classify(test_pngs, onnx_model, out, workers=2, rows=1)
     workers = _children(proc.pid)
     proc.kill()  # the parent only, as the OOM killer would
     proc.wait()
