@@ -1,3 +1,21 @@
-from fmnist_onnx.cli import main
+"""``python -m fmnist_onnx`` and the ``fmnist-onnx`` script: Ctrl-C is handled before the first import."""
 
-main()
+try:
+    from fmnist_onnx.errors import exit_at_once_on_ctrl_c
+
+    exit_at_once_on_ctrl_c()
+except KeyboardInterrupt:  # Ctrl-C in the few microseconds before the handler is in place
+    import os
+
+    os.write(2, b"Interrupted.\n")
+    os._exit(130)
+
+
+def main() -> None:
+    from fmnist_onnx.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

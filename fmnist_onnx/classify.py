@@ -13,6 +13,7 @@ each, at most 2048 files: big photos are journaled often, tiny PNGs go in big ch
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -23,7 +24,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ FIRST_CHUNK = 64
 MAX_CHUNK = 2048
 CHUNK_SECONDS = 0.25
 CRASHED = "the decoder crashed on this file (its worker process died)"
+NON_FINITE = "the model gave non-finite logits (NaN or infinity) for this image"
 
 
 class Interrupted(Exception):
@@ -178,7 +180,7 @@ def _decode_chunk(paths: Sequence[str], invert: str, infer: _Infer | None = None
         session = _worker_sessions[infer.model] = open_session(infer.model, "cpu", threads=1)
     rows = predict_rows(session, paths, imgs, errors, infer.top_k, infer.batch_size)
     data = encode(rows, infer.encoding, infer.top_k)
-    return _Chunk(errors, time.perf_counter() - t0, data=data,
+    return _Chunk([r.error for r in rows], time.perf_counter() - t0, data=data,  # rows' errors: NaN logits too
                   indices=[r.indices[0] if r.indices else None for r in rows])
 
 
@@ -293,6 +295,11 @@ def predict_rows(session, paths: Sequence[str], imgs: np.ndarray, errors: Sequen
     if len(ok):
         x = images.to_model_input(imgs[ok])
         logits = np.concatenate([session.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        finite = np.isfinite(logits).all(axis=1)
+        if not finite.all():  # a broken model: NaN would sort as a class and score nan; it is an error row
+            for i in ok[~finite].tolist():
+                rows[i] = Row(paths[i], error=NON_FINITE)
+            ok, logits = ok[finite], logits[finite]
         order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
         z = logits.astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
@@ -333,6 +340,79 @@ def _check_inputs(paths: Sequence[str | Path]) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class RunIdentity:
+    """What decides an output's rows: ``--resume`` continues only the run that wrote the journal.
+
+    Kept beside the journal as ``<output>.partial.run.json``, written before the journal exists and removed
+    when the output is complete. Options that do not change a row (workers, batch size, provider, engine)
+    are not part of it."""
+
+    model_sha256: str
+    invert: str
+    top_k: int
+    recursive: bool
+    inputs: tuple[str, ...]  # as named on the command line: rows hold the paths the walk made of them
+    cwd: str | None  # where relative inputs were named from (None when all are absolute)
+
+    @classmethod
+    def of(cls, model: str | Path, invert: str, top_k: int, recursive: bool, roots: Sequence[str]) -> RunIdentity:
+        digest = hashlib.sha256()
+        with open(model, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        relative = any(not os.path.isabs(r) for r in roots)
+        return cls(digest.hexdigest(), invert, top_k, recursive, tuple(roots), os.getcwd() if relative else None)
+
+    def differences(self, old: RunIdentity) -> list[str]:
+        """What differs from the run that wrote the journal, in words."""
+        diffs = []
+        if self.model_sha256 != old.model_sha256:
+            diffs.append(f"the model file (sha256 {old.model_sha256[:12]}... then, {self.model_sha256[:12]}... now)")
+        if self.invert != old.invert:
+            diffs.append(f"--invert ({old.invert} then, {self.invert} now)")
+        if self.top_k != old.top_k:
+            diffs.append(f"--top-k ({old.top_k} then, {self.top_k} now)")
+        if self.recursive != old.recursive:
+            diffs.append(f"--no-recursive ({'off' if old.recursive else 'on'} then, "
+                         f"{'off' if self.recursive else 'on'} now)")
+        if self.inputs != old.inputs:
+            diffs.append(f"the inputs ({' '.join(old.inputs)} then, {' '.join(self.inputs)} now)")
+        elif self.cwd != old.cwd:
+            diffs.append(f"the folder relative inputs are named from ({old.cwd} then, {self.cwd} now)")
+        return diffs
+
+
+def identity_path(output: str | Path) -> Path:
+    journal = journal_path(output)
+    return journal.with_name(journal.name + ".run.json")
+
+
+def _check_same_run(output: str, identity: RunIdentity) -> None:
+    """--resume: UserError unless the journal of ``output`` was written by this same run."""
+    if not journal_path(output).exists():
+        return
+    path = identity_path(output)
+    try:
+        raw = json.loads(path.read_text())
+        old = RunIdentity(**{**raw, "inputs": tuple(raw["inputs"])})
+    except FileNotFoundError:
+        raise UserError(f"{journal_path(output)}: no record of the run that wrote it ({path.name} is missing); "
+                        "use --overwrite to start over") from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: unreadable ({e}); use --overwrite to start over") from None
+    diffs = identity.differences(old)
+    if diffs:
+        raise UserError(f"--resume: {journal_path(output)} was written by another run: {'; '.join(diffs)}. "
+                        "Resume with the same model, options and inputs, or use --overwrite to start over")
+
+
+def _write_identity(output: str, identity: RunIdentity) -> None:
+    from fmnist_onnx.files import atomic_write_text
+
+    atomic_write_text(identity_path(output), json.dumps(asdict(identity), indent=1) + "\n")
+
+
 def _summary_of_finished(output: Path, fmt: str) -> ClassifySummary:
     tally = Tally()
     for row in read_rows(output):
@@ -344,11 +424,11 @@ def _summary_of_finished(output: Path, fmt: str) -> ClassifySummary:
 
 
 def check_request(paths: Sequence[str | Path], model: str | Path, output: str, fmt: str | None, top_k: int,
-                  invert: str, resume: bool, overwrite: bool, check_inputs=_check_inputs,
-                  ) -> tuple[list[str], str, ClassifySummary | None]:
+                  invert: str, resume: bool, overwrite: bool, check_inputs=_check_inputs, recursive: bool = True,
+                  ) -> tuple[list[str], str, ClassifySummary | None, RunIdentity]:
     """The checks every engine (local, Ray) makes before any work, each a one-line UserError. Returns the
-    inputs (checked by ``check_inputs``), the table format, and, when --resume finds the output complete
-    already, its summary (then there is nothing to do)."""
+    inputs (checked by ``check_inputs``), the table format, when --resume finds the output complete
+    already its summary (then there is nothing to do), and the run's identity (for ``open_sink``)."""
     fmt = format_for(output, fmt)
     if not 1 <= top_k <= NUM_CLASSES:
         raise UserError(f"--top-k must be between 1 and {NUM_CLASSES}")
@@ -361,18 +441,22 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str, f
     roots = check_inputs(paths)
     if not Path(model).is_file():
         raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
+    identity = RunIdentity.of(model, invert, top_k, recursive, roots)
     if resume and Path(output).exists() and not journal_path(output).exists():
         log.info("%s is complete already", output)
-        return roots, fmt, _summary_of_finished(Path(output), fmt)
+        return roots, fmt, _summary_of_finished(Path(output), fmt), identity
     if output != "-" and not overwrite and not resume:
         JournalSink.check_free(output)  # refuse before any work
-    return roots, fmt, None
+    if resume:
+        _check_same_run(output, identity)
+    return roots, fmt, None, identity
 
 
 def open_sink(output: str, fmt: str, top_k: int, resume: bool, overwrite: bool,
-              tally: Tally) -> tuple[JournalSink | StdoutSink, _Done | None]:
+              tally: Tally, identity: RunIdentity) -> tuple[JournalSink | StdoutSink, _Done | None]:
     """The output's sink. With --resume, the interrupted run's rows are counted in ``tally`` and their paths
-    come back as a _Done set, for the caller to skip (None when there are none)."""
+    come back as a _Done set, for the caller to skip (None when there are none). A new journal gets its
+    run's identity beside it first (``check_request`` checked it on --resume)."""
     done_keys: list[int] = []
 
     def previous(row: dict) -> None:
@@ -382,8 +466,18 @@ def open_sink(output: str, fmt: str, top_k: int, resume: bool, overwrite: bool,
 
     if output == "-":
         return StdoutSink(top_k), None
+    if overwrite or not journal_path(output).exists():
+        _write_identity(output, identity)
     sink = JournalSink.open(output, fmt, top_k, resume, overwrite, on_previous_row=previous)
     return sink, (_Done(done_keys) if done_keys else None)
+
+
+def finish_sink(sink: JournalSink | StdoutSink, output: str) -> str | Path:
+    """The complete output; its journal and the journal's run record are gone."""
+    final = sink.finish()
+    if output != "-":
+        identity_path(output).unlink(missing_ok=True)
+    return final
 
 
 def confusion_png_path(output: str | Path) -> Path:
@@ -411,14 +505,15 @@ def classify(
     ``on_provider(name)`` is called once the session is open (the CLI says which provider runs)."""
     t0 = time.perf_counter()
     output = os.fspath(output)
-    roots, fmt, finished = check_request(paths, model, output, fmt, top_k, invert, resume, overwrite)
+    roots, fmt, finished, identity = check_request(paths, model, output, fmt, top_k, invert, resume, overwrite,
+                                                   recursive=recursive)
     if finished is not None:
         return finished
     workers = workers or default_workers()
 
     # Fork the workers before onnxruntime starts its thread pool: forking a process with threads is unsafe.
     pool = _Pool(workers)
-    sink = None
+    sink = old_int = None
     old_term = _install_sigterm()
     try:
         from fmnist_onnx.runtime import open_session
@@ -429,7 +524,10 @@ def classify(
         if on_provider is not None:
             on_provider(session.provider)
         tally = Tally()
-        sink, done = open_sink(output, fmt, top_k, resume, overwrite, tally)
+        # From here on there is a journal to keep: Ctrl-C raises KeyboardInterrupt, which closes it cleanly
+        if old_term is not None and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+        sink, done = open_sink(output, fmt, top_k, resume, overwrite, tally, identity)
         if session.provider == "cpu":
             # The workers run the model too, on one thread each, and send back encoded rows: the parent is
             # then left with walking and writing, and is no longer the bottleneck (measured: ~13 us of CPU per
@@ -484,13 +582,15 @@ def classify(
                 bar.update(len(rows))
         if bar is not None:
             bar.close()
-        final = sink.finish()
+        final = finish_sink(sink, output)
     except BaseException as e:
         close_on_error(sink, e)
         raise
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
         pool.close()
 
     return summarize(tally, final, output, fmt, session.provider, workers, decoder_name(),

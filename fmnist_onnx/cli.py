@@ -29,6 +29,20 @@ class _Group(click.Group):
         except UserError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:  # a Ctrl-C that no command turned into its own message (Click: "Aborted!", 1)
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+def require_train_extra(command: str, *modules: str) -> None:
+    """One line naming the extra to install where a command's libraries are missing: the inference-only
+    install (core + [cpu] or [gpu]) has no torch, torchvision, onnx, onnxscript or matplotlib."""
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise UserError(f"fmnist-onnx {command} needs {', '.join(missing)}, not in the inference-only install: "
+                        'pip install "fmnist-onnx[train]"')
 
 
 def show_progress(quiet: bool) -> bool:
@@ -515,6 +529,9 @@ def export_png(split, out, limit, data_dir, overwrite, quiet):
 
 
 def main() -> None:
+    from fmnist_onnx.errors import exit_at_once_on_ctrl_c
+
+    exit_at_once_on_ctrl_c()
     cli(prog_name="fmnist-onnx")
 
 

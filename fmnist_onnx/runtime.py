@@ -27,14 +27,26 @@ class Session:
     output_name: str
     input_type: str  # "tensor(float)" or "tensor(float16)"
     metadata: dict[str, str]
+    fixed_batch: int | None = None  # a model exported with a fixed batch size takes exactly that many images
 
     def run(self, batch):
-        """Logits for a float32 batch [N, 1, 28, 28] as a numpy array [N, 10] (float32)."""
+        """Logits for a float32 batch [N, 1, 28, 28] as a numpy array [N, 10] (float32), for any N: a model
+        with a fixed batch size is run on slices of that size, the last one padded with zeros."""
         import numpy as np
 
         if self.input_type == "tensor(float16)":
             batch = batch.astype(np.float16)
-        out = self.session.run([self.output_name], {self.input_name: batch})[0]
+        n = self.fixed_batch
+        if n is None or len(batch) == n:
+            out = self.session.run([self.output_name], {self.input_name: batch})[0]
+            return out.astype(np.float32, copy=False)
+        parts = []
+        for i in range(0, len(batch), n):
+            part = batch[i:i + n]
+            if len(part) < n:
+                part = np.concatenate([part, np.zeros((n - len(part), *part.shape[1:]), part.dtype)])
+            parts.append(self.session.run([self.output_name], {self.input_name: part})[0][:len(batch) - i])
+        out = np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES), np.float32)
         return out.astype(np.float32, copy=False)
 
 
@@ -109,4 +121,8 @@ def open_session(
     if problem:
         raise UserError(f"{path}: not a Fashion-MNIST classifier: {problem}")
     meta = dict(sess.get_modelmeta().custom_metadata_map)
-    return Session(sess, name, inputs[0].name, outputs[0].name, inputs[0].type, meta)
+    batch_dim = inputs[0].shape[0]
+    fixed = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+    if fixed is not None:
+        log.info("%s: fixed batch size %d; batches are run at that size", path, fixed)
+    return Session(sess, name, inputs[0].name, outputs[0].name, inputs[0].type, meta, fixed)

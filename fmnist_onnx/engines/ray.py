@@ -397,8 +397,8 @@ def classify_ray(
     if actors is not None and actors < 1:
         raise UserError("--actors must be at least 1")
     ray = _import_ray()
-    roots, fmt, finished = cl.check_request(paths, model, output, fmt, top_k, invert, resume, overwrite,
-                                            check_inputs=check_inputs)
+    roots, fmt, finished, identity = cl.check_request(paths, model, output, fmt, top_k, invert, resume, overwrite,
+                                                      check_inputs=check_inputs, recursive=recursive)
     if finished is not None:
         return finished
     from fmnist_onnx.runtime import PROVIDERS, available_providers, open_session
@@ -406,10 +406,14 @@ def classify_ray(
     open_session(model, "cpu")  # a broken or wrong model is one clear error here, before any cluster work
     model_bytes = Path(model).read_bytes()
 
+    old_term = cl._install_sigterm()
+    # Ctrl-C must reach the finally below (a local runtime is stopped there), not end the process at once
+    old_int = None
+    if old_term is not None and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     started = _connect(ray, address)
     local_runtime = started and not (address or os.environ.get("RAY_ADDRESS"))
     sink = None
-    old_term = cl._install_sigterm()
     settings = _set_data_context(ray)
     try:
         local_cuda = PROVIDERS["cuda"] in available_providers() if local_runtime else None
@@ -422,7 +426,7 @@ def classify_ray(
         if on_provider is not None:
             on_provider(name)
         tally = cl.Tally()
-        sink, done = cl.open_sink(output, fmt, top_k, resume, overwrite, tally)
+        sink, done = cl.open_sink(output, fmt, top_k, resume, overwrite, tally, identity)
         bar = cl._progress_bar(progress, tally.resumed)
 
         # The walk, here: folders that cannot be listed get their rows at once; the files go to the actors.
@@ -486,16 +490,19 @@ def classify_ray(
                     bar.update(len(crashed))
         if bar is not None:
             bar.close()
-        final = sink.finish()
+        final = cl.finish_sink(sink, output)
     except BaseException as e:
         cl.close_on_error(sink, e)
         if sink is not None and isinstance(e, UserError) and not resume and not tally.classified + tally.failed \
                 and output != "-":
             journal_path(output).unlink(missing_ok=True)  # the actors could not start: nothing to resume
+            cl.identity_path(output).unlink(missing_ok=True)
         raise
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
         _restore(ray, settings)
         if started:
             ray.shutdown()

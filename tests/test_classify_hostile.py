@@ -1,0 +1,158 @@
+"""classify against hostile models and moments: NaN logits, a fixed batch size, Ctrl-C at any time, and a
+--resume that must refuse anything but the run it continues (issue 9)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from fmnist_onnx.sinks import journal_path, read_rows
+
+
+def _nan_model(path: Path) -> Path:
+    """A valid [N,1,28,28] -> [N,10] model whose logits are NaN: 0 / 0."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    zeros = numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")
+    zero = numpy_helper.from_array(np.zeros((1,), np.float32), "zero")
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+             helper.make_node("Div", ["mm", "zero"], ["logits"])]
+    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                             ["batch", 1, 28, 28])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              initializer=[zeros, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _fixed_batch_model(src: Path, dest: Path, batch: int) -> Path:
+    """``src`` with its batch dimension fixed, as an exporter run without a dynamic axis leaves it."""
+    import onnx
+
+    m = onnx.load(str(src))
+    for v in [*m.graph.input, *m.graph.output]:
+        dim = v.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = batch
+    onnx.save(m, str(dest))
+    return dest
+
+
+def test_nan_logits_are_error_rows_not_a_class(test_pngs, tmp_path):
+    out = tmp_path / "nan.jsonl"
+    proc = run_cli("classify", test_pngs / "Bag", "-m", _nan_model(tmp_path / "nan.onnx"), "-o", out, "--quiet")
+    assert proc.returncode == 3, proc.stderr  # some files failed: all of them
+    rows = list(read_rows(out))
+    assert len(rows) == 1000
+    assert all(r["label"] is None and r["score"] is None and "non-finite logits" in r["error"] for r in rows)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_a_fixed_batch_model_gives_the_dynamic_models_rows(batch, onnx_model, test_pngs, tmp_path):
+    fixed = _fixed_batch_model(onnx_model, tmp_path / "fixed.onnx", batch)
+    rows = {}
+    for name, model in (("dynamic", onnx_model), ("fixed", fixed)):
+        # 1000 files, batches of 64: every batch, and the last one, is cut to the model's size
+        proc = run_cli("classify", test_pngs / "Coat", "-m", model, "-o", tmp_path / f"{name}.csv", "--quiet",
+                       "--batch-size", "64")
+        assert proc.returncode == 0, proc.stderr
+        rows[name] = [(r["path"], r["index"], r["score"]) for r in read_rows(tmp_path / f"{name}.csv")]
+    assert len(rows["fixed"]) == 1000 and rows["fixed"] == rows["dynamic"]
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.02, 0.05, 0.1, 0.2, 0.4])
+def test_ctrl_c_at_any_moment_is_exit_130_and_one_line(delay_s, onnx_model, test_pngs, tmp_path):
+    """Whatever the moment (imports, the session, the pool, the run), Ctrl-C gives 130 and no traceback. The
+    moment does not matter to the assertion, so the test cannot race: a run that finished first is fine."""
+    out = tmp_path / "preds.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model),
+                             "-o", str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    time.sleep(delay_s)
+    try:
+        import os
+
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    except ProcessLookupError:
+        pass
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        assert out.exists() and len(list(read_rows(out))) == 10000
+        return
+    # -SIGINT: the signal came before Python had started (the shell says 130 then too)
+    assert proc.returncode in (130, -signal.SIGINT), stderr
+    assert "Traceback" not in stderr and "Aborted" not in stderr and "Error" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) <= 1, stderr
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def killed_run(onnx_model, test_pngs, tmp_path_factory) -> dict:
+    """A classify run over the 10,000 test PNGs, SIGKILLed once its first chunk is in the journal."""
+    from conftest import Held
+
+    out = tmp_path_factory.mktemp("killed") / "preds.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
+           "--workers", "1", "--quiet"]
+    with Held(cmd, "classify.after_chunk:1", start_new_session=True, stdout=subprocess.DEVNULL,
+              stderr=subprocess.PIPE) as held:
+        import os
+
+        os.killpg(held.wait(), signal.SIGKILL)
+    assert journal_path(out).exists() and not out.exists()
+    return {"out": out, "journal": journal_path(out).read_bytes()}
+
+
+@pytest.mark.parametrize(("change", "names"), [
+    (["--invert", "yes"], "--invert (auto then, yes now)"),
+    (["--top-k", "2"], "--top-k (1 then, 2 now)"),
+    (["--no-recursive"], "--no-recursive (off then, on now)"),
+    (["-m", "{other}"], "the model file"),
+    (["{pngs}/Bag"], "the inputs"),
+])
+def test_resume_refuses_another_run_in_one_line(change, names, killed_run, onnx_model, test_pngs, tmp_path):
+    other = tmp_path / "other.onnx"
+    other.write_bytes(onnx_model.read_bytes() + b"\n")  # another file: the same graph, other bytes
+    args = [a.format(pngs=test_pngs, other=other) for a in change]
+    inputs = [a for a in args if a.startswith(str(test_pngs))] or [str(test_pngs)]
+    options = [a for a in args if a not in inputs]
+    if "-m" not in options:
+        options += ["-m", str(onnx_model)]
+    proc = run_cli("classify", *inputs, *options, "-o", killed_run["out"], "--resume")
+    assert_one_line_error(proc, 2, names)
+    assert "was written by another run" in proc.stderr and "--overwrite" in proc.stderr
+    assert journal_path(killed_run["out"]).read_bytes() == killed_run["journal"]  # untouched
+
+
+def test_resume_of_the_same_run_finishes_it(killed_run, onnx_model, test_pngs, tmp_path):
+    import shutil
+
+    out = tmp_path / "preds.csv"  # a copy: the refusals above use the fixture's journal
+    shutil.copy(journal_path(killed_run["out"]), journal_path(out))
+    from fmnist_onnx.classify import identity_path
+
+    shutil.copy(identity_path(killed_run["out"]), identity_path(out))
+    proc = run_cli("classify", test_pngs, "-m", onnx_model, "-o", out, "--resume", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["files"] == 10000 and 0 < summary["resumed"] < 10000
+    assert len({r["path"] for r in read_rows(out)}) == 10000
+    assert not identity_path(out).exists() and not journal_path(out).exists()
+
+
+def test_a_journal_without_its_run_record_is_not_resumed(killed_run, onnx_model, test_pngs, tmp_path):
+    out = tmp_path / "preds.csv"
+    journal_path(out).write_bytes(killed_run["journal"])  # as an older version, or a hand copy, leaves it
+    proc = run_cli("classify", test_pngs, "-m", onnx_model, "-o", out, "--resume")
+    assert_one_line_error(proc, 2, "no record of the run")
