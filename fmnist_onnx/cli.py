@@ -16,6 +16,7 @@ import click
 
 from fmnist_onnx import __version__
 from fmnist_onnx.errors import UserError
+from fmnist_onnx.runtime import PROVIDER_CHOICES  # the provider table: no onnxruntime import
 
 DEFAULT_DIR = Path("artifacts")
 
@@ -134,7 +135,7 @@ def _write_json(obj: dict, path: Path) -> None:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-_PROVIDER = click.option("--provider", "providers", type=click.Choice(["auto", "cpu", "cuda"]), multiple=True,
+_PROVIDER = click.option("--provider", "providers", type=click.Choice(PROVIDER_CHOICES), multiple=True,
                          default=("auto",), show_default=True,
                          help="onnxruntime execution provider to check on; repeatable. auto: cuda where "
                               "onnxruntime has it, else cpu. An explicit one that is missing is an error.")
@@ -355,7 +356,7 @@ Examples:
 @click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
               show_default=True, help="The ONNX model.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
               help="Images per onnxruntime call in the pipeline.")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
@@ -410,7 +411,7 @@ Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2
 @click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
               help="Images per onnxruntime call.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime has it, else the CPU. An explicit cuda that is missing is an error.")
 @click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="auto: invert images with a light border (dark object on a light background, like a product "

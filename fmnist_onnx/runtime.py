@@ -14,7 +14,42 @@ from fmnist_onnx.spec import IMAGE_SIZE, NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One ``--provider`` choice: everything the commands need to know about it, in one place."""
+
+    name: str  # what --provider says
+    execution_provider: str  # onnxruntime's name
+    options: tuple[tuple[str, object], ...]  # the execution provider's options
+    model_in_workers: bool  # classify: True, each decoding process runs the model; False, a batched stage does
+    io_binding: bool  # inputs and outputs can live on the device (bench times without copies)
+    fp16: bool  # fast float16 arithmetic (bench adds fp16 rows)
+    device: str  # OrtValue device for IO binding
+
+
+# The table every --provider choice, classify, bench and verify read. Adding a provider is one entry here.
+PROVIDER_TABLE: dict[str, Provider] = {
+    # On the CPU the model is cheap beside decoding (13 us of 37 per image): the decoding processes run it,
+    # and send back encoded rows, so that the process that writes is never the bottleneck.
+    "cpu": Provider("cpu", "CPUExecutionProvider", (), model_in_workers=True, io_binding=False, fp16=False,
+                    device="cpu"),
+    # On a GPU the model wants big batches: the workers only decode, a batched stage runs it. No TF32: the CUDA
+    # provider's TF32 matrix products have about 1e-3 relative error, and fp32 must be fp32.
+    "cuda": Provider("cuda", "CUDAExecutionProvider", (("use_tf32", 0),), model_in_workers=False, io_binding=True,
+                     fp16=True, device="cuda"),
+}
+PROVIDER_CHOICES = ("auto", *PROVIDER_TABLE)  # for click.Choice
+PROVIDERS = {name: p.execution_provider for name, p in PROVIDER_TABLE.items()}  # name -> execution provider
+
+
+def session_providers(name: str) -> list:
+    """The ``providers`` argument of an InferenceSession for provider ``name`` (CPU after it as onnxruntime's
+    fallback for the few operators a device provider lacks)."""
+    p = PROVIDER_TABLE[name]
+    first = (p.execution_provider, dict(p.options)) if p.options else p.execution_provider
+    return [first] + ([PROVIDERS["cpu"]] if name != "cpu" else [])
 
 
 @dataclass
@@ -59,11 +94,11 @@ def available_providers() -> list[str]:
 def resolve_provider(requested: str) -> str:
     """'auto' -> cuda when onnxruntime has it, else cpu; an explicit provider that is missing is an error."""
     requested = requested.lower()
-    if requested not in ("auto", *PROVIDERS):
-        raise UserError(f"unknown provider {requested!r}; choose auto, cpu or cuda")
+    if requested not in PROVIDER_CHOICES:
+        raise UserError(f"unknown provider {requested!r}; choose {', '.join(PROVIDER_CHOICES)}")
     have = available_providers()
-    if requested == "auto":
-        return "cuda" if PROVIDERS["cuda"] in have else "cpu"
+    if requested == "auto":  # the first device provider onnxruntime has, else the CPU
+        return next((n for n, ep in PROVIDERS.items() if n != "cpu" and ep in have), "cpu")
     if PROVIDERS[requested] not in have:
         raise UserError(
             f"--provider {requested}: onnxruntime on this machine has no {PROVIDERS[requested]} "
@@ -98,10 +133,7 @@ def open_session(
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
     name = resolve_provider(provider)
-    providers: list = [PROVIDERS[name]] + ([PROVIDERS["cpu"]] if name != "cpu" else [])
-    if name == "cuda":
-        # onnxruntime's CUDA provider may use TF32 matrix products (about 1e-3 relative error): fp32 must be fp32.
-        providers[0] = (PROVIDERS["cuda"], {"use_tf32": 0})
+    providers = session_providers(name)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # onnxruntime's warnings are turned into our own errors below
     if threads:
