@@ -101,6 +101,7 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
     Checkpoints after every epoch; Ctrl-C saves a checkpoint and exits 130, and --resume continues
     it to the same weights an uninterrupted run gives.
     """
+    require_train_extra("train", "torch", "torchvision", "matplotlib")
     from fmnist_onnx import train as tr
 
     if resume and restart:
@@ -178,6 +179,7 @@ def export(weights, output, opset, quantize, int8_method, no_verify, atol, rtol,
     checked on the 10,000 test images exactly as `fmnist-onnx verify` does, and not written (exit 1) when
     parity does not hold.
     """
+    require_train_extra("export", "torch", "torchvision", "onnx", "onnxscript")
     from fmnist_onnx import export as ex
     from fmnist_onnx.verify import format_report
 
@@ -229,6 +231,7 @@ def verify(weights, model, atol, rtol, providers, samples, data_dir, json_path):
     int8: top-1 agreement >= 98% and accuracy within 0.5 points of PyTorch's.
     Exit 0 when parity holds on every provider, 1 when it does not.
     """
+    require_train_extra("verify", "torch", "torchvision", "onnx")
     from fmnist_onnx import verify as vf
 
     report = vf.verify(model, weights, providers, atol, rtol, samples, data_dir)
@@ -514,6 +517,7 @@ def export_png(split, out, limit, data_dir, overwrite, quiet):
     Class names become folder names with '/' written as '-' (T-shirt-top). Files are named by their index
     in the split, so classify's rows can be matched back to the dataset.
     """
+    require_train_extra("data export-png", "torch", "torchvision")  # the dataset is read through torchvision
     from fmnist_onnx.data import load_split
     from fmnist_onnx.images import ImageError
     from fmnist_onnx.images import export_png as write_pngs

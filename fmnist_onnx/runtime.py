@@ -5,6 +5,7 @@ No torch here: classify, info and the onnxruntime benchmarks run where only onnx
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,10 +86,44 @@ class Session:
         return out.astype(np.float32, copy=False)
 
 
-def available_providers() -> list[str]:
-    import onnxruntime as ort
+# onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: with both, the files of the one installed
+# last win and CUDA is lost (seen on an H100). The extras [cpu] and [gpu] pick one; this is the way back to one.
+BOTH_RUNTIMES_FIX = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
 
-    return ort.get_available_providers()
+
+@functools.cache  # once per process
+def _warn_if_both_runtimes() -> None:
+    import multiprocessing
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    def installed(name: str) -> bool:
+        try:
+            return distribution(name) is not None
+        except PackageNotFoundError:
+            return False
+
+    # Worker processes stay quiet: the command that started them has said it.
+    if multiprocessing.parent_process() is None and installed("onnxruntime") and installed("onnxruntime-gpu"):
+        log.warning("both onnxruntime and onnxruntime-gpu are installed (one module, CUDA may be lost); "
+                    "keep one: %s", BOTH_RUNTIMES_FIX)
+
+
+def import_onnxruntime():
+    """The onnxruntime module; one clear error where no onnxruntime package is installed (the core install has
+    none: [cpu] or [gpu] brings it), and one warning line where both are."""
+    try:
+        import onnxruntime as ort
+    except ModuleNotFoundError as e:
+        if e.name != "onnxruntime":
+            raise
+        raise UserError('onnxruntime is not installed: pip install "fmnist-onnx[cpu]", or "fmnist-onnx[gpu]" '
+                        "on a machine with CUDA (never both)") from None
+    _warn_if_both_runtimes()
+    return ort
+
+
+def available_providers() -> list[str]:
+    return import_onnxruntime().get_available_providers()
 
 
 def resolve_provider(requested: str) -> str:
@@ -127,7 +162,7 @@ def open_session(
 ) -> Session:
     """A checked session for ``model``: UserError for a missing file, a non-ONNX file, the wrong signature,
     or a provider that cannot run it (onnxruntime itself would only warn and run on the CPU)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     path = Path(model)
     if not path.is_file():

@@ -1,7 +1,8 @@
-"""The inference path runs where torch is not installed: a second, small virtual environment with
-onnxruntime, numpy, Pillow, Click and tqdm only (no pyspng either: Pillow's decoding is the fallback), and
-the package from this checkout on PYTHONPATH. Slow (pip installs, from pip's cache when warm), and in the
-default run on purpose: CI must prove it."""
+"""The inference-only install, made as a user makes it: the wheel that `python -m build` makes, installed with
+its [cpu] extra into a fresh virtual environment: onnxruntime, numpy, Pillow, Click, tqdm, pyspng, and no torch,
+onnx or matplotlib. classify and info run there with the main environment's labels; train, export, verify and
+data export-png say in one line which extra to install. Slow (a build and an install; pip's cache makes it
+seconds when warm), and in the default run on purpose: CI must prove it."""
 
 from __future__ import annotations
 
@@ -10,62 +11,96 @@ import os
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_one_line_error
+from fmnist_onnx import __version__
 from fmnist_onnx.sinks import read_rows
 
-# The same releases as the main environment: pip takes them from its cache, and nothing else changes.
-PACKAGES = ["onnxruntime", "numpy", "pillow", "click", "tqdm"]
+# The same releases as the main environment: pip takes them from its cache, and the labels can be compared.
+PINNED = ["onnxruntime", "numpy", "pillow", "click", "tqdm", "pyspng"]
+# What the inference-only install must not bring: torch with its CUDA libraries alone is gigabytes.
+HEAVY = {"torch", "torchvision", "onnx", "onnxscript", "matplotlib", "triton", "onnxruntime-gpu", "ray"}
+# Measured: 205 MB (onnxruntime 78, numpy 73, Pillow 22, and pip and setuptools 26, as `python -m venv` makes it;
+# 37 MB of it is the bytecode pip compiles at install). The [train] extra adds gigabytes.
+MAX_MB = 250
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bare_python(tmp_path_factory) -> str:
-    venv = tmp_path_factory.mktemp("notorch") / "venv"
+def venv(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("notorch")
+    build = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(root / "dist"), str(REPO)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    (wheel,) = (root / "dist").glob("*.whl")
+    venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-    python = str(venv / "bin" / "python")
-    pins = [f"{name}=={version(name)}" for name in PACKAGES]
-    proc = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *pins],
-                          capture_output=True, text=True)
+    constraints = root / "constraints.txt"
+    constraints.write_text("".join(f"{name}=={version(name)}\n" for name in PINNED))
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           "-c", str(constraints), f"{wheel}[cpu]"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return python
+    return venv
 
 
-def run_bare(python: str, *args: str, **kw) -> subprocess.CompletedProcess:
+def run_installed(venv: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    """The installed command, from a folder outside the checkout, with nothing of this tree on the path."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([python, *args], capture_output=True, text=True, env=env, **kw)
+    return subprocess.run([str(venv / "bin" / "fmnist-onnx"), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=venv, **kw)
 
 
-def test_the_environment_has_no_torch(bare_python):
-    proc = run_bare(bare_python, "-c", "import torch")
+def test_the_environment_is_small_and_has_no_torch(venv):
+    python = str(venv / "bin" / "python")
+    code = ("import json, importlib.metadata as m, fmnist_onnx; "
+            "print(json.dumps([fmnist_onnx.__file__, sorted(d.metadata['Name'].lower() for d in m.distributions())]))")
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=venv)
+    assert proc.returncode == 0, proc.stderr
+    location, names = json.loads(proc.stdout)
+    assert location.startswith(str(venv))  # the installed package, not this checkout
+    assert {"fmnist-onnx", "onnxruntime", "numpy", "pillow", "click", "tqdm", "pyspng"} <= set(names)
+    assert not HEAVY & {n.replace("_", "-") for n in names}, names
+    proc = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, cwd=venv)
     assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr
-    proc = run_bare(bare_python, "-c", "import fmnist_onnx, onnxruntime, PIL; print(fmnist_onnx.__file__)")
-    assert proc.returncode == 0 and proc.stdout.startswith(str(REPO)), proc.stderr
+    size = sum(os.lstat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(venv) for f in files)
+    assert size / 1e6 <= MAX_MB, f"{size / 1e6:.0f} MB"  # as `du` counts it
 
 
-def test_classify_runs_without_torch_and_gives_the_same_labels(bare_python, onnx_model, test_pngs, tmp_path):
+def test_version_of_the_installed_wheel(venv):
+    proc = run_installed(venv, "--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fmnist-onnx, version {__version__}", proc
+
+
+def test_classify_runs_without_torch_and_gives_the_same_labels(venv, onnx_model, test_pngs, tmp_path):
     folder = test_pngs / "Pullover"
     out = tmp_path / "preds.jsonl"
-    proc = run_bare(bare_python, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(onnx_model),
-                    "-o", str(out), "--json")
+    proc = run_installed(venv, "classify", folder, "-m", onnx_model, "-o", out, "--json")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["decoder"] == "Pillow" and summary["classified"] == 1000
+    assert summary["classified"] == 1000
     assert summary["accuracy_pct"] is not None and os.path.getsize(summary["confusion_png"]) > 1000
     here = tmp_path / "here.jsonl"
     main = subprocess.run([sys.executable, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(onnx_model),
                            "-o", str(here), "--json"], capture_output=True, text=True)
     assert main.returncode == 0, main.stderr
-    assert json.loads(main.stdout)["decoder"] != "Pillow"  # the fast path, for the comparison to mean something
-    assert list(read_rows(out)) == list(read_rows(here))  # Pillow and libspng decode PNG identically
+    assert summary["decoder"] == json.loads(main.stdout)["decoder"]  # libspng in both: pyspng is in the core
+    assert list(read_rows(out)) == list(read_rows(here))
 
 
-def test_info_runs_without_torch(bare_python, onnx_model):
-    proc = run_bare(bare_python, "-m", "fmnist_onnx", "info", str(onnx_model))
+def test_info_runs_without_torch(venv, onnx_model):
+    proc = run_installed(venv, "info", onnx_model)
     assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "669,706" in proc.stdout
+
+
+@pytest.mark.parametrize("command", [["train"], ["export"], ["verify"], ["data", "export-png", "--out", "pngs"]])
+def test_training_commands_name_the_extra_to_install(venv, command, tmp_path):
+    proc = run_installed(venv, *command)
+    assert_one_line_error(proc, 2, 'pip install "fmnist-onnx[train]"')
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (venv / "pngs").exists() and not (venv / "artifacts").exists()
