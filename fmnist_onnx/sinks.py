@@ -6,18 +6,31 @@ by writing the Parquet file from it then renaming: an output with its final name
 killed run leaves a journal that ``--resume`` continues. The journal of a Parquet output is JSONL.
 
 Columns: path, label, index, score, then label_2, score_2 ... label_K, score_K for --top-k K, and error.
-CSV leaves missing values empty; JSONL and Parquet write null (error is null on success).
-Paths that are not valid UTF-8 (possible on Linux) are written byte for byte in CSV and JSONL.
+CSV leaves missing values empty and quotes a field with a comma, a quote, a CR or a LF (RFC 4180); JSONL
+and Parquet write null (error is null on success).
+
+File names are bytes on Linux, and not every name is UTF-8. Every output is valid UTF-8 all the same, in one
+representation for the three formats: a name that is not UTF-8 is written with each byte that is not UTF-8
+as ``\\xNN`` and each backslash doubled (Python's backslashreplace, made reversible). A UTF-8 name is written
+as it is, unless it contains ``\\\\`` or ``\\xNN`` (NN 80-ff) itself: then it is escaped the same way, so that
+the escapes are never ambiguous. ``read_rows`` undoes this and gives back the ``str`` that ``os.fsdecode``
+made of the name (--resume then recognises the file). The error column is written the same way.
+
+A write that fails mid-run (a full disk, an I/O error) is an ``OutputError``: one line, exit 4, and the
+journal keeps every complete row (a chunk written in part is cut off), so that the same command with
+--resume finishes once the cause is fixed. A folder that cannot be written is refused before any work.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,8 +44,17 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "jsonl", "parquet")
 JOURNAL_SUFFIX = ".partial"
+OUTPUT_FAILED = 4  # the exit code of an OutputError
 _FSYNC_EVERY_S = 1.0
-_ENC = ("utf-8", "surrogateescape")  # file names are bytes on Linux: keep them exactly
+_ENC = ("utf-8", "surrogateescape")  # reading: a journal of an older version may hold raw non-UTF-8 bytes
+
+
+class OutputError(UserError):
+    """The output could not be written mid-run (a full disk, an I/O error): exit 4. The journal keeps the
+    rows written so far; the same command with --resume finishes once the cause is fixed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=OUTPUT_FAILED)
 
 
 @dataclass
@@ -56,16 +78,50 @@ def journal_path(output: str | Path) -> Path:
 
 
 def format_for(output: str, fmt: str | None) -> str:
-    """The table format: --format, else the output's suffix; '-' (stdout) is CSV."""
-    if fmt:
-        return fmt
+    """The table format: the output's suffix, else --format; '-' (stdout) is CSV. A --format that says
+    otherwise than the suffix, or than stdout's CSV, is refused rather than written under the wrong name."""
     if output == "-":
+        if fmt not in (None, "csv"):
+            raise UserError(f"--format {fmt}: -o - writes CSV only; write {fmt} to a file, e.g. -o preds.{fmt}")
         return "csv"
     suffix = Path(output).suffix.lower().lstrip(".")
     if suffix in FORMATS:
+        if fmt not in (None, suffix):
+            raise UserError(f"--output {output} is a .{suffix} file but --format says {fmt}; drop --format or "
+                            f"name the output .{fmt}")
         return suffix
+    if fmt:
+        return fmt
     raise UserError(f"--output {output}: cannot tell the format from the suffix; use .csv, .jsonl or .parquet, "
                     "or --format")
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # os.fsdecode's stand-ins for bytes that are not UTF-8
+_ESCAPE = re.compile(r"\\(\\|x[89a-f][0-9a-f])")  # what escape_text writes and unescape_text reads
+
+
+def escape_text(s: str) -> str:
+    """``s`` as valid UTF-8 text, reversibly (see the module doc): unchanged unless it holds a byte that is not
+    UTF-8 (a surrogate from os.fsdecode) or something that reads as an escape."""
+    if not _SURROGATE.search(s) and not _ESCAPE.search(s):
+        return s
+    return _SURROGATE.sub(_escape_surrogate, s.replace("\\", "\\\\"))
+
+
+def _escape_surrogate(m: re.Match) -> str:
+    c = ord(m.group())
+    if 0xDC80 <= c <= 0xDCFF:  # os.fsdecode (surrogateescape) made it of the byte c - 0xdc00
+        return f"\\x{c - 0xDC00:02x}"
+    return f"\\u{c:04x}"  # a lone surrogate from elsewhere (not a POSIX file name): readable, not reversed
+
+
+def unescape_text(s: str) -> str:
+    """The inverse of ``escape_text``."""
+    if "\\" not in s:
+        return s
+    return _ESCAPE.sub(lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(1)[1:], 16)), s)
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -74,29 +130,30 @@ def _score(s: float) -> float:
     return float(f"{s:.6g}")
 
 
-def _csv_record(row: Row, top_k: int) -> list:
-    rec: list = [row.path]
-    if row.error:
-        rec += [""] * (3 + 2 * (top_k - 1))
-    else:
-        rec += [CLASSES[row.indices[0]], row.indices[0], f"{row.scores[0]:.6g}"]
-        for i, s in zip(row.indices[1:top_k], row.scores[1:top_k], strict=True):
-            rec += [CLASSES[i], f"{s:.6g}"]
-    rec.append(row.error)
-    return rec
+_CSV_QUOTE = re.compile(r'[,"\r\n]')
+_CSV_SPECIAL = re.compile(r'[,"\r\n\\' + "\ud800-\udfff]")  # a path without these is written as it is
 
 
-_NEEDS_QUOTES = re.compile(r'[,"\r\n]')
+def _csv_text(s: str) -> str:
+    """A text field: escaped (see the module doc), then quoted where the csv module's readers need it."""
+    s = escape_text(s)
+    return '"' + s.replace('"', '""') + '"' if _CSV_QUOTE.search(s) else s
 
 
 def _csv_line(row: Row, top_k: int) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(_csv_record(row, top_k))
-    return buf.getvalue()
+    rec = [_csv_text(row.path)]
+    if row.error:
+        rec += [""] * (3 + 2 * (top_k - 1))
+    else:
+        rec += [CLASSES[row.indices[0]], str(row.indices[0]), f"{row.scores[0]:.6g}"]
+        for i, s in zip(row.indices[1:top_k], row.scores[1:top_k], strict=True):
+            rec += [CLASSES[i], f"{s:.6g}"]
+    rec.append(_csv_text(row.error))
+    return ",".join(rec) + "\n"
 
 
 def _json_record(row: Row, top_k: int) -> dict:
-    rec: dict = {"path": row.path}
+    rec: dict = {"path": escape_text(row.path)}
     ok = not row.error
     rec["label"] = CLASSES[row.indices[0]] if ok else None
     rec["index"] = int(row.indices[0]) if ok else None
@@ -104,22 +161,21 @@ def _json_record(row: Row, top_k: int) -> dict:
     for k in range(2, top_k + 1):
         rec[f"label_{k}"] = CLASSES[row.indices[k - 1]] if ok else None
         rec[f"score_{k}"] = _score(row.scores[k - 1]) if ok else None
-    rec["error"] = row.error or None
+    rec["error"] = escape_text(row.error) if row.error else None
     return rec
 
 
 def encode(rows: Sequence[Row], fmt: str, top_k: int) -> bytes:
-    """Rows as the text of a CSV (no header) or JSONL file."""
+    """Rows as the text of a CSV (no header) or JSONL file: UTF-8, whatever the file names."""
     if fmt == "csv":
-        if top_k == 1:  # the common case, 5x faster than the csv module; paths that need quoting go through it
+        if top_k == 1:  # the common case, without a function call per row; paths that need more go through one
             lines = [f"{r.path},{CLASSES[r.indices[0]]},{r.indices[0]},{r.scores[0]:.6g},\n"
-                     if not r.error and not _NEEDS_QUOTES.search(r.path) else _csv_line(r, top_k) for r in rows]
-            return "".join(lines).encode(*_ENC)
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(_csv_record(r, top_k) for r in rows)
-        return buf.getvalue().encode(*_ENC)
+                     if not r.error and not _CSV_SPECIAL.search(r.path) else _csv_line(r, 1) for r in rows]
+        else:
+            lines = [_csv_line(r, top_k) for r in rows]
+        return "".join(lines).encode()
     lines = (json.dumps(_json_record(r, top_k), ensure_ascii=False) for r in rows)
-    return "".join(line + "\n" for line in lines).encode(*_ENC)
+    return "".join(line + "\n" for line in lines).encode()
 
 
 def csv_header(top_k: int) -> bytes:
@@ -137,8 +193,16 @@ def _parse_csv_row(rec: list[str], cols: list[str]) -> dict:
             d[c] = float(d[c]) if d[c] else None
         elif c != "path" and c != "error" and not d[c]:
             d[c] = None
-    d["error"] = d.get("error") or None
+    d["path"] = unescape_text(d["path"])
+    d["error"] = unescape_text(d["error"]) if d.get("error") else None
     return d
+
+
+def _unescape_row(row: dict) -> dict:
+    row["path"] = unescape_text(row["path"])
+    if row.get("error"):
+        row["error"] = unescape_text(row["error"])
+    return row
 
 
 class JournalScan:
@@ -177,7 +241,7 @@ class JournalScan:
                 self.columns = list(row)
             self.good += len(line)
             self.rows += 1
-            yield row
+            yield _unescape_row(row)
 
     def _csv(self) -> Iterator[dict]:
         # a record may span lines (a quoted path with a newline): it is complete when its quotes pair up
@@ -187,7 +251,10 @@ class JournalScan:
             pending += line
             if pending.count(b'"') % 2:
                 continue
-            rec = next(csv.reader(io.StringIO(pending.decode(*_ENC)), strict=True))
+            try:
+                rec = next(csv.reader(io.StringIO(pending.decode(*_ENC), newline=""), strict=True))
+            except csv.Error as e:  # e.g. a CR outside quotes, as earlier versions wrote it
+                raise self._damaged(line_no, f"cannot be read as CSV ({e})") from None
             if self.columns is None:
                 self.columns = rec
             elif len(rec) != len(self.columns):
@@ -200,13 +267,19 @@ class JournalScan:
 
 
 def read_rows(path: str | Path) -> Iterator[dict]:
-    """The rows of a finished output (CSV, JSONL or Parquet), as dicts with None for missing values."""
+    """The rows of a finished output (CSV, JSONL or Parquet), as dicts with None for missing values and
+    paths as ``os.fsdecode`` gives them. A file without a known suffix (--format) is recognised by its start."""
     path = Path(path)
-    fmt = format_for(str(path), None)
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        with open(path, "rb") as f:
+            start = f.read(4)
+        fmt = "parquet" if start == b"PAR1" else "jsonl" if start.startswith(b"{") else "csv"
     if fmt == "parquet":
         pq = _pyarrow_parquet()
         for batch in pq.ParquetFile(path).iter_batches():
-            yield from batch.to_pylist()
+            for row in batch.to_pylist():
+                yield _unescape_row(row)
         return
     yield from JournalScan(path, fmt)
 
@@ -222,6 +295,15 @@ def _pyarrow_parquet():
 
 # ---------------------------------------------------------------------------------------------- writing
 
+def _why(e: OSError) -> str:
+    """The OS's words for an error ("No space left on device"), also for pyarrow's wordier OSErrors."""
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+def _what_to_fix(e: OSError) -> str:
+    return "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -235,21 +317,41 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
+          stat.S_IFSOCK: "a socket"}
+
+
 def _check_place(output: Path) -> None:
+    """UserError unless ``output`` (and its journal) can be written there: a file name in a folder that
+    exists and is writable, and no device, FIFO or socket by that name (only regular files are replaced)."""
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name")
     if not output.parent.is_dir():
         raise UserError(f"--output {output}: folder {output.parent} does not exist")
+    for path in (output, journal_path(output)):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:  # not there (or a dangling link, which the output replaces)
+            continue
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise UserError(f"--output {output}: {path} is {kind}; only regular files are written or replaced "
+                            "(for stdout, use -o -)")
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        read_only = os.statvfs(output.parent).f_flag & os.ST_RDONLY
+        raise UserError(f"--output {output}: folder {output.parent} cannot be written "
+                        f"({'read-only file system' if read_only else 'permission denied'})")
 
 
 class JournalSink:
     """Appends rows to ``<output>.partial``; ``finish`` makes the final output. Use ``open`` to create it."""
 
-    def __init__(self, output: Path, fmt: str, top_k: int, fd: int) -> None:
+    def __init__(self, output: Path, fmt: str, top_k: int, fd: int, size: int) -> None:
         self.output, self.fmt, self.top_k = output, fmt, top_k
         self.encoding = "jsonl" if fmt == "parquet" else fmt  # the journal's text format
         self.journal = journal_path(output)
         self.fd = fd
+        self.size = size  # bytes of complete chunks in the journal: a write that fails is cut back to it
         self._synced = time.monotonic()
 
     @classmethod
@@ -257,47 +359,69 @@ class JournalSink:
              on_previous_row: Callable[[dict], None] | None = None) -> JournalSink:
         """Refuses to clobber a finished output or an interrupted run's journal unless ``overwrite``;
         with ``resume``, continues the journal after its last complete row, calling ``on_previous_row``
-        for each row already there (the caller skips those files and counts them)."""
+        for each row already there (the caller skips those files and counts them). A journal that cannot be
+        created or opened is a UserError (exit 2): no work has been done yet."""
         output = Path(output)
         journal = journal_path(output)
         jfmt = "jsonl" if fmt == "parquet" else fmt
         if fmt == "parquet":
             _pyarrow_parquet()  # fail now, not after an hour of work
         _check_place(output)
-        if overwrite:
-            journal.unlink(missing_ok=True)
-        elif not resume:
+        if not overwrite and not resume:
             cls.check_free(output)
-        expected = columns(top_k)
         if resume and not journal.exists() and output.exists():
             raise UserError(f"{output} is already complete; use --overwrite to classify again")
-        if resume and journal.exists():
-            scan = JournalScan(journal, jfmt)
-            for row in scan:
-                if scan.rows == 1 and scan.columns != expected:
-                    break
-                if on_previous_row is not None:
-                    on_previous_row(row)
-            good, cols = scan.good, scan.columns
-            if cols is not None and cols != expected:
-                raise UserError(f"{journal} has columns {', '.join(cols)}, this run would write "
-                                f"{', '.join(expected)}; resume with the same --top-k, or use --overwrite")
-            fd = os.open(journal, os.O_WRONLY)
+        try:
+            if overwrite:
+                journal.unlink(missing_ok=True)
+            if resume and journal.exists():
+                return cls._reopen(output, fmt, top_k, on_previous_row)
+            fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write {journal}: {_why(e)}") from None
+        header = csv_header(top_k) if jfmt == "csv" else b""
+        try:
+            os.write(fd, header)  # a few bytes: all or nothing
+            _fsync_dir(journal.parent)
+        except OSError as e:
+            os.close(fd)
+            journal.unlink(missing_ok=True)  # nothing in it yet
+            raise UserError(f"cannot write {journal}: {_why(e)}") from None
+        return cls(output, fmt, top_k, fd, len(header))
+
+    @classmethod
+    def _reopen(cls, output: Path, fmt: str, top_k: int,
+                on_previous_row: Callable[[dict], None] | None) -> JournalSink:
+        """--resume: the journal after its last complete row (a torn tail is dropped)."""
+        journal = journal_path(output)
+        jfmt = "jsonl" if fmt == "parquet" else fmt
+        expected = columns(top_k)
+        scan = JournalScan(journal, jfmt)
+        for row in scan:
+            if scan.rows == 1 and scan.columns != expected:
+                break
+            if on_previous_row is not None:
+                on_previous_row(row)
+        good, cols = scan.good, scan.columns
+        if cols is not None and cols != expected:
+            raise UserError(f"{journal} has columns {', '.join(cols)}, this run would write "
+                            f"{', '.join(expected)}; resume with the same --top-k, or use --overwrite")
+        fd = os.open(journal, os.O_WRONLY)
+        try:
             os.truncate(journal, good)  # drop a torn tail: new rows must start on a fresh line
             os.lseek(fd, good, os.SEEK_SET)
             if cols is None and jfmt == "csv":
-                os.write(fd, csv_header(top_k))
-            log.info("resuming %s: %d rows done", journal, scan.rows)
-        else:
-            fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            if jfmt == "csv":
-                os.write(fd, csv_header(top_k))
-            _fsync_dir(journal.parent)
-        return cls(output, fmt, top_k, fd)
+                good += os.write(fd, csv_header(top_k))
+        except OSError:
+            os.close(fd)
+            raise
+        log.info("resuming %s: %d rows done", journal, scan.rows)
+        return cls(output, fmt, top_k, fd, good)
 
     @staticmethod
     def check_free(output: str | Path) -> None:
-        """UserError unless ``output`` can be written without clobbering a finished or interrupted run."""
+        """UserError unless ``output`` can be written without clobbering a finished or interrupted run (and
+        its folder can be written at all: checked before any work)."""
         output = Path(output)
         journal = journal_path(output)
         _check_place(output)
@@ -307,49 +431,84 @@ class JournalSink:
             raise UserError(f"{journal} is an interrupted run's output; use --resume to continue it, or "
                             "--overwrite to start over")
 
+    @staticmethod
+    def check_writable(output: str | Path) -> None:
+        """UserError unless the folder of ``output`` can be written and ``output`` is no device or FIFO: for a
+        caller that writes beside the output before ``open`` (the check is cheap: no file is created)."""
+        _check_place(Path(output))
+
+    def _failed(self, e: OSError) -> OutputError:
+        return OutputError(f"cannot write {self.journal}: {_why(e)}. The rows written so far are kept there: "
+                           f"{_what_to_fix(e)} and run the same command with --resume to finish")
+
     def write(self, rows: Sequence[Row]) -> None:
         self.write_encoded(encode(rows, self.encoding, self.top_k))
 
     def write_encoded(self, data: bytes) -> None:
         """Append rows already encoded (``encode(rows, self.encoding, top_k)``, perhaps in a worker process):
-        one write call, so a killed process leaves whole chunks (a crash: at most a torn line)."""
+        one write call, so a killed process leaves whole chunks (a crash: at most a torn line). A write that
+        fails (a full disk) is cut back to the last whole chunk and raised as an OutputError."""
         view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        if time.monotonic() - self._synced > _FSYNC_EVERY_S:
-            os.fsync(self.fd)
-            self._synced = time.monotonic()
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+            self.size += len(data)
+            if time.monotonic() - self._synced > _FSYNC_EVERY_S:
+                os.fsync(self.fd)
+                self._synced = time.monotonic()
+        except OSError as e:
+            try:  # part of a chunk would end in a torn row (--resume would drop it): keep whole chunks only
+                os.ftruncate(self.fd, self.size)
+                os.lseek(self.fd, self.size, os.SEEK_SET)
+            except OSError:
+                pass
+            raise self._failed(e) from None
 
     def finish(self) -> Path:
-        """The journal becomes the output: complete, or not there at all."""
-        os.fsync(self.fd)
+        """The journal becomes the output: complete, or not there at all (then the journal stays, complete,
+        and --resume writes the output from it)."""
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise self._failed(e) from None
         os.close(self.fd)
         self.fd = -1
-        if self.fmt == "parquet":
-            tmp = self.output.with_name(f".{self.output.name}.tmp{os.getpid()}")
-            try:
-                _jsonl_to_parquet(self.journal, tmp, self.top_k)
-                os.replace(tmp, self.output)
-            finally:
-                tmp.unlink(missing_ok=True)
-            self.journal.unlink()
-        else:
-            os.replace(self.journal, self.output)
+        try:
+            if self.fmt == "parquet":
+                tmp = self.output.with_name(f".{self.output.name}.tmp{os.getpid()}")
+                try:
+                    _jsonl_to_parquet(self.journal, tmp, self.top_k)
+                    os.replace(tmp, self.output)
+                finally:
+                    try:
+                        tmp.unlink(missing_ok=True)
+                    except OSError:
+                        pass
+                self.journal.unlink()
+            else:
+                os.replace(self.journal, self.output)
+        except OSError as e:
+            raise OutputError(f"cannot write {self.output}: {_why(e)}. All its rows are in {self.journal}: "
+                              f"{_what_to_fix(e)} and run the same command with --resume to write it") from None
         _fsync_dir(self.output.parent)
         return self.output
 
     def close(self) -> None:
-        """Stop writing (the run was interrupted): the journal stays for --resume."""
+        """Stop writing (the run was interrupted, or a write failed): the journal stays for --resume. Never
+        raises: it runs while another exception is on its way out."""
         if self.fd >= 0:
             try:
                 os.fsync(self.fd)
+            except OSError as e:
+                log.warning("cannot sync %s: %s", self.journal, _why(e))
             finally:
                 os.close(self.fd)
                 self.fd = -1
 
 
 def _jsonl_to_parquet(journal: Path, dest: Path, top_k: int, rows_per_group: int = 65536) -> None:
-    """Stream the JSONL journal into a Parquet file, one row group per ``rows_per_group`` rows."""
+    """Stream the JSONL journal into a Parquet file, one row group per ``rows_per_group`` rows. Text is
+    copied as the journal holds it, escapes included (see the module doc): Parquet strings are UTF-8 too."""
     import pyarrow as pa
 
     pq = _pyarrow_parquet()
@@ -363,8 +522,8 @@ def _jsonl_to_parquet(journal: Path, dest: Path, top_k: int, rows_per_group: int
 
     def flush(batch: list[dict]) -> None:
         cols = {n: [r.get(n) for r in batch] for n in names}
-        # Parquet strings must be valid UTF-8: a non-UTF-8 file name is written with \xNN escapes
-        cols["path"] = [p.encode(*_ENC).decode("utf-8", "backslashreplace") for p in cols["path"]]
+        # a journal of an older version may hold raw non-UTF-8 bytes (surrogates here): escape those alone
+        cols["path"] = [escape_text(p) if _SURROGATE.search(p) else p for p in cols["path"]]
         writer.write_table(pa.table(cols, schema=schema))
         writer_empty[0] = False
 
@@ -381,28 +540,55 @@ def _jsonl_to_parquet(journal: Path, dest: Path, top_k: int, rows_per_group: int
 
 
 class StdoutSink:
-    """CSV on stdout, flushed chunk by chunk (``-o -``): no journal, no resume."""
+    """CSV on stdout, flushed chunk by chunk (``-o -``): no journal, no resume. A reader that goes away
+    (``| head``) raises BrokenPipeError, which the CLI ends quietly; any other write error (``> /dev/full``) is
+    an OutputError."""
 
     encoding = "csv"
 
     def __init__(self, top_k: int) -> None:
         self.top_k = top_k
+        if sys.stdout is None:  # started with stdout closed (>&-)
+            raise UserError("stdout is closed: write the table to a file with -o")
         self.out = sys.stdout.buffer
-        self.out.write(csv_header(top_k))
+        self._put(csv_header(top_k), flush=False)
 
     def write(self, rows: Sequence[Row]) -> None:
         self.write_encoded(encode(rows, "csv", self.top_k))
 
     def write_encoded(self, data: bytes) -> None:
-        self.out.write(data)
-        self.out.flush()
+        self._put(data)
+
+    def _put(self, data: bytes, flush: bool = True) -> None:
+        try:
+            self.out.write(data)
+            if flush:
+                self.out.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self._discard()
+            raise OutputError(f"cannot write to stdout: {_why(e)}. Stdout keeps no journal: write to a file "
+                              "(-o preds.csv) to keep the rows and be able to --resume") from None
+
+    def _discard(self) -> None:
+        """Rows still buffered would fail again when Python flushes stdout at exit (a second message, and
+        exit 120): send them to /dev/null instead."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.out.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
 
     def finish(self) -> str:
-        self.out.flush()
+        self._put(b"")
         return "-"
 
     def close(self) -> None:
         try:
             self.out.flush()
-        except (BrokenPipeError, ValueError):
+        except (BrokenPipeError, ValueError):  # the reader went away (the CLI says nothing), or closed already
             pass
+        except OSError:
+            self._discard()

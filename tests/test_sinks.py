@@ -1,18 +1,22 @@
-"""sinks.py: the three formats round-trip, the journal survives a torn tail, nothing is clobbered."""
+"""sinks.py: the three formats round-trip, the journal survives a torn tail, nothing is clobbered.
+(Full disks and read-only folders, which need a tmpfs: test_sinks_failures.py.)"""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import stat
 
 import pytest
 
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import JournalSink, Row, columns, journal_path, read_rows
+from fmnist_onnx.sinks import FORMATS, JournalSink, Row, columns, format_for, journal_path, read_rows
 from fmnist_onnx.spec import CLASSES
 
-ODD_PATHS = ["plain.png", "with space/é accent.png", 'quote"and,comma.png', "new\nline.png",
-             os.fsdecode(b"latin1-\xe9.png")]  # not UTF-8: possible on Linux
+ODD_PATHS = ["plain.png", "with space/é accent.png", 'quote"and,comma.png', "new\nline.png", "carriage\rreturn.png",
+             "crlf\r\n.png", os.fsdecode(b"latin1-\xe9.png"),  # not UTF-8: possible on Linux
+             "looks\\xe9like an escape.png", "back\\slash.png", "two\\\\backslashes.png"]
 
 
 def make_rows(n: int, top_k: int = 1, offset: int = 0) -> list[Row]:
@@ -53,11 +57,7 @@ def test_round_trip(tmp_path, fmt, top_k):
     sink.write(rows[25:])
     assert sink.finish() == out
     assert out.exists() and not journal_path(out).exists()
-    got = list(read_rows(out))
-    if fmt == "parquet":  # Parquet strings are UTF-8: the one non-UTF-8 name is written with an escape
-        assert any("\\xe9" in g["path"] for g in got)
-        rows = [Row(g["path"], r.indices, r.scores, r.error) for g, r in zip(got, rows, strict=True)]
-    check_rows(got, rows, top_k)
+    check_rows(list(read_rows(out)), rows, top_k)  # every name exactly, in all three formats
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
@@ -74,10 +74,7 @@ def test_resume_drops_a_torn_tail_and_continues(tmp_path, fmt):
     assert [r["path"] for r in seen] == [r.path for r in rows[:10]]
     sink.write(rows[10:])
     sink.finish()
-    got = list(read_rows(out))
-    if fmt != "parquet":
-        check_rows(got, rows, 1)
-    assert len(got) == 30 and len({g["path"] for g in got}) == 30
+    check_rows(list(read_rows(out)), rows, 1)
 
 
 def test_csv_torn_inside_a_quoted_multiline_path(tmp_path):
@@ -139,3 +136,94 @@ def test_jsonl_nulls_and_csv_empties(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert lines[0] == {"path": "a.png", "label": "Trouser", "index": 1, "score": 0.5, "error": None}
     assert lines[1] == {"path": "b.png", "label": None, "index": None, "score": None, "error": "empty file"}
+
+
+# ---------------------------------------------------------------------------------------------- hostile names
+
+@pytest.mark.parametrize("top_k", [1, 3])  # top-1 has its own fast path
+def test_csv_quotes_cr_and_lf_and_resume_reads_them_back(tmp_path, top_k):
+    names = ["a\rb.png", "c\r\nd.png", "e\nf.png", 'g,"h.png', "plain.png"]
+    rows = [Row(n, list(range(top_k)), [0.5] * top_k) for n in names] + [Row("x\ry.png", error="bad,\r\"file\"")]
+    out = tmp_path / "p.csv"
+    sink = JournalSink.open(out, "csv", top_k)
+    sink.write(rows[:3])
+    sink.close()  # interrupted: --resume must read the CR rows back (it failed with _csv.Error)
+    seen = []
+    sink = JournalSink.open(out, "csv", top_k, resume=True, on_previous_row=seen.append)
+    assert [r["path"] for r in seen] == names[:3]
+    sink.write(rows[3:])
+    sink.finish()
+    check_rows(list(read_rows(out)), rows, top_k)
+    with open(out, newline="", encoding="utf-8") as f:  # any CSV reader sees one record per row
+        records = list(csv.reader(f, strict=True))
+    assert [r[0] for r in records[1:]] == [r.path for r in rows] and records[-1][-1] == 'bad,\r"file"'
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_name_that_is_not_utf8_round_trips_and_outputs_stay_utf8(tmp_path, fmt):
+    names = [os.fsdecode(b"\xff.png"), os.fsdecode(b"dir\xe9/\xc3(.png"), "caf\u00e9.png",
+             "\\xff.png", "\\\\xff.png", "\\x41.png"]  # the last three are UTF-8 names that look like escapes
+    rows = [Row(n, [3], [0.75]) for n in names] + [Row(os.fsdecode(b"bad\xfe.png"), error="cannot decode")]
+    out = tmp_path / f"p.{fmt}"
+    sink = JournalSink.open(out, fmt, 1)
+    sink.write(rows[:2])
+    sink.close()
+    seen = []
+    sink = JournalSink.open(out, fmt, 1, resume=True, on_previous_row=seen.append)
+    assert [r["path"] for r in seen] == names[:2]  # --resume skips these files: the same str as the walk's
+    sink.write(rows[2:])
+    sink.finish()
+    got = list(read_rows(out))
+    assert [g["path"] for g in got] == [r.path for r in rows]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        written = pq.read_table(out).column("path").to_pylist()  # valid strings: pyarrow decoded them
+        assert written[0] == "\\xff.png" and written[3] == "\\\\xff.png"
+    else:
+        text = out.read_bytes().decode("utf-8")  # strict: not one stray byte
+        if fmt == "jsonl":
+            assert [json.loads(line)["path"] for line in text.splitlines()][:2] == ["\\xff.png", "dir\\xe9/\\xc3(.png"]
+
+
+def test_format_for_refuses_contradictions_and_honours_format_without_a_suffix():
+    assert format_for("p.csv", None) == "csv" and format_for("p.CSV", "csv") == "csv"
+    assert format_for("-", None) == "csv" and format_for("-", "csv") == "csv"
+    assert format_for("preds", "jsonl") == "jsonl" and format_for("preds.txt", "parquet") == "parquet"
+    with pytest.raises(UserError, match="--format says jsonl"):
+        format_for("o.csv", "jsonl")
+    with pytest.raises(UserError, match="-o - writes CSV only"):
+        format_for("-", "jsonl")
+    with pytest.raises(UserError, match="cannot tell the format"):
+        format_for("preds", None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_read_rows_of_a_suffixless_output(tmp_path, fmt):
+    out = tmp_path / "preds"
+    sink = JournalSink.open(out, fmt, 1)
+    sink.write(make_rows(5))
+    sink.finish()
+    check_rows(list(read_rows(out)), make_rows(5), 1)
+
+
+def _char_device(path) -> None:
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # /dev/null's numbers: harmless if written
+    except PermissionError:
+        pytest.skip("mknod needs root (CAP_MKNOD)")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char device", "fifo journal"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_only_regular_files_are_written_or_replaced(tmp_path, kind, overwrite):
+    out = tmp_path / "preds.csv"
+    target = journal_path(out) if kind == "fifo journal" else out
+    if kind == "char device":
+        _char_device(target)
+    else:
+        os.mkfifo(target)
+    with pytest.raises(UserError, match="only regular files"):
+        JournalSink.open(out, "csv", 1, overwrite=overwrite)
+    mode = os.lstat(target).st_mode
+    assert stat.S_ISCHR(mode) if kind == "char device" else stat.S_ISFIFO(mode)
