@@ -2,7 +2,8 @@
 so ``fmnist-onnx --help`` stays fast and the inference commands run without torch.
 
 Exit codes: 0 success, 1 a check failed (verify), 2 usage errors and bad input, 3 some files failed
-(classify), 130 interrupted by Ctrl-C (a checkpoint was saved).
+(classify), 4 classify's output could not be written (its journal keeps the rows), 130 interrupted by Ctrl-C
+(a checkpoint was saved).
 """
 
 from __future__ import annotations
@@ -400,6 +401,7 @@ Examples:
   fmnist-onnx classify /data/shop/ -o preds.parquet --engine ray --ray-address auto   # on a Ray cluster
 \b
 Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors,
+4 the output could not be written (a full disk: free space, run again with --resume),
 130 interrupted (run again with --resume).
 """)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
