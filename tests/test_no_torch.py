@@ -99,7 +99,7 @@ def test_info_runs_without_torch(venv, onnx_model):
 
 
 @pytest.mark.parametrize("command", [["train"], ["export"], ["verify"], ["data", "export-png", "--out", "pngs"]])
-def test_training_commands_name_the_extra_to_install(venv, command, tmp_path):
+def test_training_commands_name_the_extra_to_install(venv, command):
     proc = run_installed(venv, *command)
     assert_one_line_error(proc, 2, 'pip install "fmnist-onnx[train]"')
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
