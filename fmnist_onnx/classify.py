@@ -1,10 +1,19 @@
 """classify: folders of images -> a table of predictions, one row per file, with onnxruntime.
 
-The pipeline: the parent walks the folders (streamed, sorted) and cuts the file list into chunks; worker
-processes read and decode each chunk (reading and decoding are most of the cost: threads would not help
-such small images) and, on the CPU, run the model on it too and encode its rows; the parent collects the
-chunks in order and appends them to the journal (see sinks.py). With CUDA the workers only decode and the
-parent runs the model, in big batches. No torch here.
+The pipeline, the same for every engine:
+
+1. the request and its checks (``check_request``): inputs, model, options, output, and on --resume that the
+   journal was written by this same run (``RunIdentity``), each a one-line UserError before any work;
+2. the walk (``images.iter_files``, or the engine's own for URIs): streamed, sorted, cut into chunks of
+   paths (``work_items``); files an interrupted run wrote already are skipped;
+3. the engine: chunks of paths -> ``Rows`` (encoded as the sink writes them, with their top-1 classes and
+   true classes as arrays): ``engines/local.py`` (worker processes here, the default) or ``engines/ray.py``
+   (Ray Data on a cluster), behind one small interface (``Engine``);
+4. the sink (sinks.py): rows appended to a journal that becomes the output only when complete;
+5. the summary: counts, accuracy and the confusion matrix in the ImageFolder layout.
+
+The process that walks and writes handles arrays and bytes per chunk, not a Python object per file: that
+is what keeps it off the critical path on many cores. No torch here.
 
 Chunks adapt to the images: small at first (first rows come at once), then about a quarter second of work
 each, at most 2048 files: big photos are journaled often, tiny PNGs go in big chunks.
@@ -15,32 +24,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import signal
-import sys
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from fmnist_onnx import images
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import JournalSink, Row, StdoutSink, encode, format_for, journal_path, read_rows
+from fmnist_onnx.sinks import JournalSink, OutputError, Row, StdoutSink, encode, format_for, journal_path, read_rows
 from fmnist_onnx.spec import CLASSES, NUM_CLASSES
+from fmnist_onnx.testing import pause_point
 
 log = logging.getLogger(__name__)
 
 FIRST_CHUNK = 64
 MAX_CHUNK = 2048
 CHUNK_SECONDS = 0.25
-CRASHED = "the decoder crashed on this file (its worker process died)"
+DEFAULT_BATCH = 512  # images per onnxruntime call where the model runs beside the decoder (the CPU)
+CRASHED = "the decoder crashed on this file (its process died)"
 NON_FINITE = "the model gave non-finite logits (NaN or infinity) for this image"
+ENGINES = ("local", "ray")
 
 
 class Interrupted(Exception):
@@ -80,6 +88,82 @@ class ClassifySummary:
     already_complete: bool = False
 
 
+# ---------------------------------------------------------------------------------------------- rows
+
+@dataclass
+class Rows:
+    """A chunk of rows as an engine gives them back: encoded for the sink, plus what the summary counts, as
+    arrays (the parent never makes a Python object per file)."""
+
+    data: bytes  # the rows, as the sink's text format (CSV without header, or JSONL)
+    indices: np.ndarray  # int16 [n]: top-1 class, -1 for a failed file
+    truth: np.ndarray  # int16 [n]: class from the folder names (ImageFolder layout), -1 where none
+    errors: list[str]  # "" where the file was classified
+    seconds: float = 0.0  # decoding time of the chunk (chunk sizing)
+    paths: Sequence[str] | None = None  # set by the engine in the parent (not sent back by workers)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+_truth_cache: dict[str, int] = {}
+
+
+def true_classes(paths: Sequence[str]) -> np.ndarray:
+    """images.true_class of each path as int16 (-1: none), looked up once per folder."""
+    out = np.empty(len(paths), np.int16)
+    for i, path in enumerate(paths):
+        folder = path[:max(path.rfind("/"), path.rfind(os.sep))]
+        t = _truth_cache.get(folder)
+        if t is None:
+            c = images.true_class(path)
+            t = _truth_cache[folder] = -1 if c is None else c
+        out[i] = t
+    return out
+
+
+def make_rows(session, paths: Sequence[str], imgs: np.ndarray | None, errors: Sequence[str], top_k: int,
+              batch_size: int, encoding: str, io_binding: bool = False) -> Rows:
+    """The model on a decoded chunk -> its Rows (``session`` may be None when every file failed)."""
+    rows = predict_rows(session, paths, imgs, errors, top_k, batch_size, io_binding)
+    return rows_of(rows, encoding, top_k)
+
+
+def rows_of(rows: Sequence[Row], encoding: str, top_k: int) -> Rows:
+    """Rows made elsewhere (an engine's own, or an unlistable folder's) as a Rows chunk."""
+    indices = np.array([r.indices[0] if not r.error else -1 for r in rows], np.int16)
+    return Rows(encode(rows, encoding, top_k), indices, true_classes([r.path for r in rows]),
+                [r.error for r in rows], paths=[r.path for r in rows])
+
+
+def predict_rows(session, paths: Sequence[str], imgs: np.ndarray | None, errors: Sequence[str], top_k: int,
+                 batch_size: int, io_binding: bool = False) -> list[Row]:
+    """Rows for a decoded chunk: top-k classes by logit (ties: lowest index, as argmax) with softmax scores.
+    Logits that are not finite (a broken model) make an error row, never a class."""
+    ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
+    rows = [Row(p, error=e) if e else None for p, e in zip(paths, errors, strict=True)]
+    if len(ok):
+        x = images.to_model_input(imgs[ok])
+        logits = np.concatenate([session.run(x[i:i + batch_size], io_binding=io_binding)
+                                 for i in range(0, len(x), batch_size)])
+        finite = np.isfinite(logits).all(axis=1)
+        if not finite.all():
+            for i in ok[~finite].tolist():
+                rows[i] = Row(paths[i], error=NON_FINITE)
+            ok, logits = ok[finite], logits[finite]
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+        z = logits.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(axis=1, keepdims=True)
+        scores = np.take_along_axis(probs, order, axis=1)
+        for i, idx, sc in zip(ok.tolist(), order.tolist(), scores.tolist(), strict=True):
+            rows[i] = Row(paths[i], idx, sc)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- counting
+
 class Tally:
     """Counts, and a confusion matrix for files in the ImageFolder layout."""
 
@@ -88,27 +172,34 @@ class Tally:
         self.unlabelled = 0
         self.confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)  # [true, predicted]
         self.failures: list[dict] = []
-        self._truth: dict[str, int | None] = {}
 
-    def add(self, path: str, index: int | None, error: str | None) -> None:
-        if error:
-            self.failed += 1
-            if len(self.failures) < 10:
-                self.failures.append({"path": path, "error": error})
-            return
-        self.classified += 1
-        # files of a folder share their class: look it up once per folder
-        folder = path[:max(path.rfind("/"), path.rfind(os.sep))]
-        truth = self._truth.get(folder, -1)
-        if truth == -1:
-            truth = self._truth[folder] = images.true_class(path)
-        if truth is None:
-            self.unlabelled += 1
-        else:
-            self.confusion[truth, index] += 1
+    def add_rows(self, rows: Rows) -> None:
+        """A chunk, with array operations: the cost per file stays well under a microsecond."""
+        ok = rows.indices >= 0
+        n_ok = int(ok.sum())
+        self.classified += n_ok
+        self.failed += len(rows) - n_ok
+        if n_ok < len(rows) and len(self.failures) < 10:
+            for i in np.flatnonzero(~ok)[:10 - len(self.failures)].tolist():
+                self.failures.append({"path": rows.paths[i], "error": rows.errors[i]})
+        truth, pred = rows.truth[ok], rows.indices[ok]
+        labelled = truth >= 0
+        self.unlabelled += int(len(truth) - labelled.sum())
+        np.add.at(self.confusion, (truth[labelled], pred[labelled]), 1)
 
     def add_row(self, row: dict) -> None:
-        self.add(row["path"], row.get("index"), row.get("error"))
+        """One row of a finished output or a journal (a dict, as sinks.read_rows gives it)."""
+        if row.get("error"):
+            self.failed += 1
+            if len(self.failures) < 10:
+                self.failures.append({"path": row["path"], "error": row["error"]})
+            return
+        self.classified += 1
+        truth = int(true_classes([row["path"]])[0])
+        if truth < 0:
+            self.unlabelled += 1
+        else:
+            self.confusion[truth, row["index"]] += 1
 
     def metrics(self) -> tuple[float | None, list[ClassMetrics] | None]:
         """Accuracy and per-class precision/recall, when every classified file has a class folder."""
@@ -125,219 +216,24 @@ class Tally:
         return round(100.0 * diag.sum() / labelled, 2), per_class
 
 
-# ---------------------------------------------------------------------------------------------- workers
-
-def _worker_init(parent: int | None = None) -> None:
-    # Ctrl-C goes to the whole process group: the parent handles it, workers finish their chunk quietly
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A parent killed alone (SIGKILL, the OOM killer) would leave its workers waiting forever on their queue:
-    # on Linux, have the kernel kill a worker when its parent dies.
-    if parent is not None and sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() != parent:  # the parent died before prctl
-            os._exit(1)
-
+# ---------------------------------------------------------------------------------------------- the request
 
 @dataclass(frozen=True)
-class _Infer:
-    """What a worker needs to run the model itself, on the CPU: its rows then come back encoded."""
+class Request:
+    """A checked classify request: what every engine is given."""
 
+    roots: list[str]
     model: str
+    output: str
+    fmt: str
     top_k: int
-    batch_size: int
-    encoding: str  # the sink's text format: csv or jsonl
-
-
-@dataclass
-class _Chunk:
-    """A worker's answer: decoded images for the parent to classify (``data`` None), or encoded rows."""
-
-    errors: list[str]
-    seconds: float
-    images: np.ndarray | None = None
-    data: bytes | None = None  # encoded rows, as the sink writes them
-    indices: list[int | None] | None = None  # top-1 class of each row, for the summary
-
-
-_worker_sessions: dict[str, object] = {}  # per worker process: one onnxruntime session per model
-
-
-def _decode_chunk(paths: Sequence[str], invert: str, infer: _Infer | None = None) -> _Chunk:
-    """Runs in a worker: decode the chunk; with ``infer``, also classify it and encode its rows."""
-    t0 = time.perf_counter()
-    imgs, errors = images.preprocess_batch(paths, invert)
-    if infer is None:
-        return _Chunk(errors, time.perf_counter() - t0, images=imgs)
-    session = _worker_sessions.get(infer.model)
-    if session is None:
-        from fmnist_onnx.runtime import open_session
-
-        session = _worker_sessions[infer.model] = open_session(infer.model, "cpu", threads=1)
-    rows = predict_rows(session, paths, imgs, errors, infer.top_k, infer.batch_size)
-    data = encode(rows, infer.encoding, infer.top_k)
-    return _Chunk([r.error for r in rows], time.perf_counter() - t0, data=data,  # rows' errors: NaN logits too
-                  indices=[r.indices[0] if r.indices else None for r in rows])
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-class _Pool:
-    """Worker processes, restarted when one dies (a decoder crash or the OOM killer), never hanging."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        # fork: workers start in milliseconds. Forked before onnxruntime starts its threads (see classify).
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self.ctx = multiprocessing.get_context(method)
-        self.executor: ProcessPoolExecutor | None = None
-        self.infer: _Infer | None = None  # set: the workers run the model too
-        self.start()
-
-    def start(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-        self.executor = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_worker_init,
-                                            initargs=(os.getpid(),))
-        self.executor.submit(os.getpid).result()  # all workers exist from here on
-
-    def submit(self, paths: Sequence[str], invert: str, decode_only: bool = False) -> Future:
-        """A future of ``_decode_chunk``; one that raises BrokenProcessPool if the pool is already broken
-        (a worker died since: the caller finds out where it collects results, in order)."""
-        try:
-            return self.executor.submit(_decode_chunk, paths, invert, None if decode_only else self.infer)
-        except BrokenProcessPool as e:
-            broken: Future = Future()
-            broken.set_exception(e)
-            return broken
-
-    def isolate(self, paths: Sequence[str], invert: str) -> tuple[np.ndarray, list[str]]:
-        """Decode a chunk that was in a dying pool file by file, each alone in the pool, so that a file
-        that kills its worker is named and the others are decoded."""
-        out = np.zeros((len(paths), images.IMAGE_SIZE, images.IMAGE_SIZE), dtype=np.uint8)
-        errors = [""] * len(paths)
-        for i, path in enumerate(paths):
-            try:
-                res = self.submit([path], invert, decode_only=True).result()
-                out[i], errors[i] = res.images[0], res.errors[0]
-            except BrokenProcessPool:
-                log.warning("%s: %s", path, CRASHED)
-                errors[i] = CRASHED
-                self.start()
-        return out, errors
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-            self.executor = None
-
-
-# ---------------------------------------------------------------------------------------------- the walk
-
-def _path_key(path: str) -> int:
-    # 64-bit digests: 8 bytes a row to remember what an interrupted run did (collision odds ~1e-8 at 1e6 files)
-    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
-class _Done:
-    """Paths an interrupted run already wrote, as sorted 64-bit digests (memory: 8 bytes a file)."""
-
-    def __init__(self, keys: list[int]) -> None:
-        self.keys = np.unique(np.array(keys, dtype=np.uint64))
-
-    def __contains__(self, path: str) -> bool:
-        key = np.uint64(_path_key(path))
-        i = int(np.searchsorted(self.keys, key))
-        return i < len(self.keys) and self.keys[i] == key
-
-
-def _work_items(found: Iterator[images.Found], done: _Done | None, tally: Tally,
-                chunk_size: list[int]) -> Iterator[list[str] | Row]:
-    """Chunks of paths to decode (list) and rows known without decoding (Row: an unlistable folder), in
-    walk order. ``chunk_size[0]`` is read at each chunk, so the caller can adapt it."""
-    chunk: list[str] = []
-    for f in found:
-        if f.kind == "skip":
-            tally.skipped += 1
-            continue
-        if done is not None and f.path in done:
-            continue
-        if f.kind == "unlistable":
-            if chunk:
-                yield chunk
-                chunk = []
-            yield Row(f.path, error=f.error)
-            continue
-        chunk.append(f.path)
-        if len(chunk) >= chunk_size[0]:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-# ---------------------------------------------------------------------------------------------- the model
-
-def predict_rows(session, paths: Sequence[str], imgs: np.ndarray, errors: Sequence[str], top_k: int,
-                 batch_size: int) -> list[Row]:
-    """Rows for a decoded chunk: top-k classes by logit (ties: lowest index, as argmax) with softmax scores."""
-    ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
-    rows = [Row(p, error=e) if e else None for p, e in zip(paths, errors, strict=True)]
-    if len(ok):
-        x = images.to_model_input(imgs[ok])
-        logits = np.concatenate([session.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-        finite = np.isfinite(logits).all(axis=1)
-        if not finite.all():  # a broken model: NaN would sort as a class and score nan; it is an error row
-            for i in ok[~finite].tolist():
-                rows[i] = Row(paths[i], error=NON_FINITE)
-            ok, logits = ok[finite], logits[finite]
-        order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
-        z = logits.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
-        scores = np.take_along_axis(probs, order, axis=1)
-        for i, idx, sc in zip(ok.tolist(), order.tolist(), scores.tolist(), strict=True):
-            rows[i] = Row(paths[i], idx, sc)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------- the driver
-
-def _check_inputs(paths: Sequence[str | Path]) -> list[str]:
-    if not paths:
-        raise UserError("no PATH given: name folders or image files to classify")
-    out = []
-    for p in paths:
-        s = os.fspath(p)
-        if not os.path.lexists(s):
-            raise UserError(f"{s}: no such file or folder")
-        if os.path.islink(s) and not os.path.exists(s):
-            raise UserError(f"{s}: dangling symbolic link")
-        out.append(s)
-    # a path named twice, or one inside a folder also named, would give its files two rows. Linear in the
-    # number of paths (a shell glob can name 100,000 files), times the number of folders named.
-    real = [os.path.realpath(s) for s in out]
-    first: dict[str, int] = {}
-    for i, r in enumerate(real):
-        if r in first:
-            raise UserError(f"{out[i]} and {out[first[r]]} are the same; name each file or folder once")
-        first[r] = i
-    folders = [(r.rstrip(os.sep) + os.sep, i) for i, r in enumerate(real) if os.path.isdir(r)]
-    for i, r in enumerate(real):
-        for prefix, j in folders:
-            if r.startswith(prefix):
-                raise UserError(f"{out[i]} is inside {out[j]}; name each file or folder once")
-    return out
+    batch_size: int | None  # None: the engine's choice (DEFAULT_BATCH beside the decoder, whole chunks on a GPU)
+    invert: str
+    recursive: bool
+    resume: bool
+    overwrite: bool
+    provider: str  # as asked: auto, or a name in runtime.PROVIDER_TABLE
+    identity: RunIdentity
 
 
 @dataclass(frozen=True)
@@ -410,7 +306,37 @@ def _check_same_run(output: str, identity: RunIdentity) -> None:
 def _write_identity(output: str, identity: RunIdentity) -> None:
     from fmnist_onnx.files import atomic_write_text
 
-    atomic_write_text(identity_path(output), json.dumps(asdict(identity), indent=1) + "\n")
+    try:
+        atomic_write_text(identity_path(output), json.dumps(asdict(identity), indent=1) + "\n")
+    except OSError as e:  # before any row: nothing is lost, and nothing to resume
+        raise UserError(f"cannot write {identity_path(output)}: {e.strerror or e}") from None
+
+
+def check_inputs(paths: Sequence[str | Path]) -> list[str]:
+    if not paths:
+        raise UserError("no PATH given: name folders or image files to classify")
+    out = []
+    for p in paths:
+        s = os.fspath(p)
+        if not os.path.lexists(s):
+            raise UserError(f"{s}: no such file or folder")
+        if os.path.islink(s) and not os.path.exists(s):
+            raise UserError(f"{s}: dangling symbolic link")
+        out.append(s)
+    # a path named twice, or one inside a folder also named, would give its files two rows. Linear in the
+    # number of paths (a shell glob can name 100,000 files), times the number of folders named.
+    real = [os.path.realpath(s) for s in out]
+    first: dict[str, int] = {}
+    for i, r in enumerate(real):
+        if r in first:
+            raise UserError(f"{out[i]} and {out[first[r]]} are the same; name each file or folder once")
+        first[r] = i
+    folders = [(r.rstrip(os.sep) + os.sep, i) for i, r in enumerate(real) if os.path.isdir(r)]
+    for i, r in enumerate(real):
+        for prefix, j in folders:
+            if r.startswith(prefix):
+                raise UserError(f"{out[i]} is inside {out[j]}; name each file or folder once")
+    return out
 
 
 def _summary_of_finished(output: Path, fmt: str) -> ClassifySummary:
@@ -423,17 +349,24 @@ def _summary_of_finished(output: Path, fmt: str) -> ClassifySummary:
                            tally.failures, already_complete=True)
 
 
-def check_request(paths: Sequence[str | Path], model: str | Path, output: str, fmt: str | None, top_k: int,
-                  invert: str, resume: bool, overwrite: bool, check_inputs=_check_inputs, recursive: bool = True,
-                  ) -> tuple[list[str], str, ClassifySummary | None, RunIdentity]:
-    """The checks every engine (local, Ray) makes before any work, each a one-line UserError. Returns the
-    inputs (checked by ``check_inputs``), the table format, when --resume finds the output complete
-    already its summary (then there is nothing to do), and the run's identity (for ``open_sink``)."""
+def check_request(paths: Sequence[str | Path], model: str | Path, output: str | Path = "-", fmt: str | None = None,
+                  top_k: int = 1, batch_size: int | None = None, invert: str = "auto", recursive: bool = True,
+                  resume: bool = False, overwrite: bool = False, provider: str = "auto",
+                  check_inputs=check_inputs) -> tuple[Request, ClassifySummary | None]:
+    """The checks every engine makes before any work, each a one-line UserError. Returns the request and,
+    when --resume finds the output complete already, its summary (then there is nothing to do)."""
+    from fmnist_onnx.runtime import PROVIDER_CHOICES
+
+    output = os.fspath(output)
     fmt = format_for(output, fmt)
     if not 1 <= top_k <= NUM_CLASSES:
         raise UserError(f"--top-k must be between 1 and {NUM_CLASSES}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     if invert not in images.INVERT_MODES:
         raise UserError(f"--invert must be one of {', '.join(images.INVERT_MODES)}")
+    if provider not in PROVIDER_CHOICES:
+        raise UserError(f"unknown provider {provider!r}; choose {', '.join(PROVIDER_CHOICES)}")
     if output == "-" and resume:
         raise UserError("--resume needs an --output file (stdout cannot be resumed)")
     if resume and overwrite:
@@ -442,14 +375,62 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str, f
     if not Path(model).is_file():
         raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
     identity = RunIdentity.of(model, invert, top_k, recursive, roots)
+    request = Request(roots, os.fspath(model), output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
+                      provider, identity)
     if resume and Path(output).exists() and not journal_path(output).exists():
         log.info("%s is complete already", output)
-        return roots, fmt, _summary_of_finished(Path(output), fmt), identity
+        return request, _summary_of_finished(Path(output), fmt)
+    if output != "-":
+        JournalSink.check_writable(output)  # a read-only folder, a device: refused before any work
     if output != "-" and not overwrite and not resume:
-        JournalSink.check_free(output)  # refuse before any work
+        JournalSink.check_free(output)
     if resume:
         _check_same_run(output, identity)
-    return roots, fmt, None, identity
+    return request, None
+
+
+# ---------------------------------------------------------------------------------------------- the walk
+
+def _path_key(path: str) -> int:
+    # 64-bit digests: 8 bytes a row to remember what an interrupted run did (collision odds ~1e-8 at 1e6 files)
+    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+class _Done:
+    """Paths an interrupted run already wrote, as sorted 64-bit digests (memory: 8 bytes a file)."""
+
+    def __init__(self, keys: list[int]) -> None:
+        self.keys = np.unique(np.array(keys, dtype=np.uint64))
+
+    def __contains__(self, path: str) -> bool:
+        key = np.uint64(_path_key(path))
+        i = int(np.searchsorted(self.keys, key))
+        return i < len(self.keys) and self.keys[i] == key
+
+
+def work_items(found: Iterator[images.Found], done: _Done | None, tally: Tally,
+               chunk_size: list[int]) -> Iterator[list[str] | Row]:
+    """Chunks of paths to decode (list) and rows known without decoding (Row: an unlistable folder), in
+    walk order. ``chunk_size[0]`` is read at each chunk, so the caller can adapt it."""
+    chunk: list[str] = []
+    for f in found:
+        if f.kind == "skip":
+            tally.skipped += 1
+            continue
+        if done is not None and f.path in done:
+            continue
+        if f.kind == "unlistable":
+            if chunk:
+                yield chunk
+                chunk = []
+            yield Row(f.path, error=f.error)
+            continue
+        chunk.append(f.path)
+        if len(chunk) >= chunk_size[0]:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def open_sink(output: str, fmt: str, top_k: int, resume: bool, overwrite: bool,
@@ -485,14 +466,42 @@ def confusion_png_path(output: str | Path) -> Path:
     return output.with_name(output.stem + ".confusion.png")
 
 
+# ---------------------------------------------------------------------------------------------- the driver
+
+class Engine(Protocol):
+    """What the pipeline needs of an engine (engines/local.py, engines/ray.py)."""
+
+    provider: str  # the provider that runs the model (a name in runtime.PROVIDER_TABLE)
+    workers: int  # decoding processes, or Ray actors
+    decoder: str  # in words, for the summary
+
+    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Found]: ...
+
+    def rows(self, items: Iterator[list[str] | Row], encoding: str) -> Iterator[Rows]: ...
+
+    def close(self) -> None: ...
+
+
+def open_engine(name: str, request: Request, **options) -> Engine:
+    """The engine ``name`` for ``request``; its framework is imported only here."""
+    if name == "local":
+        from fmnist_onnx.engines.local import LocalEngine
+
+        return LocalEngine(request, **options)
+    if name == "ray":
+        from fmnist_onnx.engines.ray import RayEngine
+
+        return RayEngine(request, **options)
+    raise UserError(f"unknown engine {name!r}; choose {', '.join(ENGINES)}")
+
+
 def classify(
     paths: Sequence[str | Path],
     model: str | Path,
     output: str | Path = "-",
     fmt: str | None = None,
     top_k: int = 1,
-    batch_size: int = 512,
-    workers: int | None = None,
+    batch_size: int | None = None,
     provider: str = "auto",
     invert: str = "auto",
     resume: bool = False,
@@ -500,90 +509,54 @@ def classify(
     recursive: bool = True,
     progress: bool = False,
     on_provider=None,
+    engine: str = "local",
+    **engine_options,
 ) -> ClassifySummary:
     """Classify every image file under ``paths`` into ``output`` ('-': CSV on stdout); see the module doc.
-    ``on_provider(name)`` is called once the session is open (the CLI says which provider runs)."""
+    ``engine_options`` go to the engine (local: workers, inference; ray: address, actors, check_inputs).
+    ``on_provider(name)`` is called once the engine is ready (the CLI says which provider runs)."""
     t0 = time.perf_counter()
-    output = os.fspath(output)
-    roots, fmt, finished, identity = check_request(paths, model, output, fmt, top_k, invert, resume, overwrite,
-                                                   recursive=recursive)
+    checker = engine_options.pop("check_inputs", check_inputs)
+    request, finished = check_request(paths, model, output, fmt, top_k, batch_size, invert, recursive, resume,
+                                      overwrite, provider, check_inputs=checker)
     if finished is not None:
         return finished
-    workers = workers or default_workers()
-
-    # Fork the workers before onnxruntime starts its thread pool: forking a process with threads is unsafe.
-    pool = _Pool(workers)
-    sink = old_int = None
-    old_term = _install_sigterm()
+    output = request.output
+    sink = eng = old_int = None
+    tally = Tally()
+    old_term = install_sigterm()
+    # From here on Ctrl-C raises KeyboardInterrupt, so that the engine stops (a local Ray runtime, the worker
+    # processes) and the journal is closed cleanly
+    if old_term is not None and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        from fmnist_onnx.runtime import open_session
-
-        # One intra-op thread: the workers keep the other cores busy, and onnxruntime's spinning threads
-        # would only take CPU time from them (measured: 14 us of CPU per image on one thread, 23 on two).
-        session = open_session(model, provider, threads=1)
+        pause_point("classify.before_engine")  # tests hold the run here (testing.py)
+        eng = open_engine(engine, request, **engine_options)
         if on_provider is not None:
-            on_provider(session.provider)
-        tally = Tally()
-        # From here on there is a journal to keep: Ctrl-C raises KeyboardInterrupt, which closes it cleanly
-        if old_term is not None and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-        sink, done = open_sink(output, fmt, top_k, resume, overwrite, tally, identity)
-        if session.provider == "cpu":
-            # The workers run the model too, on one thread each, and send back encoded rows: the parent is
-            # then left with walking and writing, and is no longer the bottleneck (measured: ~13 us of CPU per
-            # image for the model, ~20 for reading and decoding). On CUDA the parent runs it, in big batches.
-            pool.infer = _Infer(os.fspath(model), top_k, batch_size, sink.encoding)
-        bar = _progress_bar(progress, tally.resumed)
+            on_provider(eng.provider)
+        pause_point("classify.engine_ready")
+        sink, done = open_sink(output, request.fmt, top_k, resume, overwrite, tally, request.identity)
+        bar = progress_bar(progress, tally.resumed)
         chunk_size = [FIRST_CHUNK]
-        items = _work_items(images.iter_files(roots, recursive), done, tally, chunk_size)
-        window: deque = deque()  # (paths, future) or (None, Row), in walk order
-        depth = 2 * workers + 1  # chunks in flight: workers never wait for the parent
-
-        def feed() -> None:
-            while len(window) < depth:
-                item = next(items, None)
-                if item is None:
-                    return
-                if isinstance(item, Row):
-                    window.append((None, item))
-                else:
-                    window.append((item, pool.submit(item, invert)))
-
-        feed()
-        while window:
-            chunk, fut = window.popleft()
-            if chunk is None:
-                rows = [fut]
-            else:
-                try:
-                    res = fut.result()
-                    # about CHUNK_SECONDS of work per chunk from now on
-                    per_file = res.seconds / len(chunk)
-                    chunk_size[0] = int(min(MAX_CHUNK, max(FIRST_CHUNK, CHUNK_SECONDS / max(per_file, 1e-6))))
-                except BrokenProcessPool:
-                    log.warning("a worker process died; decoding its chunk file by file")
-                    pool.start()
-                    imgs, errors = pool.isolate(chunk, invert)
-                    res = _Chunk(errors, 0.0, images=imgs)
-                    window = deque((c, pool.submit(c, invert) if c is not None else f) for c, f in window)
-                feed()  # keep the workers busy while this chunk is written (and classified, on CUDA)
-                if res.data is not None:
-                    sink.write_encoded(res.data)
-                    for path, index, error in zip(chunk, res.indices, res.errors, strict=True):
-                        tally.add(path, index, error)
-                    if bar is not None:
-                        bar.update(len(chunk))
-                    continue
-                rows = predict_rows(session, chunk, res.images, res.errors, top_k, batch_size)
-            sink.write(rows)
-            for r in rows:
-                tally.add(r.path, r.indices[0] if r.indices else None, r.error)
+        items = work_items(eng.walk(request.roots, recursive), done, tally, chunk_size)
+        for rows in eng.rows(items, sink.encoding):
+            sink.write_encoded(rows.data)
+            pause_point("classify.after_chunk")  # tests hold the run here (testing.py)
+            tally.add_rows(rows)
+            if rows.seconds > 0:  # about CHUNK_SECONDS of work per chunk from now on
+                per_file = rows.seconds / len(rows)
+                chunk_size[0] = int(min(MAX_CHUNK, max(FIRST_CHUNK, CHUNK_SECONDS / max(per_file, 1e-6))))
             if bar is not None:
                 bar.update(len(rows))
         if bar is not None:
             bar.close()
         final = finish_sink(sink, output)
     except BaseException as e:
+        if isinstance(e, UserError) and not isinstance(e, OutputError) and sink is not None and not resume \
+                and output != "-" and not tally.classified + tally.failed:
+            sink.close()  # the engine could not start (Ray actors, the model in a worker): nothing to resume
+            journal_path(output).unlink(missing_ok=True)
+            identity_path(output).unlink(missing_ok=True)
         close_on_error(sink, e)
         raise
     finally:
@@ -591,9 +564,9 @@ def classify(
             signal.signal(signal.SIGTERM, old_term)
         if old_int is not None:
             signal.signal(signal.SIGINT, old_int)
-        pool.close()
-
-    return summarize(tally, final, output, fmt, session.provider, workers, decoder_name(),
+        if eng is not None:
+            eng.close()
+    return summarize(tally, final, output, request.fmt, eng.provider, eng.workers, eng.decoder,
                      time.perf_counter() - t0)
 
 
@@ -634,7 +607,7 @@ def close_on_error(sink, e: BaseException) -> None:
         raise Interrupted(signum, getattr(sink, "journal", None)) from None
 
 
-def _install_sigterm():
+def install_sigterm():
     """SIGTERM ends the run like Ctrl-C: rows written so far stay in the journal."""
     import threading
 
@@ -647,7 +620,7 @@ def _install_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _progress_bar(progress: bool, initial: int):
+def progress_bar(progress: bool, initial: int):
     if not progress:
         return None
     from tqdm import tqdm

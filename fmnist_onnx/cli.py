@@ -413,11 +413,15 @@ Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2
               help="Table format, when the --output suffix does not say it.")
 @click.option("-k", "--top-k", type=click.IntRange(1, 10), default=1, show_default=True,
               help="Also write the next K-1 classes and their scores.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Images per onnxruntime call.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Images per onnxruntime call [512 where the decoding processes run the model (the CPU); the "
+                   "whole chunk, up to 2048, in the batched stage (CUDA)].")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime has it, else the CPU. An explicit cuda that is missing is an error.")
+@click.option("--inference", type=click.Choice(["auto", "workers", "batched"]), default="auto", show_default=True,
+              help="Where the model runs: in the decoding processes (the CPU's way), or in one batched stage "
+                   "after them (CUDA's way; with --provider cpu too, e.g. to test it). auto: the provider's way.")
 @click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="auto: invert images with a light border (dark object on a light background, like a product "
                    "photo) to Fashion-MNIST's light-on-dark.")
@@ -439,7 +443,7 @@ Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2
               help="Also write an HTML report of the run (self-contained: open it in a browser); the same page "
                    "as `fmnist-onnx report` makes of the output.")
 def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, invert, resume, overwrite,
-             no_recursive, as_json, engine, ray_address, actors, quiet, report_path):
+             no_recursive, as_json, engine, ray_address, actors, quiet, report_path, inference):
     """Classify image files and folders into a table of predictions, one row per file.
 
     PATHS are folders (searched recursively) and files, in any format Pillow reads (PNG, JPEG, BMP, WebP,
@@ -468,8 +472,8 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
         check_destination(report_path, output)  # before the run, not after an hour of work
     if engine == "local" and (ray_address or actors):
         raise click.UsageError("--ray-address and --actors are for --engine ray")
-    if engine == "ray" and workers:
-        raise click.UsageError("--workers is for --engine local; with --engine ray, use --actors")
+    if engine == "ray" and (workers or inference != "auto"):
+        raise click.UsageError("--workers and --inference are for --engine local; with --engine ray, use --actors")
     talk = not quiet
 
     def on_provider(name: str) -> None:
@@ -482,14 +486,17 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
 
         run = partial(classify_ray, address=ray_address, actors=actors)
     else:
-        run = partial(cl.classify, workers=workers)
+        run = partial(cl.classify, workers=workers, inference=inference)
     try:
         s = run(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
                 invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
                 progress=show_progress(quiet), on_provider=on_provider)
     except cl.Interrupted as e:
-        where = f"rows so far are in {e.journal}; " if e.journal else ""
-        click.echo(f"Interrupted: {where}run the same command with --resume to finish.", err=True)
+        if e.journal is None or not e.journal.exists():
+            click.echo("Interrupted.", err=True)  # before any row: nothing to resume
+        else:
+            click.echo(f"Interrupted: rows so far are in {e.journal}; run the same command with --resume to finish.",
+                       err=True)
         sys.exit(128 + e.signum)
     except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import os
+import pwd
+import selectors
+import shutil
+import signal
+import site
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+
+from fmnist_onnx.testing import FD_ENV, PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,3 +102,146 @@ def foreign_onnx(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("foreign")
     return {"3x32x32 input": _foreign_model(d / "cifar.onnx", ["batch", 3, 32, 32], 1, 5),
             "5 outputs": _foreign_model(d / "five.onnx", ["batch", 1, 28, 28], 5, 10)}
+
+
+# ---------------------------------------------------------------------------------------------- held processes
+
+class Held:
+    """A real process held at a pause point of fmnist_onnx/testing.py, so that a test acts on it at a known
+    moment instead of racing it: ``wait()`` returns once the process is held there (it blocks on a socket: no
+    polling), the test does its deed (a signal, a kill), ``release()`` lets the process go on. As a context
+    manager, whatever is still running at the end is killed (its whole process group with start_new_session)."""
+
+    def __init__(self, cmd: list[str], point: str, env: dict | None = None, **popen) -> None:
+        self.point = point
+        self._ours, theirs = socket.socketpair()
+        env = {**(os.environ if env is None else env), PAUSE_ENV: point, FD_ENV: str(theirs.fileno())}
+        self.proc = subprocess.Popen(cmd, env=env, pass_fds=(theirs.fileno(),), **popen)
+        self._group = popen.get("start_new_session", False)
+        theirs.close()
+
+    def wait(self, timeout: float = 300) -> int:
+        """Block until the process is held at its point; returns its pid. It must not exit before (the
+        timeout is only a safety net for a hung run)."""
+        buf = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._ours, selectors.EVENT_READ)
+            pidfd = _pidfd(self.proc.pid)
+            if pidfd is not None:
+                sel.register(pidfd, selectors.EVENT_READ)
+            try:
+                deadline = time.monotonic() + timeout
+                while not buf.endswith(b"\n"):
+                    ready = {key.fileobj for key, _ in sel.select(max(0.0, deadline - time.monotonic()))}
+                    if self._ours in ready:
+                        data = self._ours.recv(256)
+                        buf += data
+                        if data:
+                            continue
+                    if not ready:
+                        raise AssertionError(f"not held at {self.point} after {timeout} s")
+                    code = self.proc.wait(timeout)
+                    raise AssertionError(f"the process exited ({code}) before {self.point}: nothing was tested\n"
+                                         f"{_stderr_of(self.proc)}")
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
+        where, pid = buf.decode().split()
+        assert where == self.point and int(pid) == self.proc.pid, buf
+        return self.proc.pid
+
+    def release(self) -> None:
+        self._ours.close()  # the process reads the end of the socket: it goes on (never blocks here)
+
+    def __enter__(self) -> Held:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        if self.proc.poll() is None:
+            try:
+                (os.killpg if self._group else os.kill)(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(60)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _stderr_of(proc: subprocess.Popen) -> str:
+    """What the process wrote to its stderr pipe so far (not waiting for children that may hold it open)."""
+    if proc.stderr is None or proc.stderr.closed:
+        return ""
+    os.set_blocking(proc.stderr.fileno(), False)
+    try:
+        return os.read(proc.stderr.fileno(), 1 << 16).decode(errors="replace")
+    except BlockingIOError:
+        return ""
+
+
+def _pidfd(pid: int) -> int | None:
+    """A file descriptor that becomes readable when ``pid`` exits (Linux 5.3+); None if it is gone already or
+    the platform has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def wait_for_exit(pids, timeout: float = 60) -> list[int]:
+    """Block until every process of ``pids`` has exited (a zombie has: it only waits for its parent), watching
+    pidfds rather than polling. Returns those still alive when ``timeout`` (a safety net) runs out."""
+    fds = {fd: pid for pid in pids if (fd := _pidfd(pid)) is not None}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for fd in fds:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            ready = sel.select(max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for key, _ in ready:
+                sel.unregister(key.fileobj)
+        left = [fds[fd] for fd in sel.get_map()]
+    for fd in fds:
+        os.close(fd)
+    return left
+
+
+# ---------------------------------------------------------------------------------------------- unprivileged
+
+@pytest.fixture(scope="session")
+def nobody():
+    """For the tests of unreadable files, which mean nothing to root (it reads any file): subprocess arguments
+    that run a command as the user `nobody` when the tests run as root (as in CI), and as the current user
+    otherwise; and ``folder``, a fresh folder under /tmp that this user can write. Folders on the way to the
+    interpreter, the venv and this checkout get the search bit for others (o+x, never read) for the session
+    if they lack it (/root is 0700, and CI runs from a clone), and get their mode back at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="nobody", dir="/tmp"))
+    if os.geteuid() != 0:
+        yield {"kwargs": {}, "folder": folder}
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    user = pwd.getpwnam("nobody")
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    changed: dict[Path, int] = {}
+    for target in {Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix), REPO,
+                   *map(Path, site.getsitepackages()), folder}:
+        for d in [target, *target.parents] if target.is_dir() else target.parents:
+            mode = d.stat().st_mode
+            if not mode & stat.S_IXOTH and d not in changed:
+                changed[d] = stat.S_IMODE(mode)
+                d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "HOME"))}
+    env.update(HOME=str(folder), XDG_CACHE_HOME=str(folder / ".cache"))
+    kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "env": env, "cwd": folder}
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import os, fmnist_onnx.images; print(os.geteuid())"],
+                               capture_output=True, text=True, **kwargs)
+        assert probe.stdout.split() == [str(user.pw_uid)], f"cannot run Python as nobody:\n{probe.stderr}"
+        yield {"kwargs": kwargs, "folder": folder}
+    finally:
+        for d, mode in changed.items():
+            d.chmod(mode)
+        shutil.rmtree(folder, ignore_errors=True)

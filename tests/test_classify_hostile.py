@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -71,30 +70,29 @@ def test_a_fixed_batch_model_gives_the_dynamic_models_rows(batch, onnx_model, te
     assert len(rows["fixed"]) == 1000 and rows["fixed"] == rows["dynamic"]
 
 
-@pytest.mark.parametrize("delay_s", [0.0, 0.02, 0.05, 0.1, 0.2, 0.4])
-def test_ctrl_c_at_any_moment_is_exit_130_and_one_line(delay_s, onnx_model, test_pngs, tmp_path):
-    """Whatever the moment (imports, the session, the pool, the run), Ctrl-C gives 130 and no traceback. The
-    moment does not matter to the assertion, so the test cannot race: a run that finished first is fine."""
-    out = tmp_path / "preds.csv"
-    proc = subprocess.Popen([sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model),
-                             "-o", str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    time.sleep(delay_s)
-    try:
-        import os
+@pytest.mark.parametrize("point", ["main.started:1", "classify.before_engine:1", "classify.engine_ready:1",
+                                   "classify.after_chunk:1"])
+def test_ctrl_c_at_any_moment_is_exit_130_and_one_line(point, onnx_model, test_pngs, tmp_path):
+    """Held at each stage of its start (before the imports, before the workers and onnxruntime, before the
+    journal) and in the run, a Ctrl-C gives 130, one line and no traceback; a journal only once it has rows."""
+    import os
 
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
-    except ProcessLookupError:
-        pass
-    _, stderr = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        assert out.exists() and len(list(read_rows(out))) == 10000
-        return
-    # -SIGINT: the signal came before Python had started (the shell says 130 then too)
-    assert proc.returncode in (130, -signal.SIGINT), stderr
+    from conftest import Held
+
+    out = tmp_path / "preds.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
+           "--quiet"]
+    with Held(cmd, point, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+              text=True) as held:
+        os.killpg(held.wait(), signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+        _, stderr = held.proc.communicate(timeout=120)
+    assert held.proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "Aborted" not in stderr and "Error" not in stderr, stderr
-    assert len(stderr.strip().splitlines()) <= 1, stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("Interrupted"), stderr
     assert not out.exists()
+    assert journal_path(out).exists() == point.startswith("classify.after_chunk")
+    if journal_path(out).exists():
+        assert "--resume" in stderr
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,7 +34,7 @@ from pathlib import Path
 from fmnist_onnx import classify as cl
 from fmnist_onnx import images
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import Row, journal_path
+from fmnist_onnx.sinks import Row
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,6 @@ BLOCKS_PER_ACTOR = 4  # at least: every actor gets work, and the last blocks fin
 MIN_RESERVE_CPU = 0.5  # CPUs no actor claims, so that Ray Data's own tasks can run (ray-project/ray#44687)
 RESERVE_CPU_SHARE = 0.05
 TASK_RETRIES = 2  # tries of a block after its actor died, before its files are tried one by one
-CRASHED = "the decoder crashed on this file (its Ray actor died)"
 INSTALL_HINT = 'pip install "fmnist-onnx[ray]"'
 
 
@@ -90,7 +87,7 @@ def check_inputs(paths: Sequence[str | Path]) -> list[str]:
     paths = [os.fspath(p) for p in paths]
     local = [p for p in paths if not is_uri(p)]
     if not paths or local:
-        cl._check_inputs(local)  # also: "no PATH given"
+        cl.check_inputs(local)  # also: "no PATH given"
     for uri in paths:
         if is_uri(uri):
             filesystem, base = _uri_fs(uri)
@@ -134,13 +131,11 @@ def _iter_uri(uri: str, recursive: bool, exts: frozenset[str]) -> Iterator[image
                            "file name is not UTF-8: pyarrow cannot read it (give the folder as a plain path)")
 
 
-def _walk(roots: Sequence[str], recursive: bool) -> Iterator[tuple[int, images.Found]]:
-    """(root index, entry) for every entry under ``roots``: local paths exactly as the local engine walks."""
+def walk(roots: Sequence[str], recursive: bool) -> Iterator[images.Found]:
+    """Every entry under ``roots``: local paths exactly as the local engine walks them, URIs through pyarrow."""
     exts = images.image_extensions()
-    for r, root in enumerate(roots):
-        found = _iter_uri(root, recursive, exts) if is_uri(root) else images.iter_files([root], recursive)
-        for f in found:
-            yield r, f
+    for root in roots:
+        yield from _iter_uri(root, recursive, exts) if is_uri(root) else images.iter_files([root], recursive)
 
 
 # ---------------------------------------------------------------------------------------------- the actors
@@ -171,11 +166,10 @@ class Predictor:
     (the call's) and then hides; instead it goes back to the driver in the ``fatal`` column, and the driver
     stops the run with its message (a UserError, such as CUDA missing on this node, stays one clear line)."""
 
-    def __init__(self, model: list, provider: str, roots: list[str | None], invert: str, top_k: int,
-                 batch_size: int) -> None:
+    def __init__(self, model: list, provider: str, invert: str, top_k: int, batch_size: int) -> None:
         self.fatal: tuple[bool, str] | None = None  # (is a UserError, message)
-        self.roots, self.invert, self.top_k, self.batch_size = roots, invert, top_k, batch_size
-        self.filesystems: dict[int, tuple[object, int]] = {}
+        self.invert, self.top_k, self.batch_size = invert, top_k, batch_size
+        self.filesystems: dict[str, object] = {}
         try:
             import ray
 
@@ -190,12 +184,13 @@ class Predictor:
         except Exception as e:  # noqa: BLE001 - see the class doc
             self.fatal = _fatal(e)
 
-    def _fs(self, root: int) -> tuple[object, int]:
-        """(file system, length of the 'scheme://' prefix) of a URI root, made once per actor."""
-        if root not in self.filesystems:
-            uri = self.roots[root]
-            self.filesystems[root] = (_uri_fs(uri)[0], len(uri.partition("://")[0]) + 3)
-        return self.filesystems[root]
+    def _read(self, uri: str) -> bytes:
+        """A URI's bytes, through one file system per 'scheme://authority', made once per actor."""
+        scheme, _, rest = uri.partition("://")
+        key = f"{scheme}://{rest.split('/', 1)[0]}"
+        if key not in self.filesystems:
+            self.filesystems[key] = _uri_fs(uri)[0]
+        return _read_uri(self.filesystems[key], rest)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -220,13 +215,12 @@ class Predictor:
         paths = [os.fsdecode(p) for p in batch["path"].to_pylist()]
         sources: list[str | bytes] = []
         read_errors: dict[int, str] = {}
-        for i, (path, root) in enumerate(zip(paths, batch["root"].to_pylist(), strict=True)):
-            if self.roots[root] is None:
+        for i, path in enumerate(paths):
+            if not is_uri(path):
                 sources.append(path)  # a local path: preprocess_batch reads it (images.read_file)
                 continue
             try:
-                filesystem, skip = self._fs(root)
-                sources.append(_read_uri(filesystem, path[skip:]))
+                sources.append(self._read(path))
             except (images.ImageError, UserError) as e:
                 read_errors[i] = str(e)
                 sources.append(b"")
@@ -279,12 +273,12 @@ def plan_pool(resources: dict[str, float], provider: str, actors: int | None,
     return provider, n, per_cpu, per_gpu
 
 
-def _block_tables(ids: Sequence[int], roots: Sequence[int], paths: Sequence[bytes], size: int):
+def _block_tables(ids: Sequence[int], paths: Sequence[bytes], size: int):
     """The file list as Arrow tables of ``size`` files, one per block (one actor call)."""
     import pyarrow as pa
 
-    return [pa.table({"id": pa.array(ids[i:i + size], pa.int64()), "root": pa.array(roots[i:i + size], pa.int32()),
-                      "path": pa.array(paths[i:i + size], pa.binary())}) for i in range(0, len(ids), size)]
+    return [pa.table({"id": pa.array(ids[i:i + size], pa.int64()), "path": pa.array(paths[i:i + size], pa.binary())})
+            for i in range(0, len(ids), size)]
 
 
 def block_size(files: int, actors: int) -> int:
@@ -294,7 +288,7 @@ def block_size(files: int, actors: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- the driver
 
-def _run(ray, ids: Sequence[int], roots: Sequence[int], paths: Sequence[bytes], size: int,
+def _run(ray, ids: Sequence[int], paths: Sequence[bytes], size: int,
          pool: tuple[int, float, float], predictor: dict) -> Iterator:
     """Ray Data over the files: blocks of paths -> the actor pool -> Arrow batches of rows (id, indices, scores,
     error), streamed as they are done. A block whose actor dies is retried a few times on a restarted actor,
@@ -302,7 +296,7 @@ def _run(ray, ids: Sequence[int], roots: Sequence[int], paths: Sequence[bytes], 
     for ever or failing the whole run."""
     n, per_cpu, per_gpu = pool
     remote = {"num_gpus": per_gpu} if per_gpu else {}
-    ds = ray.data.from_arrow(_block_tables(ids, roots, paths, size))
+    ds = ray.data.from_arrow(_block_tables(ids, paths, size))
     # One block at a time per actor when isolating (size 1): a crash then takes down its own file only, not
     # the other blocks queued on the same actor.
     strategy = {"max_tasks_in_flight_per_actor": 1} if size == 1 else {}
@@ -370,142 +364,100 @@ def _restore(ray, old: dict) -> None:
         setattr(ctx, k, v)
 
 
-def classify_ray(
-    paths: Sequence[str | Path],
-    model: str | Path,
-    output: str | Path = "-",
-    fmt: str | None = None,
-    top_k: int = 1,
-    batch_size: int = 512,
-    provider: str = "auto",
-    invert: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    recursive: bool = True,
-    progress: bool = False,
-    on_provider=None,
-    address: str | None = None,
-    actors: int | None = None,
-) -> cl.ClassifySummary:
+class RayEngine:
+    """The pipeline's engine on Ray Data (classify.Engine): connects (or starts a local runtime), plans the actor
+    pool, and turns the walk's chunks into Rows. Rows come in the order they are done."""
+
+    def __init__(self, request: cl.Request, address: str | None = None, actors: int | None = None) -> None:
+        if actors is not None and actors < 1:
+            raise UserError("--actors must be at least 1")
+        self.ray = _import_ray()
+        from fmnist_onnx.runtime import PROVIDERS, available_providers, open_session, resolve_provider
+
+        open_session(request.model, "cpu")  # a broken or wrong model is one clear error here, before any cluster work
+        self.request = request
+        self.model_bytes = Path(request.model).read_bytes()
+        self.started = self.settings = None
+        self.started = _connect(self.ray, address)
+        try:
+            local_runtime = self.started and not (address or os.environ.get("RAY_ADDRESS"))
+            self.settings = _set_data_context(self.ray)
+            local_cuda = PROVIDERS["cuda"] in available_providers() if local_runtime else None
+            if local_runtime and request.provider == "cuda" and not local_cuda:
+                resolve_provider("cuda")  # the local engine's error: onnxruntime here has no CUDA
+            self.provider, self.workers, per_cpu, per_gpu = plan_pool(self.ray.cluster_resources(), request.provider,
+                                                                      actors, local_cuda)
+        except BaseException:
+            self.close()
+            raise
+        self.pool = (self.workers, per_cpu, per_gpu)
+        self.decoder = f"{cl.decoder_name()} in Ray actors"
+        log.info("Ray pool: %d actors, %g CPU and %g GPU each (%s)", self.workers, per_cpu, per_gpu, self.provider)
+
+    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Found]:
+        return walk(roots, recursive)
+
+    def rows(self, items: Iterator[list[str] | Row], encoding: str) -> Iterator[cl.Rows]:
+        """Every file of ``items`` to the actors at once (Ray Data plans the blocks), rows as they are done."""
+        top_k = self.request.top_k
+        files: list[bytes] = []
+        for item in items:
+            if isinstance(item, Row):  # a folder that cannot be listed: its row at once
+                yield cl.rows_of([item], encoding, top_k)
+            else:
+                files.extend(os.fsencode(p) for p in item)
+        if not files:
+            return
+        predictor = {"model": [self.ray.put(self.model_bytes)], "provider": self.provider,
+                     "invert": self.request.invert, "top_k": top_k,
+                     "batch_size": self.request.batch_size or cl.DEFAULT_BATCH}
+        returned = bytearray(len(files))
+
+        def rows_of_batch(batch) -> cl.Rows:
+            fatal = batch["fatal"]
+            if fatal.null_count < len(fatal):
+                i = next(i for i, v in enumerate(fatal.to_pylist()) if v is not None)
+                if batch["fatal_is_user_error"][i].as_py():
+                    raise UserError(fatal[i].as_py())
+                raise RuntimeError(f"a Ray actor failed {fatal[i].as_py()}")
+            rows = []
+            for i, idx, sc, err in zip(batch["id"].to_pylist(), batch["indices"].to_pylist(),
+                                       batch["scores"].to_pylist(), batch["error"].to_pylist(), strict=True):
+                if returned[i]:
+                    continue  # a block that Ray ran twice (a retry after its actor died): rows once
+                returned[i] = 1
+                rows.append(Row(os.fsdecode(files[i]), idx or (), sc or (), err or ""))
+            return cl.rows_of(rows, encoding, top_k)
+
+        ids = range(len(files))
+        for batch in _run(self.ray, ids, files, block_size(len(files), self.workers), self.pool, predictor):
+            yield rows_of_batch(batch)
+        lost = [i for i in ids if not returned[i]]
+        if lost:
+            # Blocks whose actor died on every try (a file that crashes the decoder, or the OOM killer):
+            # again file by file, so that only the culprits get an error row, as in the local engine.
+            log.warning("%d files were in blocks that failed; trying them one by one", len(lost))
+            for batch in _run(self.ray, lost, [files[i] for i in lost], 1, self.pool, predictor):
+                yield rows_of_batch(batch)
+            crashed = [Row(os.fsdecode(files[i]), error=cl.CRASHED) for i in lost if not returned[i]]
+            for row in crashed:
+                log.warning("%s: %s", row.path, row.error)
+            if crashed:
+                yield cl.rows_of(crashed, encoding, top_k)
+
+    def close(self) -> None:
+        if self.settings is not None:
+            _restore(self.ray, self.settings)
+            self.settings = None
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+
+def classify_ray(paths: Sequence[str | Path], model: str | Path, output: str | Path = "-", *,
+                 address: str | None = None, actors: int | None = None, **options) -> cl.ClassifySummary:
     """classify.classify on Ray Data (see the module doc). ``address``: a Ray cluster ('auto', 'host:port',
     'ray://host:10001'); None: $RAY_ADDRESS, else a local runtime that is stopped at the end. A runtime
     that the caller connected already is used and left running."""
-    t0 = time.perf_counter()
-    output = os.fspath(output)
-    if provider not in ("auto", "cpu", "cuda"):
-        raise UserError(f"unknown provider {provider!r}; choose auto, cpu or cuda")
-    if actors is not None and actors < 1:
-        raise UserError("--actors must be at least 1")
-    ray = _import_ray()
-    roots, fmt, finished, identity = cl.check_request(paths, model, output, fmt, top_k, invert, resume, overwrite,
-                                                      check_inputs=check_inputs, recursive=recursive)
-    if finished is not None:
-        return finished
-    from fmnist_onnx.runtime import PROVIDERS, available_providers, open_session
-
-    open_session(model, "cpu")  # a broken or wrong model is one clear error here, before any cluster work
-    model_bytes = Path(model).read_bytes()
-
-    old_term = cl._install_sigterm()
-    # Ctrl-C must reach the finally below (a local runtime is stopped there), not end the process at once
-    old_int = None
-    if old_term is not None and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    started = _connect(ray, address)
-    local_runtime = started and not (address or os.environ.get("RAY_ADDRESS"))
-    sink = None
-    settings = _set_data_context(ray)
-    try:
-        local_cuda = PROVIDERS["cuda"] in available_providers() if local_runtime else None
-        if local_runtime and provider == "cuda" and not local_cuda:
-            from fmnist_onnx.runtime import resolve_provider
-
-            resolve_provider("cuda")  # the local engine's error: onnxruntime here has no CUDA
-        name, n, per_cpu, per_gpu = plan_pool(ray.cluster_resources(), provider, actors, local_cuda)
-        log.info("Ray pool: %d actors, %g CPU and %g GPU each (%s)", n, per_cpu, per_gpu, name)
-        if on_provider is not None:
-            on_provider(name)
-        tally = cl.Tally()
-        sink, done = cl.open_sink(output, fmt, top_k, resume, overwrite, tally, identity)
-        bar = cl._progress_bar(progress, tally.resumed)
-
-        # The walk, here: folders that cannot be listed get their rows at once; the files go to the actors.
-        root_ids: list[int] = []
-        files: list[bytes] = []
-        for r, f in _walk(roots, recursive):
-            if f.kind == "skip":
-                tally.skipped += 1
-            elif done is not None and f.path in done:
-                continue
-            elif f.kind == "unlistable":
-                row = Row(f.path, error=f.error)
-                sink.write([row])
-                tally.add(row.path, None, row.error)
-            else:
-                root_ids.append(r)
-                files.append(os.fsencode(f.path))
-        if files:
-            predictor = {"model": [ray.put(model_bytes)], "provider": name, "invert": invert, "top_k": top_k,
-                         "batch_size": batch_size, "roots": [root if is_uri(root) else None for root in roots]}
-            pool = (n, per_cpu, per_gpu)
-
-            def write(batch) -> None:
-                fatal = batch["fatal"]
-                if fatal.null_count < len(fatal):
-                    i = next(i for i, v in enumerate(fatal.to_pylist()) if v is not None)
-                    if batch["fatal_is_user_error"][i].as_py():
-                        raise UserError(fatal[i].as_py())
-                    raise RuntimeError(f"a Ray actor failed {fatal[i].as_py()}")
-                rows = []
-                for i, idx, sc, err in zip(batch["id"].to_pylist(), batch["indices"].to_pylist(),
-                                           batch["scores"].to_pylist(), batch["error"].to_pylist(), strict=True):
-                    if returned[i]:
-                        continue  # a block that Ray ran twice (a retry after its actor died): rows once
-                    returned[i] = 1
-                    rows.append(Row(os.fsdecode(files[i]), idx or (), sc or (), err or ""))
-                sink.write(rows)
-                for row in rows:
-                    tally.add(row.path, row.indices[0] if row.indices else None, row.error)
-                if bar is not None:
-                    bar.update(len(rows))
-
-            returned = bytearray(len(files))
-            ids = range(len(files))
-            for batch in _run(ray, ids, root_ids, files, block_size(len(files), n), pool, predictor):
-                write(batch)
-            lost = [i for i in ids if not returned[i]]
-            if lost:
-                # Blocks whose actor died on every try (a file that crashes the decoder, or the OOM killer):
-                # again file by file, so that only the culprits get an error row, as in the local engine.
-                log.warning("%d files were in blocks that failed; trying them one by one", len(lost))
-                for batch in _run(ray, lost, [root_ids[i] for i in lost], [files[i] for i in lost], 1, pool,
-                                  predictor):
-                    write(batch)
-                crashed = [Row(os.fsdecode(files[i]), error=CRASHED) for i in lost if not returned[i]]
-                for row in crashed:
-                    log.warning("%s: %s", row.path, row.error)
-                    tally.add(row.path, None, row.error)
-                sink.write(crashed)
-                if bar is not None:
-                    bar.update(len(crashed))
-        if bar is not None:
-            bar.close()
-        final = cl.finish_sink(sink, output)
-    except BaseException as e:
-        cl.close_on_error(sink, e)
-        if sink is not None and isinstance(e, UserError) and not resume and not tally.classified + tally.failed \
-                and output != "-":
-            journal_path(output).unlink(missing_ok=True)  # the actors could not start: nothing to resume
-            cl.identity_path(output).unlink(missing_ok=True)
-        raise
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        if old_int is not None:
-            signal.signal(signal.SIGINT, old_int)
-        _restore(ray, settings)
-        if started:
-            ray.shutdown()
-
-    decoder = f"{cl.decoder_name()} in Ray actors"
-    return cl.summarize(tally, final, output, fmt, name, n, decoder, time.perf_counter() - t0)
+    return cl.classify(paths, model, output, engine="ray", check_inputs=check_inputs, address=address, actors=actors,
+                       **options)

@@ -1,0 +1,250 @@
+"""The local engine: worker processes on this machine turn chunks of paths into encoded rows.
+
+Reading and decoding are most of the cost (threads would not help such small images: the decoders hold the
+GIL), so worker processes do them, in chunks. Where the model runs comes from the provider table
+(runtime.PROVIDER_TABLE):
+
+- in the workers (the CPU): each worker also runs the model on its chunk, on one thread, and sends back the
+  rows encoded as the sink writes them. The parent only walks, counts and writes: it is never the bottleneck.
+- in a batched stage (CUDA, or ``inference="batched"``): the workers only decode and send back the chunk's
+  uint8 images (784 bytes each, one array); one inference process runs the model on them in big batches,
+  with IO binding, and encodes the rows. The same code runs with the CPU provider, so CI tests it.
+
+Either way the parent handles arrays and bytes per chunk, never a Python object per file. Chunks come back
+in walk order. A worker that dies (a decoder crash, the OOM killer) costs its chunk a retry, file by file,
+so that only the culprit gets an error row. Workers die with their parent (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from fmnist_onnx import images
+from fmnist_onnx.classify import CRASHED, DEFAULT_BATCH, Request, Rows, decoder_name, make_rows, rows_of
+from fmnist_onnx.errors import UserError
+from fmnist_onnx.sinks import Row
+
+log = logging.getLogger(__name__)
+
+STAGE_DEPTH = 2  # chunks queued in the inference stage: it never waits for the parent, nor holds much memory
+INFERENCE_CHOICES = ("auto", "workers", "batched")
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _worker_init(parent: int | None = None) -> None:
+    # Ctrl-C goes to the whole process group: the parent handles it, workers finish their chunk quietly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A parent killed alone (SIGKILL, the OOM killer) would leave its workers waiting forever on their queue:
+    # on Linux, have the kernel kill a worker when its parent dies.
+    if parent is not None and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- in a worker
+
+@dataclass(frozen=True)
+class _Job:
+    """What a worker needs of the request (sent with every chunk: small)."""
+
+    model: str
+    invert: str
+    top_k: int
+    batch_size: int | None  # None: DEFAULT_BATCH in the workers, the whole chunk in the batched stage
+    provider: str  # a name in runtime.PROVIDER_TABLE
+    batched: bool  # the model runs in the batched stage (else in the decoding workers)
+
+
+_sessions: dict[tuple[str, str], object] = {}  # per process: one onnxruntime session per (model, provider)
+
+
+def _session(model: str, provider: str):
+    """This process's session. One intra-op thread in the decoding workers: the other workers keep the other
+    cores busy, and onnxruntime's spinning threads would only take CPU time from them (measured: 14 us of CPU
+    per image on one thread, 23 on two)."""
+    key = (model, provider)
+    if key not in _sessions:
+        from fmnist_onnx.runtime import open_session
+
+        _sessions[key] = open_session(model, provider, threads=1 if provider == "cpu" else None)
+    return _sessions[key]
+
+
+def _check_model(model: str, provider: str) -> None:
+    _session(model, provider)  # a UserError (bad model, provider missing) comes back to the parent as it is
+
+
+def _decode(paths: Sequence[str], invert: str) -> tuple[np.ndarray, list[str], float]:
+    t0 = time.perf_counter()
+    imgs, errors = images.preprocess_batch(paths, invert)
+    return imgs, errors, time.perf_counter() - t0
+
+
+def _classify_decoded(paths: Sequence[str], imgs: np.ndarray, errors: list[str], seconds: float, job: _Job,
+                      encoding: str) -> Rows:
+    """The model on a decoded chunk: in a decoding worker (batches of DEFAULT_BATCH), or in the batched stage
+    (the whole chunk in one call, with IO binding). The paths stay in the parent, which has them."""
+    batch = job.batch_size or (max(1, len(paths)) if job.batched else DEFAULT_BATCH)
+    session = None if all(errors) else _session(job.model, job.provider)
+    rows = make_rows(session, paths, imgs, errors, job.top_k, batch, encoding, io_binding=job.batched)
+    rows.seconds, rows.paths = seconds, None
+    return rows
+
+
+def _decode_and_classify(paths: Sequence[str], job: _Job, encoding: str) -> Rows:
+    """A worker's whole job on the CPU: decode the chunk, run the model on one thread, encode the rows."""
+    return _classify_decoded(paths, *_decode(paths, job.invert), job, encoding)
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+class LocalEngine:
+    """Worker processes, restarted when one dies, never hanging; and for the batched stage, one more process
+    that runs the model. All forked before this process starts any thread (onnxruntime's pool, CUDA)."""
+
+    def __init__(self, request: Request, workers: int | None = None, inference: str = "auto") -> None:
+        from fmnist_onnx.runtime import PROVIDER_TABLE, resolve_provider
+
+        self.provider = resolve_provider(request.provider)  # cheap: no session, no CUDA initialisation here
+        if inference not in INFERENCE_CHOICES:
+            raise UserError(f"--inference must be one of {', '.join(INFERENCE_CHOICES)}")
+        in_workers = PROVIDER_TABLE[self.provider].model_in_workers if inference == "auto" else inference == "workers"
+        if in_workers and self.provider != "cpu":
+            raise UserError(f"--inference workers runs the model in the decoding processes, on the CPU only; "
+                            f"--provider {self.provider} runs it in the batched stage")
+        self.batched = not in_workers
+        self.job = _Job(request.model, request.invert, request.top_k, request.batch_size, self.provider, self.batched)
+        self.workers = workers or default_workers()
+        self.decoder = decoder_name() + (", then a batched inference stage" if self.batched else "")
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: milliseconds
+        self.ctx = multiprocessing.get_context(method)
+        self.pool: ProcessPoolExecutor | None = None
+        self.stage: ProcessPoolExecutor | None = None
+        try:
+            self._start_pool()
+            if self.batched:
+                self.stage = self._executor(1)
+            # The model is checked before any work, in a process that will run it: one clear line if it is bad
+            (self.stage or self.pool).submit(_check_model, request.model, self.provider).result()
+        except BaseException:
+            self.close()
+            raise
+
+    def _executor(self, n: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(n, mp_context=self.ctx, initializer=_worker_init, initargs=(os.getpid(),))
+
+    def _start_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = self._executor(self.workers)
+        self.pool.submit(os.getpid).result()  # all workers exist from here on
+
+    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Found]:
+        return images.iter_files(roots, recursive)
+
+    def _submit(self, paths: list[str], encoding: str) -> Future:
+        """A future of the chunk's Rows (the workers' path) or of its decoded images (the batched path); one that
+        raises BrokenProcessPool if the pool is broken already (found out where results are collected)."""
+        try:
+            if self.batched:
+                return self.pool.submit(_decode, paths, self.job.invert)
+            return self.pool.submit(_decode_and_classify, paths, self.job, encoding)
+        except BrokenProcessPool as e:
+            broken: Future = Future()
+            broken.set_exception(e)
+            return broken
+
+    def _isolate(self, paths: list[str]) -> tuple[np.ndarray, list[str], float]:
+        """Decode a chunk that was in a dying pool file by file, each alone in the pool, so that a file that
+        kills its worker is named and the others are decoded."""
+        out = np.zeros((len(paths), images.IMAGE_SIZE, images.IMAGE_SIZE), dtype=np.uint8)
+        errors = [""] * len(paths)
+        for i, path in enumerate(paths):
+            try:
+                imgs, errs, _ = self.pool.submit(_decode, [path], self.job.invert).result()
+                out[i], errors[i] = imgs[0], errs[0]
+            except BrokenProcessPool:
+                log.warning("%s: %s", path, CRASHED)
+                errors[i] = CRASHED
+                self._start_pool()
+        return out, errors, 0.0
+
+    def _stage_rows(self, fut: Future) -> Rows:
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            raise UserError("the inference process died (out of memory, or a crash in onnxruntime); the rows so "
+                            "far are kept: run the same command with --resume") from None
+
+    def rows(self, items: Iterator[list[str] | Row], encoding: str) -> Iterator[Rows]:
+        """Rows for each work item (a chunk of paths, or a row known already), in walk order."""
+        decoding: deque = deque()  # (paths, future) or (None, Row), in walk order
+        staged: deque = deque()  # (paths, future of Rows) in the inference stage, in walk order
+        depth = 2 * self.workers + 1  # chunks in flight: workers never wait for the parent
+
+        def feed() -> None:
+            while len(decoding) < depth:
+                item = next(items, None)
+                if item is None:
+                    return
+                decoding.append((None, item) if isinstance(item, Row) else (item, self._submit(item, encoding)))
+
+        feed()
+        while decoding or staged:
+            # the stage's oldest chunk, when the stage is full, or when nothing else comes before it
+            if staged and (len(staged) >= STAGE_DEPTH or not decoding or decoding[0][0] is None):
+                paths, fut = staged.popleft()
+                rows = self._stage_rows(fut)
+                rows.paths = paths
+                yield rows
+                continue
+            paths, fut = decoding.popleft()
+            if paths is None:  # a row known already (a folder that cannot be listed)
+                yield rows_of([fut], encoding, self.job.top_k)
+                continue
+            try:
+                res = fut.result()
+            except BrokenProcessPool:
+                log.warning("a worker process died; decoding its chunk file by file")
+                self._start_pool()
+                res = self._isolate(paths)
+                decoding = deque((p, self._submit(p, encoding) if p is not None else f) for p, f in decoding)
+                if not self.batched:  # the workers' path: classify here what was decoded there
+                    res = self.pool.submit(_classify_decoded, paths, *res, self.job, encoding).result()
+            feed()  # keep the workers busy while this chunk is written
+            if isinstance(res, Rows):
+                res.paths = paths
+                yield res
+            else:
+                staged.append((paths, self.stage.submit(_classify_decoded, paths, *res, self.job, encoding)))
+
+    def close(self) -> None:
+        for ex in (self.pool, self.stage):
+            if ex is not None:
+                ex.shutdown(wait=True, cancel_futures=True)
+        self.pool = self.stage = None

@@ -1,0 +1,58 @@
+"""Pause points: a run held at a named moment, so that a test can act on it there (kill it, interrupt it, kill
+one of its workers) without racing it. Outside tests nothing is set and a pause point returns at once.
+
+A test sets two environment variables for the process it starts (tests/conftest.py, ``Held``, is that side):
+
+  FMNIST_ONNX_PAUSE=NAME[:N]   hold at the N-th pass (default 1) of the pause point NAME:
+      main.started             the command line's process, Ctrl-C's handler installed, nothing imported yet
+      classify.before_engine   the request is checked; the engine (workers, onnxruntime, Ray) is not started
+      classify.engine_ready    the engine is started; no journal yet
+      classify.after_chunk     a chunk of rows has been appended to the journal (both engines: classify.py and
+                               engines/ray.py; the rows are in the file, not necessarily on the disk)
+      train.after_step         an optimizer step is done (train.py; counted from this process's start, across
+                               epochs), before the loop looks for a Ctrl-C
+  FMNIST_ONNX_PAUSE_FD=FD      this process's end of a socket pair (or pipe) that the test passed it
+
+On the N-th pass the process writes one line, ``NAME:N PID``, to FD and then reads FD until the test writes a
+byte or closes its end: the release. While it is held the test acts: SIGKILL kills it there; a signal whose
+handler raises (Ctrl-C, and SIGTERM in classify) ends the wait with that exception, as it would have ended the
+work at that point; a signal whose handler only takes note (train's) is seen once the test releases the run.
+Why a socket (or pipe) and not a named file: the test waits for the line without polling, and its release never
+blocks, even when the process is gone. The environment is read once, at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+PAUSE_ENV = "FMNIST_ONNX_PAUSE"
+FD_ENV = "FMNIST_ONNX_PAUSE_FD"
+
+
+def _parse(spec: str) -> tuple[str | None, int]:
+    if not spec:
+        return None, 0
+    name, _, n = spec.partition(":")
+    if not name or (n and not n.isdigit()) or n == "0":
+        raise ValueError(f"{PAUSE_ENV}={spec!r}: expected NAME or NAME:N (N >= 1)")
+    return name, int(n or 1)
+
+
+_POINT, _AT = _parse(os.environ.get(PAUSE_ENV, ""))
+_passes = 0
+
+
+def pause_point(name: str) -> None:
+    """Hold here if FMNIST_ONNX_PAUSE names this point and this is its N-th pass (see the module doc)."""
+    global _passes
+    if name != _POINT:
+        return
+    _passes += 1
+    if _passes == _AT:
+        _hold(f"{name}:{_passes}")
+
+
+def _hold(where: str) -> None:
+    fd = int(os.environ[FD_ENV])
+    os.write(fd, f"{where} {os.getpid()}\n".encode())
+    os.read(fd, 1)  # returns on the test's byte or its end's close; a raising signal handler ends it sooner
