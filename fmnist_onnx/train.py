@@ -27,6 +27,7 @@ from fmnist_onnx.data import load_dataset, load_split
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import atomic_write, atomic_write_text
 from fmnist_onnx.model import NeuralNetwork
+from fmnist_onnx.testing import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,7 @@ def train(
                 loss_acc += loss.detach() * len(y)
                 part["count"] += len(y)
                 step += 1
+                pause_point("train.after_step")  # tests hold the run here (testing.py)
                 if progress:
                     bar.update(1)
                     if step % 20 == 0:
