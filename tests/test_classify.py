@@ -6,18 +6,21 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_cli
+from conftest import Held, assert_one_line_error, run_cli, wait_for_exit
 from fmnist_onnx.sinks import journal_path, read_rows
+
+CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def index_of(path: str) -> int:
@@ -55,10 +58,22 @@ def test_labels_equal_onnxruntime_on_the_dataset_tensors(clean, onnx_model):
     assert png == clean["out"].with_name("preds.confusion.png") and Image.open(png).size[0] > 300
 
 
-def test_rows_are_in_walk_order_with_scores(clean):
+def test_rows_are_in_walk_order_with_scores(clean, onnx_model):
     paths = [r["path"] for r in clean["rows"]]
     assert paths == sorted(paths, key=lambda p: (Path(p).parent.name, Path(p).name))
-    assert all(0.1 <= r["score"] <= 1 and r["error"] is None for r in clean["rows"])
+    assert all(r["error"] is None for r in clean["rows"])
+    # the score is the softmax probability of the row's class, from onnxruntime's own logits for that image
+    from fmnist_onnx.data import load_split
+
+    split = load_split(False)
+    session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    some = clean["rows"][::197]  # 51 files, every class
+    x = split.as_float().numpy()[[index_of(r["path"]) for r in some]]
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    for r, p in zip(some, probs, strict=True):
+        assert r["index"] == p.argmax() and r["score"] == pytest.approx(p.max(), abs=1e-5), r
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +114,7 @@ def odd_folder(tmp_path_factory, test_pngs) -> dict:
     os.mkfifo(root / "broken" / "pipe.png")
     (root / "notes.txt").write_text("not an image: skipped, counted")
     (root / "broken" / "data.csv").write_text("a,b\n")
-    errors = [*broken, "broken/dangling.png", "broken/pipe.png"]
-    if os.geteuid() != 0:  # root reads any file: this case is only real for other users
-        (root / "broken" / "secret.png").write_bytes(good)
-        (root / "broken" / "secret.png").chmod(0)
-        errors.append("broken/secret.png")
+    errors = [*broken, "broken/dangling.png", "broken/pipe.png"]  # unreadable files: see test_unreadable_...
     return {"root": root, "valid": list(valid), "errors": errors, "skipped": 2}
 
 
@@ -136,6 +147,29 @@ def test_every_file_gets_exactly_one_row_broken_ones_an_error(odd_folder, onnx_m
     assert f"{odd_folder['skipped']} other files skipped" in proc.stdout
 
 
+def test_unreadable_files_and_folders_are_error_rows(nobody, test_pngs, onnx_model):
+    """chmod stops every user but root, and CI runs as root: the run is made as `nobody` there (conftest)."""
+    root = nobody["folder"] / "unreadable"
+    (root / "locked").mkdir(parents=True)
+    bags = sorted((test_pngs / "Bag").glob("*.png"))[:3]
+    for png in bags:
+        (root / png.name).write_bytes(png.read_bytes())
+    (root / "secret.png").write_bytes(bags[0].read_bytes())
+    (root / "secret.png").chmod(0)
+    (root / "locked" / "inside.png").write_bytes(bags[0].read_bytes())
+    (root / "locked").chmod(0)
+    model = root.parent / "unreadable.onnx"
+    model.write_bytes(onnx_model.read_bytes())
+    out = root.parent / "unreadable.jsonl"
+    proc = run_cli("classify", root, "-m", model, "-o", out, **nobody["kwargs"])
+    assert proc.returncode == 3, proc.stderr
+    rows = {os.path.relpath(r["path"], root): r for r in read_rows(out)}
+    assert sorted(rows) == sorted([png.name for png in bags] + ["secret.png", "locked"])
+    assert all(rows[png.name]["error"] is None and rows[png.name]["label"] == "Bag" for png in bags), rows
+    assert "Permission denied" in rows["secret.png"]["error"] and rows["secret.png"]["label"] is None
+    assert rows["locked"]["error"] == "cannot list folder: Permission denied"
+
+
 def test_product_photos_are_classified_as_well_as_the_test_set(clean, test_pngs, onnx_model, tmp_path):
     """Dark garments on white, bigger and wider than 28x28, as JPEG: --invert auto handles them."""
     root = tmp_path / "shop"
@@ -162,27 +196,30 @@ def _journal_rows(journal: Path) -> int:
         return 0
 
 
-def _start_classify(test_pngs: Path, model: Path, out: Path, workers: int, rows: int) -> subprocess.Popen:
-    """A real `classify` in its own process group, returned once its journal holds ``rows`` rows."""
-    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(model), "-o", str(out),
+def _start_classify(folder: Path, model: Path, out: Path, workers: int, chunks: int) -> Held:
+    """A real `classify` in its own process group, held (fmnist_onnx/testing.py) once ``chunks`` chunks of rows
+    are in its journal: what the test does next lands mid-run, on a loaded machine as on a fast one."""
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(model), "-o", str(out),
            "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while _journal_rows(journal_path(out)) < rows and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    return proc
+    held = Held(cmd, f"classify.after_chunk:{chunks}", start_new_session=True, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, text=True)
+    try:
+        held.wait()
+    except BaseException:
+        held.__exit__(None, None, None)
+        raise
+    return held
 
 
 def test_sigkill_then_resume_gives_every_file_exactly_once(clean, test_pngs, onnx_model, tmp_path):
     out = tmp_path / "preds.csv"
-    proc = _start_classify(test_pngs, onnx_model, out, workers=1, rows=100)
-    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, with no chance to clean up
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not out.exists(), "the run finished before the kill: nothing was tested"
+    with _start_classify(test_pngs, onnx_model, out, workers=1, chunks=2) as held:
+        written = _journal_rows(journal_path(out))
+        os.killpg(held.proc.pid, signal.SIGKILL)  # the parent and its workers, with no chance to clean up
+        assert held.proc.wait() == -signal.SIGKILL
+    assert not out.exists()
     done = _journal_rows(journal_path(out))
-    assert 100 <= done < 10000
+    assert done == written and 0 < done < 10000  # the two chunks, all there
 
     refused = run_cli("classify", test_pngs, "-m", onnx_model, "-o", out)
     assert_one_line_error(refused, 2, "--resume")
@@ -205,13 +242,15 @@ def _children(pid: int) -> list[int]:
 
 def test_a_worker_killed_midway_loses_nothing(clean, test_pngs, onnx_model, tmp_path):
     out = tmp_path / "preds.csv"
-    proc = _start_classify(test_pngs, onnx_model, out, workers=2, rows=100)
-    workers = _children(proc.pid)
-    assert workers, "no worker processes found"
-    os.kill(workers[-1], signal.SIGKILL)  # as the OOM killer would
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
-    assert "a worker process died" in stderr, "the run finished before the kill: nothing was tested"
+    with _start_classify(test_pngs, onnx_model, out, workers=2, chunks=2) as held:
+        workers = _children(held.proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)  # as the OOM killer would
+        assert wait_for_exit(workers[-1:]) == []
+        held.release()
+        _, stderr = held.proc.communicate(timeout=300)
+    assert held.proc.returncode == 0, stderr
+    assert "a worker process died" in stderr
     assert {r["path"]: r["index"] for r in read_rows(out)} == clean["labels"]
 
 
@@ -249,7 +288,8 @@ def test_parquet_and_jsonl_hold_the_same_rows(clean, onnx_model, test_pngs, tmp_
     (["nowhere/"], "no such file"),
     (["{pngs}", "-m", "missing.onnx"], "model file not found"),
     (["{pngs}", "-m", "bad.onnx"], "not a loadable ONNX model"),
-    (["{pngs}", "--provider", "cuda"], "CUDAExecutionProvider"),
+    pytest.param(["{pngs}", "--provider", "cuda"], "CUDAExecutionProvider",
+                 marks=pytest.mark.skipif(CUDA, reason="onnxruntime has CUDA here: see test_provider_cuda_...")),
     (["{pngs}", "-o", "out.txt"], "cannot tell the format"),
     (["{pngs}", "{pngs}/Bag"], "inside"),
     (["{pngs}", "--resume"], "--resume needs an --output"),
@@ -263,19 +303,52 @@ def test_usage_errors_exit_2_with_one_line(args, contains, onnx_model, test_pngs
     assert_one_line_error(proc, 2, contains)
 
 
-def test_help_states_the_exit_codes():
-    proc = run_cli("classify", "--help")
-    assert proc.returncode == 0
-    assert "3 some files failed" in proc.stdout and "Examples:" in proc.stdout
+@pytest.mark.skipif(not CUDA, reason="onnxruntime has no CUDAExecutionProvider here")
+def test_provider_cuda_classifies_as_the_cpu_does(clean, test_pngs, onnx_model, tmp_path):
+    out = tmp_path / "cuda.csv"
+    proc = run_cli("classify", test_pngs / "Bag", "-m", onnx_model, "-o", out, "--provider", "cuda", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "provider: cuda" in proc.stderr and json.loads(proc.stdout)["provider"] == "cuda"
+    rows = list(read_rows(out))
+    cpu = {r["path"]: r for r in clean["rows"]}
+    assert len(rows) == 1000 and all(r["error"] is None for r in rows)
+    assert sum(r["index"] != cpu[r["path"]]["index"] for r in rows) <= 1  # fp32 on both: a near-tie at most
+    assert max(abs(r["score"] - cpu[r["path"]]["score"]) for r in rows) < 1e-3
+
+
+def test_help_states_the_exit_codes_that_runs_give(onnx_model, test_pngs, tmp_path):
+    """Each exit code in --help is the one a run in that situation gives, and no run gives one it leaves out."""
+    text = " ".join(run_cli("classify", "--help", check=True).stdout.split())
+    stated = {int(code): meaning for code, meaning in re.findall(r"(\d+) ([a-z][^,]*)", text.split("Exit codes:")[1])}
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "fine.png").write_bytes(next((test_pngs / "Bag").glob("*.png")).read_bytes())
+    (broken / "bad.png").write_bytes(b"not an image")
+    ok = run_cli("classify", test_pngs / "Bag", "-m", onnx_model, "-o", tmp_path / "ok.csv", "-q").returncode
+    failed = run_cli("classify", broken, "-m", onnx_model, "-o", tmp_path / "failed.csv", "-q").returncode
+    usage = run_cli("classify", tmp_path / "nowhere", "-m", onnx_model).returncode
+    with open("/dev/full", "w") as full:  # a full disk, where the table goes
+        unwritten = subprocess.run([sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs / "Bag"), "-m",
+                                    str(onnx_model)], stdout=full, stderr=subprocess.DEVNULL).returncode
+    with _start_classify(test_pngs / "Bag", onnx_model, tmp_path / "cut.csv", workers=1, chunks=1) as held:
+        os.killpg(held.proc.pid, signal.SIGINT)
+        interrupted = held.proc.wait(120)
+    got = {ok, failed, usage, unwritten, interrupted}
+    assert sorted(stated) == sorted(got), (stated, ok, failed, usage, unwritten, interrupted)
+    assert "every file classified" in stated[ok] and "some files failed" in stated[failed]
+    assert "usage" in stated[usage] and "could not be written" in stated[unwritten]
+    assert "interrupted" in stated[interrupted]
 
 
 def test_ctrl_c_keeps_the_journal_and_says_how_to_resume(clean, test_pngs, onnx_model, tmp_path):
     out = tmp_path / "preds.jsonl"
-    proc = _start_classify(test_pngs, onnx_model, out, workers=1, rows=50)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, workers included
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    with _start_classify(test_pngs, onnx_model, out, workers=1, chunks=1) as held:
+        written = _journal_rows(journal_path(out))
+        os.killpg(held.proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, workers included
+        _, stderr = held.proc.communicate(timeout=120)
+    assert held.proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
+    assert _journal_rows(journal_path(out)) == written  # the rows written before Ctrl-C, and no more
     assert journal_path(out).exists() and not out.exists()
     resumed = run_cli("classify", test_pngs, "-m", onnx_model, "-o", out, "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
@@ -287,25 +360,25 @@ def test_same_folder_twice_is_refused(onnx_model, test_pngs):
     assert_one_line_error(proc, 2, "same")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
+def test_sigterm_keeps_the_journal_and_exits_143(test_pngs, onnx_model, tmp_path):
+    out = tmp_path / "preds.csv"
+    with _start_classify(test_pngs, onnx_model, out, workers=2, chunks=1) as held:
+        written = _journal_rows(journal_path(out))
+        held.proc.terminate()  # the parent alone, as a service manager or `kill PID` does
+        _, stderr = held.proc.communicate(timeout=120)
+    assert held.proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    assert _journal_rows(journal_path(out)) == written and not out.exists()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
 def test_workers_die_with_a_parent_killed_alone(test_pngs, onnx_model, tmp_path):
     out = tmp_path / "preds.csv"
-    proc = _start_classify(test_pngs, onnx_model, out, workers=2, rows=1)
-    workers = _children(proc.pid)
-    proc.kill()  # the parent only, as the OOM killer would
-    proc.wait()
-    deadline = time.monotonic() + 10
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = [w for w in workers if _alive(w)]
-    for w in left:
-        os.kill(w, signal.SIGKILL)
-    assert workers and not left, "worker processes outlived their parent"
+    with _start_classify(test_pngs, onnx_model, out, workers=2, chunks=1) as held:
+        workers = _children(held.proc.pid)
+        held.proc.kill()  # the parent only, as the OOM killer would
+        held.proc.wait()
+        left = wait_for_exit(workers, timeout=30)
+        for w in left:
+            os.kill(w, signal.SIGKILL)
+    assert len(workers) == 2 and not left, "worker processes outlived their parent"

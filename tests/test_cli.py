@@ -2,15 +2,54 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
+
+import click
 
 from conftest import REPO, run_cli
 
 
-def test_help_lists_commands():
-    proc = run_cli("--help", check=True)
-    assert "train" in proc.stdout
+def _commands(group: click.Group, prefix: list[str]):
+    for name, cmd in group.commands.items():
+        yield prefix + [name], cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, prefix + [name])
+
+
+def _parse_example(line: str) -> None:
+    """Parse one `fmnist-onnx ...` example line as the CLI would (no command runs): an unknown command, an
+    option that does not exist or a value it refuses raises click's error."""
+    from fmnist_onnx.cli import cli
+
+    words = shlex.split(line.split("#")[0].split("|")[0].split(">")[0])
+    assert words[0] == "fmnist-onnx", line
+    cmd, ctx, args = cli, click.Context(cli, info_name="fmnist-onnx"), words[1:]
+    while isinstance(cmd, click.Group) and args and not args[0].startswith("-"):
+        sub = cmd.get_command(ctx, args[0])
+        assert sub is not None, f"{line}: no command {args[0]!r}"
+        if isinstance(sub, click.Group) and len(args) > 1 and not args[1].startswith("-"):
+            ctx, cmd, args = click.Context(sub, info_name=args[0], parent=ctx), sub, args[1:]
+            continue
+        cmd, args = sub, args[1:]
+        break
+    with cmd.make_context(cmd.name, args, parent=ctx):
+        pass
+
+
+def test_every_example_in_the_help_parses():
+    """The examples in --help (the top-level flow, each command's Examples:) name commands and options that
+    exist, with values they take: help that drifts from the options fails here."""
+    from fmnist_onnx.cli import cli
+
+    examples = []
+    for path in [[]] + [p for p, _ in _commands(cli, [])]:
+        text = run_cli(*path, "--help", check=True).stdout
+        examples += [line.strip() for line in text.splitlines() if line.strip().startswith("fmnist-onnx ")]
+    assert len(examples) >= 20, examples
+    for line in examples:
+        _parse_example(line)
 
 
 def test_help_does_not_import_torch():
@@ -23,13 +62,7 @@ def test_help_does_not_import_torch():
 def test_every_command_has_examples():
     from fmnist_onnx.cli import cli
 
-    def walk(group, prefix):
-        for name, cmd in group.commands.items():
-            yield prefix + [name], cmd
-            if hasattr(cmd, "commands"):
-                yield from walk(cmd, prefix + [name])
-
-    for path, cmd in walk(cli, []):
+    for path, cmd in _commands(cli, []):
         if hasattr(cmd, "commands") and not cmd.invoke_without_command:
             continue
         proc = run_cli(*path, "--help", check=True)

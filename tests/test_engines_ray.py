@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import Held, assert_one_line_error, run_cli, wait_for_exit
 
 pytest.importorskip("ray", reason='the Ray engine needs the [ray] extra: pip install -e ".[ray]"')
 
 from fmnist_onnx.sinks import read_rows  # noqa: E402
+
+CUDA = "CUDAExecutionProvider" in pytest.importorskip("onnxruntime").get_available_providers()
 
 TOP_K = "3"
 NON_UTF8 = os.fsdecode(b"T-shirt-top/caf\xe9.png")  # a file name that is not UTF-8: rows keep it byte for byte
@@ -30,27 +32,75 @@ NON_UTF8 = os.fsdecode(b"T-shirt-top/caf\xe9.png")  # a file name that is not UT
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+def _uses(pid: str, marker: str) -> str | None:
+    """The command line of process ``pid`` if the path ``marker`` is in it or in one of its open files."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # gone meanwhile, or not ours to look at
+        return None
+    if marker in cmd:
+        return cmd
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(marker):
+                return cmd
+        except OSError:  # that file closed meanwhile: the others still count
+            continue
+    return None
+
+
 def ray_processes(marker: str) -> list[str]:
     """Processes of the Ray session whose files live under ``marker``: the path is in their command line or in
     one of their open files (every Ray process logs into its session folder; setproctitle overwrites the
-    environment of workers, so that is no use)."""
+    environment of workers, so that is no use). Zombies have neither: they have exited."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            files = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:  # gone meanwhile, or not ours to look at
-            continue
-        if marker in cmd or any(f.startswith(marker) for f in files):
+        if (cmd := _uses(pid, marker)) is not None:
             found.append(f"{pid} {cmd[:120]}")
     return found
 
 
-def wait_until_gone(marker: str, seconds: float = 15.0) -> list[str]:
-    deadline = time.monotonic() + seconds
-    while (left := ray_processes(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
+def session_members(sid: int) -> list[int]:
+    """Live processes (zombies have exited) of the session ``sid``: what a process started with
+    start_new_session started in turn, unless it left the session (Ray's processes do not)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def wait_until_gone(marker: str, timeout: float = 60) -> list[str]:
+    """Block until no process of the Ray session under ``marker`` is left: wait for those found to exit
+    (pidfds, no polling), then look again, since one may have started meanwhile. Returns those left when the
+    timeout, a safety net, runs out."""
+    deadline = time.monotonic() + timeout
+    while left := ray_processes(marker):
+        if time.monotonic() >= deadline:
+            return left
+        wait_for_exit([int(p.split()[0]) for p in left], deadline - time.monotonic())
+    return []
+
+
+def kill_all(marker: str, sid: int | None = None) -> list[str]:
+    """SIGKILL every process of the Ray session under ``marker`` (and of the process session ``sid``), until
+    none is left; returns what is left after all that (should be nothing)."""
+    for _ in range(5):  # a process may start another while dying: look again after each round
+        pids = {int(p.split()[0]) for p in ray_processes(marker)} | set(session_members(sid) if sid else [])
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for_exit(pids, 30)
+    return ray_processes(marker) + [f"{pid} (session {sid})" for pid in (session_members(sid) if sid else [])]
 
 
 def journal_rows(journal: Path) -> int:
@@ -76,11 +126,6 @@ def assert_same_rows(got: dict[str, dict], want: dict[str, dict]) -> None:
         assert [g["label"], g["label_2"], g["label_3"]] == [w["label"], w["label_2"], w["label_3"]], path
         if w["error"] is None:
             assert g["score"] == pytest.approx(w["score"], abs=1e-5), path
-
-
-def parquet_path(path: str) -> str:
-    """How the sinks write a path in Parquet (UTF-8 only: other bytes as \\xNN escapes)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -142,8 +187,8 @@ def local_runtime_run(folder, model, ray_env, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(ray_env, tmp_path_factory):
     """A Ray cluster of 2 CPUs, started with `ray start --head` as on a real head node; stopped at the end
-    (its own processes only: `ray stop` would stop every Ray on the machine). It declares 1 GPU, which this
-    machine does not have: GPU actors are then scheduled, and meet onnxruntime's missing CUDA for real."""
+    (its own processes only: `ray stop` would stop every Ray on the machine), none left behind. It declares 1 GPU:
+    GPU actors are then scheduled, and meet onnxruntime's missing CUDA for real, or use the GPU where there is one."""
     env, _ = ray_env
     marker = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     head_env = {**env, "RAY_TMPDIR": marker, "RAY_AUTH_MODE": "token"}
@@ -168,11 +213,20 @@ def cluster(ray_env, tmp_path_factory):
         # an explicit address: Ray sends its token only when told that the cluster wants one
         yield address, {**env, "RAY_AUTH_MODE": "token"}, marker
     finally:
+        # `ray start --block` stops what it started on SIGTERM, in its own time (long, on a loaded machine);
+        # then whatever is left is killed: every process of the head's session (all of Ray's stay in it, the
+        # agents whose names setproctitle changed too) and every process with files under the marker.
+        # Not `ray stop`: it would stop every Ray on the machine.
         os.killpg(head.pid, signal.SIGTERM)
-        for left in wait_until_gone(marker, 3):  # gcs_server and raylet take their time over SIGTERM
-            os.kill(int(left.split()[0]), signal.SIGKILL)
-        head.wait(10)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        left = kill_all(marker, head.pid)
+        head.wait(60)
+        head.stdout.close()
         shutil.rmtree(marker, ignore_errors=True)
+        assert not left, f"the cluster's processes outlived it: {left}"
 
 
 # ---------------------------------------------------------------------------------------------- local runtime
@@ -208,24 +262,26 @@ def test_ctrl_c_stops_the_runtime_and_resume_finishes(test_pngs, model, ray_env,
     out = tmp_path / "preds.csv"
     cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(model), "-o", str(out),
            "--engine", "ray", "--actors", "1"]
+    journal = tmp_path / "preds.csv.partial"
     try:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        journal = tmp_path / "preds.csv.partial"
-        deadline = time.monotonic() + 180
-        while proc.poll() is None and time.monotonic() < deadline and journal_rows(journal) < 2:
-            time.sleep(0.002)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, as in a terminal
-        _, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 130, f"the run finished before Ctrl-C, or failed: nothing was tested\n{stderr}"
+        # held (fmnist_onnx/testing.py) once the first block's rows are in the journal: Ctrl-C lands mid-run
+        with Held(cmd, "classify.after_chunk:1", env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                  stderr=subprocess.PIPE, text=True) as held:
+            held.wait()
+            written = journal_rows(journal)
+            os.killpg(held.proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, as in a terminal
+            _, stderr = held.proc.communicate(timeout=120)
+        assert held.proc.returncode == 130, stderr
         assert "Traceback" not in stderr and "--resume" in stderr
+        assert 0 < written == journal_rows(journal) < 10000
         assert wait_until_gone(tmp) == [], "Ctrl-C left Ray processes behind"
 
         resumed = run_cli("classify", test_pngs, "-m", model, "-o", out, "--engine", "ray", "--resume", "--json",
                           env=env)
         assert resumed.returncode == 0, resumed.stderr
-        assert json.loads(resumed.stdout)["resumed"] >= 1
+        assert json.loads(resumed.stdout)["resumed"] == written
     finally:
+        kill_all(tmp)  # after a failure: no Ray left running for the next tests
         shutil.rmtree(tmp, ignore_errors=True)
     local = tmp_path / "local.csv"
     run_cli("classify", test_pngs, "-m", model, "-o", local, "-q", check=True)
@@ -244,22 +300,29 @@ def test_cluster_parquet_rows_match_and_cluster_keeps_running(cluster, folder, m
     assert proc.returncode == 3, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["workers"] == 3 and summary["failed"] == 4
-    assert_same_rows(by_path(read_rows(out)), {parquet_path(p): r for p, r in local_rows.items()})
+    assert_same_rows(by_path(read_rows(out)), local_rows)  # names that are not UTF-8 too (sinks.py)
     assert ray_processes(marker), "the CLI stopped a cluster it only joined"
 
 
 def test_cluster_resume_writes_each_file_once(cluster, folder, model, local_rows, tmp_path):
     address, env, _ = cluster
-    first = tmp_path / "first.jsonl"
-    run_cli("classify", folder, "-m", model, "-o", first, "-k", TOP_K, "-q")
     out = tmp_path / "preds.jsonl"
-    done = first.read_bytes().splitlines(keepends=True)[:100]
-    (tmp_path / "preds.jsonl.partial").write_bytes(b"".join(done))  # as a killed run leaves it
+    # a local run killed (SIGKILL) once its first chunk is in the journal...
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(model), "-o", str(out), "-k",
+           TOP_K, "--workers", "1"]
+    with Held(cmd, "classify.after_chunk:1", start_new_session=True, stdout=subprocess.DEVNULL,
+              stderr=subprocess.DEVNULL) as held:
+        held.wait()
+        os.killpg(held.proc.pid, signal.SIGKILL)
+        held.proc.wait()
+    done = (tmp_path / "preds.jsonl.partial").read_bytes()
+    assert 0 < done.count(b"\n") < len(local_rows) and not out.exists()
+    # ...finished on the cluster
     proc = run_cli("classify", folder, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray",
                    "--ray-address", address, "--provider", "cpu", "--actors", "1", "--resume", "--json", env=env)
     assert proc.returncode == 3, proc.stderr
-    assert json.loads(proc.stdout)["resumed"] == 100
-    assert out.read_bytes().startswith(b"".join(done))
+    assert json.loads(proc.stdout)["resumed"] == done.count(b"\n")
+    assert out.read_bytes().startswith(done)
     assert_same_rows(by_path(read_rows(out)), local_rows)
 
 
@@ -279,6 +342,7 @@ def test_cluster_reads_file_uris_through_pyarrow(cluster, folder, model, local_r
     assert_same_rows({p.removeprefix("file://"): r for p, r in rows.items() if p not in unnamed}, want)
 
 
+@pytest.mark.skipif(CUDA, reason="onnxruntime has CUDA here: see test_gpu_actors_classify_as_the_cpu_does")
 def test_gpu_actors_without_cuda_are_one_clear_error(cluster, folder, model, tmp_path):
     address, env, _ = cluster
     proc = run_cli("classify", folder, "-m", model, "-o", tmp_path / "x.csv", "--engine", "ray",
@@ -286,6 +350,22 @@ def test_gpu_actors_without_cuda_are_one_clear_error(cluster, folder, model, tmp
     assert "provider: cuda" in proc.stderr  # the cluster has a GPU: the actors asked for it...
     assert_one_line_error(proc, 2, "CUDAExecutionProvider")  # ...and their onnxruntime has no CUDA
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.csv.partial").exists()
+
+
+@pytest.mark.skipif(not CUDA, reason="onnxruntime has no CUDAExecutionProvider here")
+def test_gpu_actors_classify_as_the_cpu_does(cluster, folder, model, local_rows, tmp_path):
+    address, env, _ = cluster
+    out = tmp_path / "gpu.csv"
+    proc = run_cli("classify", folder, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray", "--ray-address",
+                   address, "--provider", "cuda", "--json", env=env)
+    assert proc.returncode == 3, proc.stderr  # the broken files, as on the CPU
+    assert "provider: cuda" in proc.stderr and json.loads(proc.stdout)["provider"] == "cuda"
+    got = by_path(read_rows(out))
+    assert sorted(got) == sorted(local_rows)
+    assert all(got[p]["error"] == r["error"] for p, r in local_rows.items())
+    ok = [p for p, r in local_rows.items() if r["error"] is None]
+    assert sum(got[p]["index"] != local_rows[p]["index"] for p in ok) <= 1  # fp32 on both: a near-tie at most
+    assert max(abs(got[p]["score"] - local_rows[p]["score"]) for p in ok) < 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- sizing

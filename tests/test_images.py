@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -169,13 +172,20 @@ def test_unreadable_files_are_errors(tmp_path):
     assert images.preprocess(tmp_path)[1] == "is a folder"
 
 
-def test_permission_denied_is_an_error(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod cannot make a file unreadable for root")
-    p = tmp_path / "secret.png"
-    p.write_bytes(b"x")
-    p.chmod(0)
-    assert "Permission denied" in images.preprocess(p)[1]
+def test_permission_denied_is_an_error(nobody, test_images):
+    """chmod stops every user but root, and CI runs as root: preprocess runs as `nobody` there (conftest)."""
+    folder = nobody["folder"] / "images"
+    folder.mkdir()
+    (folder / "open.png").write_bytes(png_bytes(Image.fromarray(test_images[0])))
+    (folder / "secret.png").write_bytes(png_bytes(Image.fromarray(test_images[0])))
+    (folder / "secret.png").chmod(0)
+    code = ("import json, sys; from fmnist_onnx import images; "
+            "print(json.dumps([images.preprocess(p)[1] for p in sys.argv[1:]]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder / "open.png"), str(folder / "secret.png")],
+                          capture_output=True, text=True, **nobody["kwargs"])
+    assert proc.returncode == 0, proc.stderr
+    opened, secret = json.loads(proc.stdout)
+    assert opened == "" and "Permission denied" in secret
 
 
 def test_walk_is_sorted_recursive_and_skips_non_images(tmp_path):

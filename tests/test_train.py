@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import Held, assert_one_line_error, run_cli
 from fmnist_onnx.train import lr_at, make_config, train
 
 
@@ -63,26 +63,30 @@ def test_onecycle_schedule_warms_up_then_decays():
     assert lrs[-1] < 0.01 * cfg.lr
 
 
-def _train_proc(out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "fmnist_onnx", "train", "--epochs", "3", "--seed", "3",
-                             "--device", "cpu", "-q", "--out-dir", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _train_cmd(out) -> list[str]:
+    return [sys.executable, "-m", "fmnist_onnx", "train", "--epochs", "3", "--seed", "3", "--device", "cpu", "-q",
+            "--out-dir", str(out)]
 
 
 def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path):
-    full = _train_proc(tmp_path / "full")
-    assert full.wait(timeout=600) == 0, full.stderr.read()
+    full = run_cli(*_train_cmd(tmp_path / "full")[3:])
+    assert full.returncode == 0, full.stderr
 
-    proc = _train_proc(tmp_path / "cut")
+    steps = math.ceil(60_000 / make_config("fast").batch_size)  # an epoch of the training set
+    # held (fmnist_onnx/testing.py) 30 steps into epoch 2; Ctrl-C then, and the loop sees it once released
+    with Held(_train_cmd(tmp_path / "cut"), f"train.after_step:{steps + 30}", stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE, text=True) as held:
+        held.wait()
+        held.proc.send_signal(signal.SIGINT)
+        held.release()
+        _, stderr = held.proc.communicate(timeout=120)
+    assert held.proc.returncode == 130, stderr
+    assert "--resume" in stderr
     ckpt = tmp_path / "cut" / "checkpoint.pt"
-    deadline = time.monotonic() + 300
-    while not ckpt.exists() and time.monotonic() < deadline:  # the end of epoch 1
-        time.sleep(0.05)
-    time.sleep(0.3)  # and into epoch 2: the interrupt lands mid-epoch
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130, proc.stderr.read()
-    assert "--resume" in proc.stderr.read()
     assert ckpt.exists() and not (tmp_path / "cut" / "model.pth").exists()
+    state = torch.load(ckpt, weights_only=True)
+    # mid-epoch: epoch 2 (index 1) in progress, its first 30 steps done (31 if the handler ran after the release)
+    assert state["epoch"] == 1 and 30 <= state["step"] <= 31 < steps, (state["epoch"], state["step"])
 
     resumed = run_cli("train", "--resume", "-q", "--out-dir", tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr
