@@ -351,14 +351,18 @@ def _stderr_to_log(name: str | Path) -> Iterator[None]:
     is decoded, fd 2 is a pipe, and what came through is logged at debug level with the file's name. The pipe
     does not block: past its 64 KiB buffer, more warnings are dropped rather than stall the decoder."""
     try:
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    except (OSError, AttributeError):  # no pipe2 (not Linux), or out of file descriptors: leave stderr be
-        read_end = None
-    if read_end is None:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (closed): nothing to keep clean
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, AttributeError):  # no pipe2 (not Linux), or out of file descriptors: leave stderr be
+        os.close(saved)
+        yield
+        return
+    if sys.stderr is not None:
+        sys.stderr.flush()  # what Python wrote before goes to the real stderr
     os.dup2(write_end, 2)
     os.close(write_end)
     try:
