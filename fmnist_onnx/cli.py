@@ -318,7 +318,8 @@ def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_p
     """Benchmark inference: onnxruntime fp32 and int8 (fp16, IO binding on CUDA) beside PyTorch eager.
 
     For each option and batch size: the first run (session creation + first inference) apart, then images/s,
-    latency percentiles and GFLOP/s against a matrix-product peak measured at the start.
+    latency percentiles and GFLOP/s against the matrix-product peak of the same precision (fp32; int8: an int8
+    product), measured at the start.
     """
     if ctx.invoked_subcommand is not None:
         return

@@ -6,18 +6,17 @@ onnx and onnxruntime are installed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import platform
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist_onnx import __version__, spec
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.files import atomic_write
+from fmnist_onnx.files import atomic_write, sha256_file
+from fmnist_onnx.info import is_int8
+from fmnist_onnx.machine import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +28,12 @@ DYNAMO_MIN_OPSET = 18
 EXPORT_BATCH = 2  # a batch of 1 tempts the exporter to specialize the batch axis to a constant
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_model(model, path: Path) -> None:
     """Save an onnx.ModelProto atomically, weights inline (the model is 2.7 MB, far below protobuf's 2 GB)."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: onnx.save_model(model, str(p)))
-
-
-def producer_versions() -> dict[str, str]:
-    """Versions of what produced a model: goes into its metadata (no torch import: also used for int8)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"fmnist_onnx": __version__, "python": platform.python_version()}
-    for name in ("torch", "onnx", "onnxscript", "onnxruntime"):
-        module = sys.modules.get(name)  # the imported module's own version is the precise one (2.14.1+cu130)
-        try:
-            out[name] = getattr(module, "__version__", None) or version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _test_accuracy_beside(weights: Path) -> float | None:
@@ -77,11 +54,12 @@ def model_metadata(weights: Path) -> dict[str, str]:
     meta = {
         "classes": json.dumps(list(spec.CLASSES)),
         "preprocessing": spec.PREPROCESSING,
-        "input": f"{spec.INPUT_NAME}: float32 [batch, 1, {spec.IMAGE_SIZE}, {spec.IMAGE_SIZE}] in [0, 1]",
-        "output": f"{spec.OUTPUT_NAME}: float32 [batch, {spec.NUM_CLASSES}] (logits; argmax is the class index)",
+        "input": f"{spec.INPUT_NAME}: float32 [{', '.join(map(str, spec.INPUT_SHAPE))}] in [0, 1]",
+        "output": f"{spec.OUTPUT_NAME}: float32 [{', '.join(map(str, spec.OUTPUT_SHAPE))}] (logits; argmax is the "
+                  "class index)",
         "weights_file": weights.name,
         "weights_sha256": sha256_file(weights),
-        "producer": json.dumps(producer_versions()),
+        "producer": json.dumps(library_versions()),
     }
     acc = _test_accuracy_beside(weights)
     if acc is not None:
@@ -135,11 +113,11 @@ def _check_signature(model, opset: int) -> None:
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
     (inp,), (out,) = model.graph.input, model.graph.output
-    want_in = ["batch", 1, spec.IMAGE_SIZE, spec.IMAGE_SIZE]
     problems = []
-    if inp.name != spec.INPUT_NAME or inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or dims(inp) != want_in:
+    float32 = onnx.TensorProto.FLOAT
+    if inp.name != spec.INPUT_NAME or inp.type.tensor_type.elem_type != float32 or dims(inp) != [*spec.INPUT_SHAPE]:
         problems.append(f"input {inp.name} {dims(inp)}")
-    if out.name != spec.OUTPUT_NAME or dims(out) != ["batch", spec.NUM_CLASSES]:
+    if out.name != spec.OUTPUT_NAME or dims(out) != [*spec.OUTPUT_SHAPE]:
         problems.append(f"output {out.name} {dims(out)}")
     got_opset = model_opset(model)
     if got_opset != opset:
@@ -178,12 +156,6 @@ def export_onnx(weights: Path, output: Path, opset: int | None = None) -> Path:
     return output
 
 
-def is_quantized(model) -> bool:
-    from fmnist_onnx.info import has_quantized_ops
-
-    return has_quantized_ops(n.op_type for n in model.graph.node)
-
-
 # ------------------------------------------------------------------------------------------------ int8
 
 INT8_METHODS = ("static", "dynamic")
@@ -192,11 +164,12 @@ DEFAULT_INT8_METHOD = "static"
 CALIBRATION_IMAGES = 2000
 CALIBRATION_SEED = 0
 INT8_DESCRIPTIONS = {
-    "static": "int8 static QDQ (onnxruntime.quantization.quantize_static): uint8 activations, int8 weights, "
-              "per-tensor, MinMax-calibrated on {n} training images",
+    "static": "int8 static QDQ (onnxruntime.quantization.quantize_static): uint8 activations, int8 weights "
+              "{weights}, MinMax-calibrated on {n} training images{logits}",
     "dynamic": "int8 dynamic (onnxruntime.quantization.quantize_dynamic): int8 weights, activations quantized "
                "per batch at run time (MatMulInteger)",
 }
+MATRIX_PRODUCTS = ("Gemm", "MatMul")
 
 
 def calibration_images(n: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED, data_dir=None):
@@ -210,11 +183,30 @@ def calibration_images(n: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED
     return split.as_float().numpy()[np.sort(idx)]
 
 
+def logits_layer(model) -> list[str]:
+    """Names of the nodes from the last matrix product (Gemm or MatMul) to the graph's output, walking back
+    from the output; empty when no matrix product feeds it."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    names, tensor = [], model.graph.output[0].name
+    while tensor in producer:
+        node = producer[tensor]
+        names.append(node.name)
+        if node.op_type in MATRIX_PRODUCTS:
+            return names
+        tensor = next((t for t in node.input if t in producer), "")
+    return []
+
+
 def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_METHOD, calibration=None,
-                  data_dir=None) -> Path:
+                  data_dir=None, per_channel: bool = True, float_logits: bool = True) -> Path:
     """Write an int8 copy of the fp32 model ``model_path`` to ``out_path`` (atomically); no accuracy check here.
 
     ``calibration``: float32 images [N, 1, 28, 28] for the static method (default: 2,000 training images).
+    Static only: ``per_channel`` gives each output channel of a weight matrix its own scale; ``float_logits``
+    keeps the last layer in float. Quantized to uint8, the logits could only take 256 values over a calibrated
+    range (about -4 to 6), so scores were coarse, logits beyond the range clipped, and on the test set dozens of
+    images had an exact tie for the top class (benchmarks/int8_methods.py measures both, and the speed cost:
+    the last layer is 0.8% of the work). Dynamic quantization gives float logits anyway.
     The metadata is the fp32 model's, less its test accuracy (int8's differs), plus ``quantization``.
     """
     import tempfile
@@ -238,7 +230,7 @@ def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_M
         fp32 = onnx.load(str(model_path))
     except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, onnx its own types
         raise UserError(f"{model_path}: not an ONNX model ({type(e).__name__})") from None
-    if is_quantized(fp32):
+    if is_int8(model_path):
         raise UserError(f"{model_path}: already quantized; quantize the fp32 model")
     meta = {p.key: p.value for p in fp32.metadata_props if p.key != "test_accuracy"}
     with tempfile.TemporaryDirectory(prefix="fmnist-onnx-int8-") as tmp:
@@ -261,11 +253,15 @@ def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_M
                     i = next(self.batches, None)
                     return None if i is None else {input_name: images[i:i + 500]}
 
+            in_float = logits_layer(onnx.load(str(src))) if float_logits else []
             quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            meta["quantization"] = INT8_DESCRIPTIONS["static"].format(n=len(images))
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=per_channel, nodes_to_exclude=in_float)
+            meta["quantization"] = INT8_DESCRIPTIONS["static"].format(
+                n=len(images), weights="per output channel" if per_channel else "per tensor",
+                logits="; the last layer in float (logits not quantized)" if in_float else "; logits quantized")
         int8 = onnx.load(str(dst))
-    meta["producer"] = json.dumps(producer_versions())
+    meta["producer"] = json.dumps(library_versions())
     set_metadata(int8, meta)
     int8.doc_string = fp32.doc_string
     int8.producer_name, int8.producer_version = fp32.producer_name, fp32.producer_version
@@ -294,6 +290,7 @@ class Int8Result:
     int8_accuracy_pct: float
     accuracy_change_points: float
     top1_agreement_pct: float
+    top1_ties: int  # test images whose top logit is shared by two classes exactly
     failures: list[str]
 
 
@@ -399,7 +396,8 @@ def write_int8(fp32_path: Path, weights: Path, method: str = DEFAULT_INT8_METHOD
         model = onnx.load(str(tmp))
         meta = {p.key: p.value for p in model.metadata_props}
         res = Int8Result(str(final), False, method, meta.get("quantization", method), worst.torch_accuracy_pct,
-                         worst.onnx_accuracy_pct, worst.accuracy_change_points, worst.top1_agreement_pct, failures)
+                         worst.onnx_accuracy_pct, worst.accuracy_change_points, worst.top1_agreement_pct,
+                         worst.top1_ties, failures)
         if failures:
             return res
         meta["test_accuracy"] = f"{worst.onnx_accuracy_pct:.2f}"

@@ -1,7 +1,10 @@
-"""Atomic writes: a half-written file never has the real name (no torch here: the inference path uses it)."""
+"""File helpers: atomic writes (a half-written file never has the real name) and checksums.
+
+No torch here: the inference path uses it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,3 +27,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces: names the exact weights a model was exported from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

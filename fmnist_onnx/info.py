@@ -42,7 +42,13 @@ class ModelInfo:
     available_providers: list[str] = field(default_factory=list)
 
 
-def has_quantized_ops(op_types: Iterable[str]) -> bool:
+def is_int8(model: str | Path) -> bool:
+    """Whether the ONNX file ``model`` is quantized (has quantization operators): the one answer that info,
+    export, verify and bench use. Reads the file's protobuf directly, so it needs neither onnx nor torch."""
+    return _quantized(_summarize(Path(model).read_bytes()).op_types)
+
+
+def _quantized(op_types: Iterable[str]) -> bool:
     return any(op in QUANTIZED_OPS for op in op_types)
 
 
@@ -98,11 +104,17 @@ class _Summary:
     parameters: int = 0
 
 
+# Inputs of quantized operators that hold scales and zero points (per channel they are vectors, not scalars).
+_QUANT_PARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulInteger": (2, 3)}
+
+
 def _summarize(buf: bytes) -> _Summary:
     # Field numbers from onnx.proto: ModelProto ir_version=1 producer_name=2 producer_version=3 graph=7
     # opset_import=8; OperatorSetIdProto domain=1 version=2; GraphProto node=1 initializer=5;
-    # NodeProto op_type=4; TensorProto dims=1 data_type=2.
+    # NodeProto input=1 op_type=4; TensorProto dims=1 data_type=2 name=8.
     s, producer = _Summary(), ["", ""]
+    sizes: dict[str, int] = {}  # initializer -> element count, for weights and biases
+    quant_params: set[str] = set()
     for num, wire, value in _fields(buf):
         if num == 1 and wire == 0:
             s.ir_version = value
@@ -115,20 +127,27 @@ def _summarize(buf: bytes) -> _Summary:
         elif num == 7 and wire == 2:
             for gnum, gwire, gvalue in _fields(value):
                 if gnum == 1 and gwire == 2:
-                    s.op_types.update(v.decode(errors="replace") for n, w, v in _fields(gvalue) if n == 4)
+                    node = list(_fields(gvalue))
+                    op = next((v.decode(errors="replace") for n, _, v in node if n == 4), "")
+                    inputs = [v.decode(errors="replace") for n, _, v in node if n == 1]
+                    s.op_types.add(op)
+                    quant_params.update(inputs[i] for i in _QUANT_PARAM_INPUTS.get(op, ()) if i < len(inputs))
                 elif gnum == 5 and gwire == 2:
-                    dims, dtype = [], 0
+                    dims, dtype, name = [], 0, ""
                     for tnum, twire, tvalue in _fields(gvalue):
                         if tnum == 1:
                             dims += _ints(twire, tvalue)
                         elif tnum == 2:
                             dtype = tvalue
+                        elif tnum == 8:
+                            name = tvalue.decode(errors="replace")
                     size = 1
                     for d in dims:
                         size *= d
-                    # Weights and biases: quantization scales and zero points are scalars, shapes are int64.
+                    # Weights and biases: per-tensor scales and zero points are scalars, shapes are int64.
                     if size > 1 and dtype != _INT64:
-                        s.parameters += size
+                        sizes[name] = size
+    s.parameters = sum(size for name, size in sizes.items() if name not in quant_params)
     s.producer = " ".join(p for p in producer if p)
     return s
 
@@ -150,4 +169,4 @@ def read_model_info(path: str | Path) -> ModelInfo:
     return ModelInfo(str(path), path.stat().st_size, summary.opsets.get("ai.onnx"), summary.ir_version,
                      summary.producer, [tensor(v) for v in sess.session.get_inputs()],
                      [tensor(v) for v in sess.session.get_outputs()], summary.parameters,
-                     has_quantized_ops(summary.op_types), sess.metadata, available_providers())
+                     _quantized(summary.op_types), sess.metadata, available_providers())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,16 +22,37 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight"))
 
 
-def training_curves(history: Sequence, path: str | Path, title: str = "") -> Path:
-    """Train/test loss and test accuracy per epoch (records with epoch, train_loss, test_loss, test_accuracy)."""
+def smoothed_loss_floor(label_smoothing: float, classes: int) -> float:
+    """The lowest label-smoothed cross-entropy any model can reach: the entropy of the smoothed target
+    (1 - eps + eps/K on the true class, eps/K on each other one). 0.50 for eps 0.1 and 10 classes."""
+    if not label_smoothing:
+        return 0.0
+    hit, miss = 1 - label_smoothing + label_smoothing / classes, label_smoothing / classes
+    return -(hit * math.log(hit) + (classes - 1) * miss * math.log(miss))
+
+
+def training_curves(history: Sequence, path: str | Path, title: str = "", label_smoothing: float = 0.0,
+                    classes: int = 10) -> Path:
+    """Train/test loss and test accuracy per epoch (records with epoch, train_loss, test_loss, test_accuracy).
+
+    The training loss is the one training minimized, averaged over the epoch's batches: with label smoothing
+    it is not the test's plain cross-entropy and cannot fall below ``smoothed_loss_floor`` (about 0.5), so it
+    sits above the test loss for the whole run. The legend says which loss each line is, and the floor is
+    drawn, so that the gap is not read as the model doing worse on the data it trains on."""
     plt = _pyplot()
     epochs = [h.epoch for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h.train_loss for h in history], "o-", label="train")
-    ax1.plot(epochs, [h.test_loss for h in history], "o-", label="test")
+    smoothed = f"label-smoothed ({label_smoothing:g}) " if label_smoothing else ""
+    ax1.plot(epochs, [h.train_loss for h in history], "o-", label=f"train: {smoothed}cross-entropy, epoch mean")
+    ax1.plot(epochs, [h.test_loss for h in history], "o-", label="test: plain cross-entropy, end of epoch")
+    if label_smoothing:
+        floor = smoothed_loss_floor(label_smoothing, classes)
+        ax1.axhline(floor, color="C0", ls=":", lw=1,
+                    label=f"lowest label-smoothed cross-entropy possible ({floor:.2f})")
+        ax1.set_title("two different losses: compare their shapes, not their levels", fontsize=9)
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("cross-entropy loss")
-    ax1.legend()
+    ax1.set_ylabel("loss")
+    ax1.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ax1.grid(alpha=0.3)
     ax2.plot(epochs, [h.test_accuracy for h in history], "o-", color="C2")
     ax2.set_xlabel("epoch")
@@ -44,7 +66,7 @@ def training_curves(history: Sequence, path: str | Path, title: str = "") -> Pat
 
 
 def bench_chart(report: dict, path: str | Path, title: str = "") -> Path:
-    """Images/s and median latency against batch size, one line per option, with the fp32 roofline(s).
+    """Images/s and median latency against batch size, one line per option, with the rooflines (fp32, int8).
 
     ``report`` is the JSON form of a benchmark (``BenchReport.to_json()`` or benchmarks/results/inference.json).
     """
@@ -59,9 +81,12 @@ def bench_chart(report: dict, path: str | Path, title: str = "") -> Path:
         sizes = [r["batch_size"] for r in rows]
         ax1.plot(sizes, [r["images_per_s"] for r in rows], "o-", label=label)
         ax2.plot(sizes, [r["latency_ms"]["p50"] for r in rows], "o-", label=label)
-    for i, (prov, peak) in enumerate(report.get("machine", {}).get("peak", {}).items()):
-        ax1.axhline(peak["roofline_images_per_s"], color="gray", ls=("--", ":")[i % 2], lw=1,
-                    label=f"{prov} fp32 roofline ({peak['gflops']:.0f} GFLOP/s matmul)")
+    machine = report.get("machine", {})
+    peaks = [(f"{prov} fp32", p, "GFLOP/s") for prov, p in machine.get("peak", {}).items()]
+    peaks += [(f"{prov} int8", p, "GOP/s") for prov, p in machine.get("peak_int8", {}).items()]
+    for i, (name, peak, unit) in enumerate(peaks):
+        ax1.axhline(peak["roofline_images_per_s"], color="gray", ls=("--", ":", "-.")[i % 3], lw=1,
+                    label=f"{name} roofline ({peak['gflops']:.0f} {unit} matmul)")
     sizes = sorted({r["batch_size"] for r in report["results"]})
     for ax, ylabel in ((ax1, "images/s"), (ax2, "median latency per batch (ms)")):
         ax.set_xscale("log", base=2)

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fmnist_onnx import __version__
 from fmnist_onnx.data import load_dataset, load_split
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import atomic_write, atomic_write_text
+from fmnist_onnx.machine import library_versions
 from fmnist_onnx.model import NeuralNetwork
 from fmnist_onnx.testing import pause_point
 
@@ -151,13 +151,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise UserError(f"unknown optimizer {cfg.optimizer!r}")
-
-
-def library_versions() -> dict[str, str]:
-    import torchvision
-
-    return {"fmnist_onnx": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__}
 
 
 class _Batches:
@@ -393,6 +386,7 @@ def _write_outputs(result: TrainResult, model: nn.Module) -> None:
     try:
         from fmnist_onnx.plots import training_curves
 
-        training_curves(result.history, out / "training_curves.png", title=f"recipe {result.config.recipe}")
+        training_curves(result.history, out / "training_curves.png", title=f"recipe {result.config.recipe}",
+                        label_smoothing=result.config.label_smoothing)
     except ImportError as e:  # matplotlib is optional for the numbers themselves
         log.warning("no training_curves.png: %s", e)

@@ -1,5 +1,6 @@
-"""`fmnist-onnx bench`: real sessions, real timings on short runs. No assertion on speed: speed lives in
-benchmarks/. What is checked is the shape and the arithmetic of the figures, and the bad-input contract."""
+"""`fmnist-onnx bench` and `bench classify`: real sessions, real timings on short runs. No assertion on speed:
+speed lives in benchmarks/. What is checked: the timing harness against a clock the test controls, the shape of
+the records, which peak each percentage refers to, and the bad-input contract."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from fmnist_onnx import bench
+from fmnist_onnx import bench, bench_pipeline, timing
+from fmnist_onnx.peak import Peak, matmul_model, matmul_peak
 from fmnist_onnx.spec import FLOPS_PER_IMAGE
 
 SIZES = (1, 64)
@@ -33,45 +35,92 @@ def short_run(onnx_model, weights, tmp_path_factory):
 def test_json_schema(short_run):
     _, data, _ = short_run
     machine = data["machine"]
-    for key in ("cpu", "cores", "memory_gib", "versions", "providers", "peak"):
+    for key in ("cpu", "cores", "memory_gib", "versions", "providers", "peak", "peak_int8"):
         assert key in machine, key
     assert "onnxruntime" in machine["versions"] and "CPUExecutionProvider" in machine["providers"]
-    assert machine["peak"]["cpu"]["gflops"] > 0
+    assert machine["peak"]["cpu"]["precision"] == "fp32" and machine["peak_int8"]["cpu"]["precision"] == "int8"
     for r in data["results"]:
         assert r["backend"] in ("onnxruntime", "torch")
         assert r["provider"] == "cpu"
         assert r["precision"] in ("fp32", "int8", "fp16")
         assert set(r["latency_ms"]) >= {"p50", "p90", "p99", "min", "max"}
-        for key in ("images_per_s", "first_run_ms", "gflops"):
+        for key in ("images_per_s", "first_run_ms", "gflops", "roofline_pct"):
             assert isinstance(r[key], float) and r[key] > 0, key
+        assert r["runs"] >= timing.MIN_RUNS
     options = {(r["backend"], r["precision"]) for r in data["results"]}
     assert options == {("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("torch", "fp32")}
     for option in options:  # every option at every batch size, once
         assert sorted(r["batch_size"] for r in data["results"] if (r["backend"], r["precision"]) == option) == [*SIZES]
 
 
-def test_percentiles_ordered(short_run):
-    for r in short_run[1]["results"]:
-        lat = r["latency_ms"]
-        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"], r
-
-
-def test_images_per_s_consistent_with_latencies(short_run):
-    data = short_run[1]
-    peak = data["machine"]["peak"]["cpu"]["gflops"]
-    for r in data["results"]:
-        lat = r["latency_ms"]
-        assert r["images_per_s"] == pytest.approx(r["batch_size"] * 1000 / lat["mean"], rel=1e-9)
-        assert r["batch_size"] * 1000 / lat["max"] <= r["images_per_s"] <= r["batch_size"] * 1000 / lat["min"]
-        assert r["gflops"] == pytest.approx(r["images_per_s"] * FLOPS_PER_IMAGE / 1e9, rel=1e-9)
-        assert r["roofline_pct"] == pytest.approx(100 * r["gflops"] / peak, rel=1e-9)
-        assert r["runs"] >= bench.MIN_RUNS
-
-
-def test_int8_quantized_on_the_fly_when_none_beside(short_run):
+def test_each_precision_is_set_against_its_own_peak(short_run):
+    """int8 rows used to show 144-232% "of the roofline": the fp32 peak. Now int8 has an int8 peak
+    (MatMulInteger), and the table says which peak each percentage refers to."""
     proc, data, _ = short_run
-    assert [r["batch_size"] for r in data["results"] if r["precision"] == "int8"] == [*SIZES]
-    assert "quantized on the fly" in proc.stderr
+    peaks = {"fp32": data["machine"]["peak"]["cpu"], "int8": data["machine"]["peak_int8"]["cpu"]}
+    assert peaks["int8"]["method"] in peaks["int8"]["by_method"] and "onnxruntime" in peaks["int8"]["by_method"]
+    for r in data["results"]:
+        assert r["roofline_pct"] == pytest.approx(100 * r["gflops"] / peaks[r["precision"]]["gflops"]), r
+    assert "cpu int8 matmul peak" in proc.stdout and "GOP/s" in proc.stdout
+    assert "in the row's own precision" in proc.stdout
+
+
+class FakeClock:
+    """Time that moves only when the code under test "works": a test advances it, the harness reads it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+UNIT = 1 / 1024  # durations in multiples of 2**-10 s add up exactly in binary floating point
+
+
+def test_harness_reports_exactly_what_the_clock_measured():
+    """Session creation 0.5 s and a first call of 0.25 s, two warm-up calls of 1 s, then calls of 1, 2, 3, 2
+    units until 64 units have passed: the record must hold exactly those figures, warm-up and first run left out."""
+    clock = FakeClock()
+    durations = iter([0.25, 1.0, 1.0] + [k * UNIT for k in (1, 2, 3, 2)] * 100)
+
+    def make(batch):
+        clock.advance(0.5)
+        return bench.Runner(lambda: clock.advance(next(durations)))
+
+    # A peak at which 4096 images/s is half the roofline.
+    peak = Peak("cpu", "fp32", 2 * 4096 * FLOPS_PER_IMAGE / 1e9, "given", None)
+    cand = bench.Candidate("onnxruntime", "cpu", "fp32", make)
+    rec = bench.measure(cand, bench.make_input(8), duration_s=64 * UNIT, peak=peak, warmup_s=0, clock=clock)
+    assert rec.first_run_ms == 750.0
+    assert rec.runs == 32  # 8 rounds of (1, 2, 3, 2) units fill the 64 units
+    ms = 1e3 * UNIT
+    lat = rec.latency_ms
+    assert (lat.min, lat.p50, lat.mean, lat.p90, lat.max) == (1 * ms, 2 * ms, 2 * ms, 3 * ms, 3 * ms)
+    assert rec.images_per_s == 4096.0  # 8 images every 2 units (1/512 s) on average
+    assert rec.roofline_pct == pytest.approx(50.0)
+    assert rec.gflops == pytest.approx(4096 * FLOPS_PER_IMAGE / 1e9)
+
+
+def test_harness_times_at_least_min_runs_however_slow():
+    clock = FakeClock()
+    times = timing.time_calls(lambda: clock.advance(1.0), duration_s=0.1, warmup_s=0, clock=clock)
+    assert list(times) == [1.0] * timing.MIN_RUNS
+    assert clock.now == 2 + timing.MIN_RUNS  # two warm-up calls, then the timed ones, and no more
+
+
+def test_table_shows_no_percentage_without_a_peak_of_that_precision():
+    lat = timing.LatencyMs(1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    fp16 = bench.BenchRecord("onnxruntime", "cuda", "fp16", 8, 8000.0, lat, 5.0, 10.7, None, 10)
+    fp32 = bench.BenchRecord("onnxruntime", "cuda", "fp32", 8, 4000.0, lat, 5.0, 5.4, 12.5, 10)
+    report = bench.BenchReport({}, {}, {("cuda", "fp32"): Peak("cuda", "fp32", 43.0, "onnxruntime", None)},
+                               [fp32, fp16])
+    rows = {line.split()[3]: line for line in bench.format_table(report).splitlines() if line[:5] == "    8"}
+    assert rows["fp16"].rstrip().endswith(" -") and rows["fp32"].rstrip().endswith("12%")
+    assert set(report.to_json()["machine"]) == {"peak"}  # no fp16 peak was measured, none is written
 
 
 def test_table_marks_the_fastest_per_batch_size(short_run):
@@ -85,8 +134,10 @@ def test_table_marks_the_fastest_per_batch_size(short_run):
         assert line[7:].startswith(label), (line, label)
 
 
-def test_plot_is_a_png(short_run):
-    assert short_run[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_int8_quantized_on_the_fly_when_none_beside(short_run):
+    proc, data, _ = short_run
+    assert [r["batch_size"] for r in data["results"] if r["precision"] == "int8"] == [*SIZES]
+    assert "quantized on the fly" in proc.stderr
 
 
 def test_first_run_is_kept_out_of_the_timed_calls(onnx_model):
@@ -100,15 +151,15 @@ def test_first_run_is_kept_out_of_the_timed_calls(onnx_model):
         return bench.Runner(lambda: calls.append(run()))
 
     cand = bench.Candidate("onnxruntime", "cpu", "fp32", make)
-    peak = bench.Peak("cpu", 100.0, "given", None)
+    peak = Peak("cpu", "fp32", 100.0, "given", None)
     rec = bench.measure(cand, bench.make_input(8), 0.05, peak, warmup_s=0)
     assert len(calls) == 1 + 2 + rec.runs
-    assert rec.first_run_ms > 0 and rec.runs >= bench.MIN_RUNS
+    assert rec.first_run_ms > 0 and rec.runs >= timing.MIN_RUNS
     assert all(out[0].shape == (8, 10) for out in calls)  # real logits, every call
 
 
 def test_latency_percentiles_from_known_times():
-    lat = bench.latency_ms(np.array([0.001, 0.002, 0.003, 0.004]))
+    lat = timing.latency_ms(np.array([0.001, 0.002, 0.003, 0.004]))
     assert (lat.min, lat.max, lat.mean) == pytest.approx((1.0, 4.0, 2.5))
     assert lat.p50 == pytest.approx(2.5)
 
@@ -138,6 +189,7 @@ def test_runs_without_torch(onnx_model, weights, tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert {r["backend"] for r in data["results"]} == {"onnxruntime"}
     assert "torch" not in data["machine"]["peak"]["cpu"]["by_method"]
+    assert set(data["machine"]["peak_int8"]["cpu"]["by_method"]) == {"onnxruntime"}
 
 
 def _wrong_signature_model(path):
@@ -181,13 +233,40 @@ def test_cuda_without_cuda_fails_loudly(onnx_model):
     assert_one_line_error(run_cli("bench", "--model", onnx_model, "--provider", "cuda"), 2, "CUDAExecutionProvider")
 
 
-def test_matmul_peak_names_its_method():
-    peak = bench.matmul_peak("cpu", threads=1, duration_s=0.1, sizes=(128, 256))
-    assert peak.method in peak.by_method and peak.gflops == max(peak.by_method.values())
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_matmul_peak_names_its_method(precision):
+    peak = matmul_peak("cpu", precision, threads=1, duration_s=0.1, sizes=(128, 256))
+    assert peak.precision == precision and peak.method in peak.by_method
+    assert peak.gflops == max(peak.by_method.values())
     if len(os.sched_getaffinity(0)) > 1:
         assert "numpy" not in peak.by_method  # numpy's BLAS cannot be held to 1 thread: it must not count
     assert peak.size in (128, 256)
     assert math.isfinite(peak.roofline_images_per_s) and peak.roofline_images_per_s > 0
+
+
+@pytest.mark.parametrize("op, types, dtypes", [
+    ("MatMul", (1, 1, 1), (np.float32, np.float32)),
+    ("MatMulInteger", (2, 3, 6), (np.uint8, np.int8)),
+])
+def test_peak_model_written_without_onnx_is_a_valid_matrix_product(op, types, dtypes):
+    """peak.py writes its one-node models with the protobuf wire format: onnx must read the same model, and
+    onnxruntime must compute the product with it."""
+    import onnx
+    import onnxruntime as ort
+
+    data = matmul_model(op, 16, *types)
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == [op] and model.opset_import[0].version == 13
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 100, (16, 16)).astype(t) for t in dtypes)
+    (c,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"A": a, "B": b})
+    np.testing.assert_array_equal(c, a.astype(np.int64) @ b.astype(np.int64))
+
+
+def test_bad_peak_request_is_refused():
+    with pytest.raises(ValueError):
+        matmul_peak("cuda", "int8")
 
 
 # ---------------------------------------------------------------------------------------------- bench classify
@@ -200,25 +279,49 @@ def png_folder(tmp_path_factory):
     return out
 
 
-def test_bench_classify_times_the_pipeline_beside_decode_and_naive(png_folder, onnx_model, tmp_path):
+def test_bench_classify_cli_runs_each_contender_and_writes_json(png_folder, onnx_model, tmp_path):
     proc = run_cli("bench", "classify", png_folder, "--model", onnx_model, "--provider", "cpu", "--workers", "2",
                    "--json", tmp_path / "c.json", check=True)
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["images"] == 200 and data["provider"] == "cpu" and data["workers"] == 2
     whats = [r["what"] for r in data["results"]]
     assert [w.split(" (")[0] for w in whats] == ["classify pipeline", "decode alone", "decode alone", "naive loop"]
-    for r in data["results"]:
-        assert r["images"] == 200
-        assert r["images_per_s"] == pytest.approx(200 / r["seconds"], rel=1e-9)
-    pipe, decode, naive = data["results"][0], data["results"][1], data["results"][3]
-    assert data["pipeline_pct_of_decode"] == pytest.approx(100 * pipe["images_per_s"] / decode["images_per_s"])
-    assert data["pipeline_over_naive"] == pytest.approx(pipe["images_per_s"] / naive["images_per_s"])
-    assert "naive loop" in proc.stdout and "decoding alone" in proc.stdout
+    assert [r["processes"] for r in data["results"]] == [2, 2, 1, 1]
+    assert all(r["images"] == 200 and r["seconds"] > 0 for r in data["results"])
+    for what in whats:
+        assert what in proc.stdout
+    assert "decoding alone" in proc.stdout and "the naive loop" in proc.stdout
+
+
+class ScriptedClock:
+    """A clock that reads out the given times, one per call, and fails if read once more."""
+
+    def __init__(self, *times: float) -> None:
+        self.times = iter(times)
+
+    def __call__(self) -> float:
+        return next(self.times)
+
+
+def test_bench_classify_reports_the_best_run_the_clock_measured(png_folder, onnx_model):
+    """Real runs of the four contenders, twice each, timed by a clock the test controls: (start, end) of each
+    run below. The best run of each must give the figures, and the clock must be read around runs only."""
+    clock = ScriptedClock(0, 3, 10, 12,  # pipeline: 3 s, then 2 s
+                          20, 21, 30, 31.5,  # decode alone, 2 processes: 1 s, then 1.5 s
+                          40, 44, 50, 55,  # decode alone, 1 process: 4 s, then 5 s
+                          60, 68, 70, 80)  # naive loop: 8 s, then 10 s
+    result = bench_pipeline.bench_classify(png_folder, onnx_model, workers=2, provider="cpu", repeats=2, clock=clock)
+    assert next(clock.times, None) is None  # every reading used, none more
+    assert [r["seconds"] for r in result["results"]] == [2, 1, 4, 8]
+    assert [r["images_per_s"] for r in result["results"]] == [100, 200, 50, 25]  # 200 images
+    assert result["pipeline_pct_of_decode"] == 50 and result["pipeline_over_naive"] == 4
+    text = bench_pipeline.format_classify(result)
+    assert "runs at 50% of decoding alone" in text and "4.0x the naive loop" in text
 
 
 def test_naive_loop_writes_a_row_per_image(png_folder, onnx_model, tmp_path):
     paths = sorted(str(p) for p in png_folder.rglob("*.png"))
-    bench.naive_loop(paths, onnx_model, tmp_path / "naive.csv")
+    bench_pipeline.naive_loop(paths, onnx_model, tmp_path / "naive.csv")
     lines = (tmp_path / "naive.csv").read_text().splitlines()
     assert lines[0] == "path,label" and len(lines) == 1 + len(paths)
 

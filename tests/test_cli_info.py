@@ -41,13 +41,16 @@ def test_json(onnx_model):
     assert json.loads(info["metadata"]["classes"]) == list(spec.CLASSES)
 
 
-def test_int8_model(onnx_model, tmp_path):
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_int8_model(onnx_model, tmp_path, method):
     from fmnist_onnx.export import quantize_int8
+    from fmnist_onnx.info import is_int8
 
-    int8 = quantize_int8(onnx_model, tmp_path / "model.int8.onnx", method="dynamic")
+    int8 = quantize_int8(onnx_model, tmp_path / "model.int8.onnx", method=method)
     info = json.loads(info_without_torch(int8, "--json").stdout)
     assert info["quantized"] is True and info["parameters"] == 669_706
-    assert info["metadata"]["quantization"].startswith("int8 dynamic")
+    assert info["metadata"]["quantization"].startswith(f"int8 {method}")
+    assert is_int8(int8) and not is_int8(onnx_model)  # the one test of "int8?" that export, verify, bench use
 
 
 def test_not_onnx(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from onnx import numpy_helper
 
 from conftest import assert_one_line_error, run_cli
-from fmnist_onnx.verify import compare_logits, verify
+from fmnist_onnx.verify import compare_logits, top1_ties, verify
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,27 @@ def test_int8_is_judged_by_agreement_and_accuracy(onnx_model, weights, tmp_path)
 
     torch.save(NeuralNetwork().state_dict(), untrained)
     assert not verify(int8, untrained, ("cpu",)).passed
+
+
+def test_top1_ties_counts_exact_ties_for_the_top_only():
+    logits = np.array([[1.0, 3.0, 3.0], [1.0, 2.0, 3.0], [5.0, 5.0, 1.0], [3.0, 1.0, 1.0], [2.0, 2.0 + 1e-6, 0.0]])
+    assert top1_ties(logits) == 2
+
+
+def test_int8_keeps_its_logits_in_float(onnx_model, weights, tmp_path):
+    """export's int8 (static, the last layer in float) against the same quantization with uint8 logits: the
+    logits are no longer clipped to 256 values, the exact ties for the top class are gone, and agreement with
+    PyTorch is at least as high."""
+    from fmnist_onnx.export import quantize_int8
+
+    new = quantize_int8(onnx_model, tmp_path / "model.int8.onnx")
+    old = quantize_int8(onnx_model, tmp_path / "uint8_logits.onnx", per_channel=False, float_logits=False)
+    producer = {o: n.op_type for n in onnx.load(str(new)).graph.node for o in n.output}
+    assert producer["logits"] in ("Gemm", "MatMul", "Add")  # not a DequantizeLinear of uint8 logits
+    (n,), (o,) = verify(new, weights, ("cpu",)).results, verify(old, weights, ("cpu",)).results
+    assert n.passed and n.top1_ties <= 2 and n.top1_agreement_pct >= 99.68
+    assert o.top1_ties > 2  # the flaw this fixes, still there the old way
+    assert n.top1_agreement_pct >= o.top1_agreement_pct
 
 
 def test_any_batch_size_gives_the_same_logits(onnx_model):
