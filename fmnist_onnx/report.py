@@ -3,15 +3,16 @@
 Made from the output table (any format, read streaming with sinks.read_rows) plus, when there is one, what
 the run's summary knows that the table does not (provider, speed, skipped files). One pass over the rows
 keeps counts, the confusion matrix and bounded samples:
-- per matrix cell, the CELL_IMAGES files with the smallest path hashes: a uniform sample that does not depend
-  on the row order (the Ray engine writes rows as they are done, and its table must give the same page);
+- per matrix cell, the CELL_IMAGES files of largest path hash: a uniform sample that does not depend on the
+  row order (the Ray engine writes rows as they are done, and its table must give the same page);
 - the GALLERY_IMAGES least confident predictions, and (labelled folders) the GALLERY_IMAGES most confident
   mistakes, with heaps;
 - the first FAILED_LISTED failed files, and their errors counted by message.
 Only the sampled files are read back from disk, to draw them as the model saw them (28x28 after inversion,
 with the run's --invert) beside a thumbnail of the original. So the page stays small whatever the number of
-rows: at most 100*CELL_IMAGES + 2*GALLERY_IMAGES figures of at most ~6 kB each (the thumbnail is capped at
-THUMB_MAX_BYTES, the 28x28 view is under 1 kB), about 13 MB in the worst case, well under MAX_BYTES.
+rows: at most 100*CELL_IMAGES + 2*GALLERY_IMAGES figures of at most ~7 kB each (the thumbnail is capped at
+THUMB_MAX_BYTES, the 28x28 view is under 1 kB, paths and errors are cut to a few hundred characters): under
+16 MB in the worst case, within MAX_BYTES.
 
 The page is plain HTML and CSS first: the summary and every table read without JavaScript, and a matrix cell
 is a link to its images (shown by CSS :target). A small script only keeps the page from jumping, marks the
@@ -22,6 +23,7 @@ No torch here.
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import heapq
 import html
@@ -52,6 +54,7 @@ ERROR_KINDS = 50  # distinct error messages counted; the rest are "other"
 THUMB_SIDE = 96  # the original's thumbnail: at most this many pixels a side...
 THUMB_MAX_BYTES = 3000  # ...and bytes (then 64 px JPEG, then left out)
 PATH_SHOWN = 240  # characters of a path shown (a longer one is cut in the middle)
+ERROR_SHOWN = 300  # characters of an error message (classify's are shorter; a foreign table's may not be)
 MAX_BYTES = 20_000_000
 _REQUIRED = ("path", "label", "index", "score", "error")
 _BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
@@ -140,8 +143,9 @@ def collect(rows) -> Collected:
         path, pred, error = row["path"], row["index"], row["error"]
         if error:
             c.failed += 1
+            error = error if len(error) <= ERROR_SHOWN else error[:ERROR_SHOWN] + "…"
             if len(c.failures) < FAILED_LISTED:
-                c.failures.append(row)
+                c.failures.append({"path": path, "error": error})
             if error in c.error_kinds or len(c.error_kinds) < ERROR_KINDS:
                 c.error_kinds[error] += 1
             else:
@@ -236,7 +240,8 @@ def draw(path: str, invert: str) -> Drawn:
         thumb = _thumbnail(data)
     except Exception as e:  # noqa: BLE001 - load_bytes decoded it; a thumbnail is extra, never a failure
         log.debug("%s: no thumbnail: %s", path, e)
-        thumb = None
+        d.note = "original not drawn"
+        return d
     if thumb is None:
         d.note = "original left out (too large to embed)"
     else:
@@ -351,7 +356,9 @@ def _confusion(page: _Page, c: Collected) -> None:
     cm = c.confusion
     cells = {k: _sorted_rows(v) for k, v in c.cells.items()}
     off = [(int(cm[t, p]), t, p) for t in range(NUM_CLASSES) for p in range(NUM_CLASSES) if t != p and cm[t, p]]
-    head = "".join(f'<th scope="col">{_e(name)}</th>' for name in CLASSES)
+    # a line break after "/" or at a space, never at a hyphen: "T-shirt/ top", not "T- shirt/top"
+    head = "".join('<th scope="col">' + "/<wbr>".join(f'<span class="nw">{_e(part)}</span>' if "-" in part else _e(part)
+                                                      for part in name.split("/")) + "</th>" for name in CLASSES)
     page.add('<section id="confusion"><h2>Confusion matrix</h2>',
              "<p>Rows: the true class (from the folder names); columns: the predicted class. Choose a cell to "
              f"see its files (up to {CELL_IMAGES} each, a random sample of a larger cell).</p>",
@@ -497,7 +504,8 @@ dl.glance { display: flex; flex-wrap: wrap; gap: 10px; margin: 14px 0 0; }
 dl.glance div { border: 1px solid var(--line); border-radius: 8px; padding: 8px 14px; min-width: 120px; }
 dl.glance dt { font-size: 12px; color: var(--muted); text-transform: uppercase; letter-spacing: .04em; }
 dl.glance dd { margin: 0; font-size: 20px; font-weight: 600; font-variant-numeric: tabular-nums; }
-dl.glance dd.small { font-size: 15px; font-weight: 500; }
+dl.glance dd .small { font-size: 16px; }
+.nw { white-space: nowrap; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
 thead th { background: var(--bg2); }
@@ -510,6 +518,7 @@ table.kv th { background: var(--bg2); font-weight: 600; white-space: nowrap; }
 .cm-scroll { overflow-x: auto; }
 table.cm caption { font-weight: 400; color: var(--muted); font-size: 13px; }
 table.cm th { font-size: 13px; }
+table.cm tbody th { padding: 6px 8px; }
 table.cm thead th { width: 64px; vertical-align: bottom; text-align: center; }
 table.cm thead th.corner { width: auto; text-align: left; color: var(--muted); font-weight: 400; }
 table.cm td { padding: 0; text-align: right; min-width: 58px; }
@@ -531,7 +540,7 @@ ul.gallery { list-style: none; margin: 8px 0 0; padding: 0; display: grid; gap: 
   grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); }
 figure { margin: 0; border: 1px solid var(--line); border-radius: 8px; padding: 8px; height: 100%; }
 .pics { display: flex; gap: 6px; }
-.pics img { width: 84px; height: 84px; background: var(--bg2); object-fit: contain; }
+.pics img { width: 84px; height: 84px; background: var(--bg2); object-fit: contain; image-orientation: none; }
 .pics img.px { image-rendering: pixelated; background: #000; }
 .pics img.orig.px { background: var(--bg2); }
 figcaption { font-size: 12.5px; margin-top: 6px; }
@@ -666,12 +675,41 @@ def check_destination(dest: str | Path, predictions: str | Path | None = None) -
     """UserError unless the report can be written there (checked before a classify run starts)."""
     dest = Path(dest)
     if dest.is_dir():
-        raise UserError(f"--report {dest} is a folder; give a file name")
+        raise UserError(f"report {dest} is a folder; give a file name")
     if not dest.parent.is_dir():
-        raise UserError(f"--report {dest}: folder {dest.parent} does not exist")
+        raise UserError(f"report {dest}: folder {dest.parent} does not exist")
     if predictions is not None and os.path.abspath(dest) == os.path.abspath(predictions):
         raise UserError(f"{dest} is the predictions table itself; write the report elsewhere")
     return dest
+
+
+def check_table(path: str) -> None:
+    """UserError unless the file starts as a classify output does (its columns), before reading it all."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        f.seek(0)
+        head = f.readline(1 << 16)
+    if not head:
+        return  # an empty output: JSONL without a row
+    if magic == b"PAR1":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            return  # read_rows says what to install
+        try:
+            cols = pq.ParquetFile(path).schema_arrow.names
+        except Exception:  # noqa: BLE001 - pyarrow's errors for a damaged file are of several types
+            raise UserError(f"{path}: not a readable Parquet file") from None
+    elif head.startswith(b"{"):
+        try:
+            cols = list(json.loads(head))
+        except (ValueError, TypeError):
+            raise UserError(f"{path}: not a classify output (its first line is not a JSON object)") from None
+    else:
+        cols = next(csv.reader([head.decode("utf-8", "replace")]), [])
+    missing = [c for c in _REQUIRED if c not in cols]
+    if missing:
+        raise UserError(f"{path}: not a classify output (no column {', '.join(missing)})")
 
 
 def load_summary(path: str | Path) -> dict:
@@ -702,6 +740,7 @@ def build_report(predictions: str | Path, dest: str | Path, model: str | Path | 
     if model is not None and not Path(model).is_file():
         raise UserError(f"model file not found: {model}")
     dest = check_destination(dest, predictions)
+    check_table(predictions)
     if is_dataclass(run):
         run = asdict(run)
     c = collect(read_rows(predictions))

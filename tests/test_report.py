@@ -338,7 +338,7 @@ def test_report_mistakes_are_one_line(case, run, tmp_path):
     (tmp_path / "preds.csv.partial").write_text("path,label,index,score,error\n")
     (tmp_path / "notes.txt").write_text("hello\n")
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
-    contains = {"missing": "no such file", "partial": "interrupted run", "not a table": "format",
+    contains = {"missing": "no such file", "partial": "interrupted run", "not a table": "not a classify output",
                 "foreign csv": "not a classify output", "onto itself": "predictions table itself",
                 "no folder": "does not exist"}[case]
     before = run["out"].read_bytes()
