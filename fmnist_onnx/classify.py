@@ -4,7 +4,7 @@ The pipeline, the same for every engine:
 
 1. the request and its checks (``check_request``): inputs, model, options, output, and on --resume that the
    journal was written by this same run (``RunIdentity``), each a one-line UserError before any work;
-2. the walk (``images.iter_files``, or the engine's own for URIs): streamed, sorted, cut into chunks of
+2. the walk (``images.iter_batches``, or the engine's own for URIs): streamed, sorted, cut into chunks of
    paths (``work_items``); files an interrupted run wrote already are skipped;
 3. the engine: chunks of paths -> ``Rows`` (encoded as the sink writes them, with their top-1 classes and
    true classes as arrays): ``engines/local.py`` (worker processes here, the default) or ``engines/ray.py``
@@ -408,27 +408,28 @@ class _Done:
         return i < len(self.keys) and self.keys[i] == key
 
 
-def work_items(found: Iterator[images.Found], done: _Done | None, tally: Tally,
+def work_items(batches: Iterator[images.Batch], done: _Done | None, tally: Tally,
                chunk_size: list[int]) -> Iterator[list[str] | Row]:
     """Chunks of paths to decode (list) and rows known without decoding (Row: an unlistable folder), in
-    walk order. ``chunk_size[0]`` is read at each chunk, so the caller can adapt it."""
+    walk order. ``chunk_size[0]`` is read at each chunk, so the caller can adapt it. List operations per
+    folder, not Python statements per file: this runs in the process that walks and writes."""
     chunk: list[str] = []
-    for f in found:
-        if f.kind == "skip":
-            tally.skipped += 1
-            continue
-        if done is not None and f.path in done:
-            continue
-        if f.kind == "unlistable":
+    for batch in batches:
+        tally.skipped += len(batch.skipped)
+        if batch.unlistable is not None:
             if chunk:
                 yield chunk
                 chunk = []
-            yield Row(f.path, error=f.error)
-            continue
-        chunk.append(f.path)
-        if len(chunk) >= chunk_size[0]:
-            yield chunk
-            chunk = []
+            yield Row(batch.unlistable.path, error=batch.unlistable.error)
+        files = batch.files if done is None else [p for p in batch.files if p not in done]
+        start = 0
+        while start < len(files):
+            take = min(chunk_size[0] - len(chunk), len(files) - start)
+            chunk.extend(files[start:start + take])
+            start += take
+            if len(chunk) >= chunk_size[0]:
+                yield chunk
+                chunk = []
     if chunk:
         yield chunk
 
@@ -475,7 +476,7 @@ class Engine(Protocol):
     workers: int  # decoding processes, or Ray actors
     decoder: str  # in words, for the summary
 
-    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Found]: ...
+    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]: ...
 
     def rows(self, items: Iterator[list[str] | Row], encoding: str) -> Iterator[Rows]: ...
 

@@ -164,8 +164,8 @@ class LocalEngine:
         self.pool = self._executor(self.workers)
         self.pool.submit(os.getpid).result()  # all workers exist from here on
 
-    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Found]:
-        return images.iter_files(roots, recursive)
+    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]:
+        return images.iter_batches(roots, recursive)
 
     def _submit(self, paths: list[str], encoding: str) -> Future:
         """A future of the chunk's Rows (the workers' path) or of its decoded images (the batched path); one that

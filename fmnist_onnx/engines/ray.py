@@ -394,8 +394,12 @@ class RayEngine:
         self.decoder = f"{cl.decoder_name()} in Ray actors"
         log.info("Ray pool: %d actors, %g CPU and %g GPU each (%s)", self.workers, per_cpu, per_gpu, self.provider)
 
-    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Found]:
-        return walk(roots, recursive)
+    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]:
+        for f in walk(roots, recursive):  # an entry at a time: the cluster, not this process, sets the pace here
+            if f.kind == "unlistable":
+                yield images.Batch([], [], f)
+            else:
+                yield images.Batch([f.path], []) if f.kind == "file" else images.Batch([], [f.path])
 
     def rows(self, items: Iterator[list[str] | Row], encoding: str) -> Iterator[cl.Rows]:
         """Every file of ``items`` to the actors at once (Ray Data plans the blocks), rows as they are done."""
