@@ -53,6 +53,7 @@ FAILED_LISTED = 1000
 ERROR_KINDS = 50  # distinct error messages counted; the rest are "other"
 THUMB_SIDE = 96  # the original's thumbnail: at most this many pixels a side...
 THUMB_MAX_BYTES = 3000  # ...and bytes (then 64 px JPEG, then left out)
+THUMB_MAX_PIXELS = 16_000_000  # a colour original larger than this (JPEG aside: decoded scaled) is not drawn
 PATH_SHOWN = 240  # characters of a path shown (a longer one is cut in the middle)
 ERROR_SHOWN = 300  # characters of an error message (classify's are shorter; a foreign table's may not be)
 MAX_BYTES = 20_000_000
@@ -185,25 +186,31 @@ def _png(im) -> bytes:
 
 
 def _thumbnail(data: bytes) -> tuple[bytes, str, tuple[int, int]] | None:
-    """The original, downscaled to THUMB_SIDE at most, as (bytes, mime, original size); None when even a
-    small JPEG of it is over THUMB_MAX_BYTES. A small file that browsers show is embedded as it is; otherwise
-    colour stays colour, and grayscale of any depth is drawn as the decoder reads it (16-bit scaled)."""
-    from PIL import Image
+    """The original, upright (EXIF, as the model saw it) and downscaled to THUMB_SIDE at most, as (bytes, mime,
+    original size); None when even a small JPEG of it is over THUMB_MAX_BYTES, or when it is a colour image
+    too big to thumbnail cheaply. A small file that browsers show is embedded as it is (they turn it upright
+    themselves); colour stays colour, and grayscale of any depth is drawn as the decoder reads it."""
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as im:
         size = im.size
         mime = _BROWSER_FORMATS.get(im.format)
         if mime and max(size) <= THUMB_SIDE and len(data) <= THUMB_MAX_BYTES:
             return data, mime, size
-        if im.format == "JPEG":
-            im.draft("RGB", (2 * THUMB_SIDE, 2 * THUMB_SIDE))
         gray = im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;")
         if gray and "transparency" not in im.info:
-            im = Image.fromarray(images.decode_gray(data))
+            im = Image.fromarray(images.decode_gray(data))  # images' own bounded, upright decoding
         else:
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-            im = im.convert("RGB")
+            if im.format == "JPEG":
+                im.draft("RGB", (2 * THUMB_SIDE, 2 * THUMB_SIDE))  # decoded at 1/2..1/8 scale
+            elif size[0] * size[1] > THUMB_MAX_PIXELS:
+                return None  # the model's view is there; a full-size colour decode is not worth its memory
+            im = ImageOps.exif_transpose(im)
+            if im.mode not in ("RGB", "RGBA"):
+                im = im.convert("RGBA")
         im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
+        if im.mode == "RGBA":  # transparency onto white, as the model's view has it
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
         out = _png(im)
         if len(out) <= THUMB_MAX_BYTES:
             return out, "image/png", size
@@ -540,7 +547,7 @@ ul.gallery { list-style: none; margin: 8px 0 0; padding: 0; display: grid; gap: 
   grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); }
 figure { margin: 0; border: 1px solid var(--line); border-radius: 8px; padding: 8px; height: 100%; }
 .pics { display: flex; gap: 6px; }
-.pics img { width: 84px; height: 84px; background: var(--bg2); object-fit: contain; image-orientation: none; }
+.pics img { width: 84px; height: 84px; background: var(--bg2); object-fit: contain; }
 .pics img.px { image-rendering: pixelated; background: #000; }
 .pics img.orig.px { background: var(--bg2); }
 figcaption { font-size: 12.5px; margin-top: 6px; }

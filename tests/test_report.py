@@ -214,6 +214,17 @@ def test_a_file_is_drawn_as_the_model_saw_it_beside_its_original(broken, tmp_pat
     assert original.mode == "RGB" and max(original.size) <= THUMB_SIDE and d.size == (400, 300)
     assert np.asarray(original)[0, 0].mean() > 230  # the original keeps its light background
     assert np.asarray(decode(draw(photo, "no").seen))[0, 0] > 230
+    # a photo taken sideways (EXIF orientation 6): its original is drawn upright, as the model saw it
+    a = np.full((300, 400, 3), 250, np.uint8)
+    a[40:260, 20:140] = 10
+    sideways = Image.fromarray(a)
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    sideways.save(tmp_path / "sideways.jpg", exif=exif.tobytes())
+    d = draw(str(tmp_path / "sideways.jpg"), "auto")
+    assert decode(d.original).size == (72, 96)  # portrait, like the upright photo
+    np.testing.assert_array_equal(np.asarray(decode(d.seen)),
+                                  images.load_bytes((tmp_path / "sideways.jpg").read_bytes(), "auto"))
     gone = draw(str(tmp_path / "gone.png"), "auto")
     assert gone.seen is None and gone.note == "cannot read it now: file not found"
 
