@@ -4,7 +4,7 @@ Made from the output table (any format, read streaming with sinks.read_rows) plu
 the run's summary knows that the table does not (provider, speed, skipped files). One pass over the rows
 keeps counts, the confusion matrix and bounded samples:
 - per matrix cell, the CELL_IMAGES files of largest path hash: a uniform sample that does not depend on the
-  row order (the Ray engine writes rows as they are done, and its table must give the same page);
+  row order (the Ray engine writes rows as they are done: its table gives the same samples);
 - the GALLERY_IMAGES least confident predictions, and (labelled folders) the GALLERY_IMAGES most confident
   mistakes, with heaps;
 - the first FAILED_LISTED failed files, and their errors counted by message.
