@@ -81,19 +81,76 @@ def naive_loop(paths: Sequence[str], model: Path, output: Path, provider: str = 
                 w.writerows((p, CLASSES[k]) for p, k in zip(batch, logits.argmax(1), strict=True))
 
 
+_COORDINATOR = """
+import json, resource, sys
+from fmnist_onnx.classify import classify
+folder, model, out, workers, provider, batch = sys.argv[1:7]
+s = classify([folder], model, out, overwrite=True, workers=int(workers), provider=provider,
+             batch_size=int(batch) if batch != "-" else None)
+r = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"cpu_s": r.ru_utime + r.ru_stime, "files": s.files}))
+"""
+
+
+def coordinator_cpu(folder: Path, model: Path, workers: int, provider: str, batch_size: int | None,
+                    work: Path) -> dict:
+    """The CPU time of the process that walks and writes (its own, not its workers'), from two fresh runs:
+    one file (start-up: interpreter, imports, pool, session) and the whole folder; the difference per file
+    is the coordinator's cost, and 1 / that cost the ceiling of any number of cores."""
+    import json
+    import subprocess
+    import sys
+
+    one = work / "one"
+    one.mkdir()
+    first = next(images_under(folder))
+    (one / Path(first).name).write_bytes(Path(first).read_bytes())
+
+    def run(where: Path) -> dict:
+        proc = subprocess.run([sys.executable, "-c", _COORDINATOR, str(where), str(model), str(work / "c.csv"),
+                               str(workers), provider, str(batch_size or "-")], capture_output=True, text=True)
+        if proc.returncode not in (0, 3):
+            raise UserError(f"the coordinator run failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    start, full = run(one), run(folder)
+    us = 1e6 * max(0.0, full["cpu_s"] - start["cpu_s"]) / max(1, full["files"] - 1)
+    return {"startup_cpu_s": round(start["cpu_s"], 3), "cpu_us_per_file": round(us, 2),
+            "ceiling_images_per_s": round(1e6 / us) if us > 0 else None, "files": full["files"]}
+
+
+def images_under(folder: Path):
+    from fmnist_onnx import images
+
+    for batch in images.iter_batches([folder]):
+        yield from batch.files
+
+
+def scaling_workers(cores: int) -> list[int]:
+    """1, 2, 4, ... up to the core count, and the core count itself."""
+    counts, n = [], 1
+    while n < cores:
+        counts.append(n)
+        n *= 2
+    return [*counts, cores]
+
+
 def bench_classify(
     folder: str | Path,
     model: str | Path,
     workers: int | None = None,
     provider: str = "auto",
-    batch_size: int = 512,
+    batch_size: int | None = None,
     repeats: int = 1,
     on_record: Callable[[PipelineRecord], None] | None = None,
     clock: Clock = time.perf_counter,
+    scaling: bool = False,
+    coordinator: bool = True,
 ) -> dict:
     """The classify pipeline (find, decode, infer, write) beside decoding alone and the naive loop, on the
     same folder, best of ``repeats`` each (timed with ``clock``). Every file is read once first, so that all
-    find a warm page cache.
+    find a warm page cache. ``scaling``: the pipeline also with 1, 2, 4, ... workers up to ``workers``.
+    ``coordinator``: the CPU cost of the process that walks and writes (``coordinator_cpu``).
 
     UserError for a missing folder, a folder with no images, or a missing or wrong model."""
     from fmnist_onnx import classify as cl
@@ -104,7 +161,7 @@ def bench_classify(
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
     prov = open_session(model, provider).provider  # one line for a missing or wrong model, or provider
-    paths = [f.path for f in images.iter_files([folder]) if f.kind == "file"]
+    paths = list(images_under(folder))
     if not paths:
         raise UserError(f"{folder}: no image files in it (looked for {', '.join(sorted(images.image_extensions())[:6])}"
                         ", ...)")
@@ -134,11 +191,21 @@ def bench_classify(
             records.append(rec)
             if on_record:
                 on_record(rec)
+        curve = []
+        for w in scaling_workers(workers) if scaling else []:
+            best = best_of(lambda w=w: cl.classify([folder], model, work / "scaling.csv", batch_size=batch_size,
+                                                   workers=w, provider=prov, overwrite=True), repeats, clock)
+            rec = PipelineRecord(f"classify pipeline ({w} processes)", n, w, best, n / best)
+            curve.append(asdict(rec))
+            if on_record:
+                on_record(rec)
+        coord = coordinator_cpu(folder, model, workers, prov, batch_size, work) if coordinator else None
     pipe, decode, naive = records[0], records[1], records[3]
     return {"machine": machine_info(), "folder": str(folder), "images": n, "model": str(model), "provider": prov,
             "workers": workers, "repeats": repeats, "results": [asdict(r) for r in records],
             "pipeline_pct_of_decode": 100 * pipe.images_per_s / decode.images_per_s,
-            "pipeline_over_naive": pipe.images_per_s / naive.images_per_s}
+            "pipeline_over_naive": pipe.images_per_s / naive.images_per_s, "scaling": curve,
+            "coordinator": coord}
 
 
 def format_classify(result: dict) -> str:
@@ -148,4 +215,12 @@ def format_classify(result: dict) -> str:
         lines.append(f"  {r['what']:<62} {r['images_per_s']:>10,.0f} {r['seconds']:>8.2f}")
     lines.append(f"the pipeline runs at {result['pipeline_pct_of_decode']:.0f}% of decoding alone with the same "
                  f"processes, {result['pipeline_over_naive']:.1f}x the naive loop")
+    if result.get("scaling"):
+        lines.append("scaling: " + ", ".join(f"{r['processes']} -> {r['images_per_s']:,.0f}" for r in result["scaling"])
+                     + " images/s")
+    c = result.get("coordinator")
+    if c:
+        ceiling = f"{c['ceiling_images_per_s']:,} images/s" if c["ceiling_images_per_s"] else "none measured"
+        lines.append(f"coordinator (the process that walks and writes): {c['cpu_us_per_file']:.2f} us of CPU per "
+                     f"file after {c['startup_cpu_s']:.2f} CPU-s of start-up; ceiling {ceiling}")
     return "\n".join(lines)

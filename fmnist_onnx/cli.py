@@ -303,8 +303,8 @@ Examples:
               help="model.pth: adds PyTorch eager (where torch is installed). "
                    "Default: model.pth beside --model, else artifacts/model.pth, when present.")
 @click.option("--batch-sizes", default="1,8,64,256,1024", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--provider", "providers", multiple=True, default=("auto",), show_default=True,
-              help="auto, cpu or cuda; repeatable. auto: cpu, plus cuda where onnxruntime has it.")
+@click.option("--provider", "providers", type=click.Choice(PROVIDER_CHOICES), multiple=True, default=("auto",),
+              show_default=True, help="Repeatable. auto: cpu, plus cuda where onnxruntime has it.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads for onnxruntime and torch "
               "[libraries' defaults].")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
@@ -356,24 +356,28 @@ Examples:
   fmnist-onnx data export-png --split test --out test_png
   fmnist-onnx bench classify test_png/
   fmnist-onnx bench classify photos/ --workers 4 --repeats 3 --json classify_bench.json
+  fmnist-onnx bench classify train_png/ --scaling     # images/s with 1, 2, 4, ... processes
 """)
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
               show_default=True, help="The ONNX model.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Images per onnxruntime call in the pipeline.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Images per onnxruntime call in the pipeline [as classify: 512 on the CPU, the chunk on CUDA].")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs of each; the best counts.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-def bench_classify(folder, model, workers, provider, batch_size, repeats, json_path, quiet):
+@click.option("--scaling", is_flag=True, help="Also the pipeline with 1, 2, 4, ... decoding processes up to --workers.")
+def bench_classify(folder, model, workers, provider, batch_size, repeats, json_path, quiet, scaling):
     """Time the classify pipeline on FOLDER beside decoding alone and the naive loop.
 
     The pipeline (find, decode, infer, write) in images/s, beside decoding alone (classify's own decoder, in
     the same processes and in one) and the naive loop (one process, Pillow, batches of 256), on the same
-    folder in one run: how close the pipeline runs to its decoding limit.
+    folder in one run: how close the pipeline runs to its decoding limit. Then the coordinator (the process
+    that walks and writes): its CPU per file and start-up CPU, from two fresh runs, and the ceiling they imply
+    on any number of cores; with --scaling, images/s for 1, 2, 4, ... processes.
     """
     from fmnist_onnx import bench as bn
 
@@ -383,7 +387,8 @@ def bench_classify(folder, model, workers, provider, batch_size, repeats, json_p
         if progress:
             click.echo(f"  {rec.what}: {rec.images_per_s:,.0f} images/s", err=True)
 
-    result = bn.bench_classify(folder, model, workers, provider, batch_size, repeats, on_record=on_record)
+    result = bn.bench_classify(folder, model, workers, provider, batch_size, repeats, on_record=on_record,
+                               scaling=scaling)
     click.echo(bn.format_classify(result))
     if json_path:
         bn.save_json(result, json_path)
@@ -548,8 +553,6 @@ def report(predictions, output, model, invert, summary_path):
     r = rp.build_report(predictions, output or rp.default_output(predictions), model=model, invert=invert, run=run)
     click.echo(f"wrote {r.path}: {r.rows:,} rows, {r.figures:,} images drawn, {r.bytes / 1e6:.1f} MB, "
                f"{r.seconds:.1f} s")
-
-
 
 
 # ---------------------------------------------------------------------------------------------- data

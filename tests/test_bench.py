@@ -216,12 +216,17 @@ def test_wrong_signature_is_one_line(tmp_path):
 @pytest.mark.parametrize("args, contains", [
     (["--batch-sizes", "1,0,8"], "--batch-sizes"),
     (["--batch-sizes", "x"], "--batch-sizes"),
-    (["--provider", "tpu"], "unknown provider"),
 ])
 def test_bad_options_are_one_line(onnx_model, args, contains):
     proc = run_cli("bench", "--model", onnx_model, "--duration", "0.05", *args)
     assert_one_line_error(proc, 2, contains)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_unknown_provider_is_a_usage_error(onnx_model):
+    """Click's own usage error (usage, hint, the error line): the choices are the provider table's."""
+    proc = run_cli("bench", "--model", onnx_model, "--provider", "tpu")
+    assert_one_line_error(proc, 2, "'tpu' is not one of 'auto', 'cpu', 'cuda'")
 
 
 def test_missing_model_is_one_line(tmp_path):
