@@ -7,8 +7,8 @@ A test sets two environment variables for the process it starts (tests/conftest.
       main.started             the command line's process, Ctrl-C's handler installed, nothing imported yet
       classify.before_engine   the request is checked; the engine (workers, onnxruntime, Ray) is not started
       classify.engine_ready    the engine is started; no journal yet
-      classify.after_chunk     a chunk of rows has been appended to the journal (both engines: classify.py and
-                               engines/ray.py; the rows are in the file, not necessarily on the disk)
+      classify.after_chunk     a chunk of rows has been appended to the journal, with either engine (the rows
+                               are in the file, not necessarily on the disk)
       train.after_step         an optimizer step is done (train.py; counted from this process's start, across
                                epochs), before the loop looks for a Ctrl-C
   FMNIST_ONNX_PAUSE_FD=FD      this process's end of a socket pair (or pipe) that the test passed it
@@ -53,6 +53,29 @@ def pause_point(name: str) -> None:
 
 
 def _hold(where: str) -> None:
+    import select
+    import signal
+
     fd = int(os.environ[FD_ENV])
-    os.write(fd, f"{where} {os.getpid()}\n".encode())
-    os.read(fd, 1)  # returns on the test's byte or its end's close; a raising signal handler ends it sooner
+    # A signal may come as soon as the line is out, before this process blocks: with a plain read(2) its handler
+    # would then wait for the release. The wake-up pipe (Python's C-level handler writes each signal's number to
+    # it) turns such a signal into an event the wait below sees, whenever it came.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    try:
+        old = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: Python's handlers run in the main thread alone anyway
+        old = None
+    try:
+        os.write(fd, f"{where} {os.getpid()}\n".encode())
+        while True:
+            ready = select.select([fd, wake_r], [], [])[0]
+            if fd in ready:
+                os.read(fd, 1)  # the test's byte, or the end of its socket: released
+                return
+            os.read(wake_r, 256)  # a signal whose handler did not raise (it took note): held still
+    finally:
+        if old is not None:
+            signal.set_wakeup_fd(old)
+        os.close(wake_r)
+        os.close(wake_w)

@@ -116,6 +116,10 @@ class Held:
         self.point = point
         self._ours, theirs = socket.socketpair()
         env = {**(os.environ if env is None else env), PAUSE_ENV: point, FD_ENV: str(theirs.fileno())}
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # pytest started in a background job (`cmd &`, nohup): the shell ignores Ctrl-C there, and the run
+            # would inherit that and rightly keep it. The tests mean a run in a terminal, where Ctrl-C counts.
+            popen.setdefault("preexec_fn", _ctrl_c_counts)
         self.proc = subprocess.Popen(cmd, env=env, pass_fds=(theirs.fileno(),), **popen)
         self._group = popen.get("start_new_session", False)
         theirs.close()
@@ -169,6 +173,10 @@ class Held:
                 stream.close()
 
 
+def _ctrl_c_counts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stderr_of(proc: subprocess.Popen) -> str:
     """What the process wrote to its stderr pipe so far (not waiting for children that may hold it open)."""
     if proc.stderr is None or proc.stderr.closed:
@@ -211,37 +219,61 @@ def wait_for_exit(pids, timeout: float = 60) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- unprivileged
 
+class Unprivileged:
+    """Runs commands as the user `nobody` when the tests run as root (as in CI), else as the current user: for
+    the tests of unreadable files, which mean nothing to root (it reads any file). ``folder`` is a fresh folder
+    under /tmp that this user may write."""
+
+    LOCK = Path(tempfile.gettempdir()) / "fmnist-onnx-tests-unprivileged.lock"
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="nobody", dir="/tmp"))
+        self.kwargs: dict = {}
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("nobody")
+            os.chown(self.folder, user.pw_uid, user.pw_gid)
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "HOME"))}
+            env.update(HOME=str(self.folder), XDG_CACHE_HOME=str(self.folder / ".cache"))
+            self.kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "env": env,
+                           "cwd": self.folder}
+
+    def run(self, cmd: list, **kwargs) -> subprocess.CompletedProcess:
+        """``subprocess.run(cmd)`` as this user, output captured as text. As root: the folders on the way to the
+        interpreter, the venv and this checkout that others may not search (/root is 0700; CI runs from a
+        clone) get the search bit (o+x, never read) for the run alone, under a lock that concurrent test
+        sessions share, and their mode back after it."""
+        if not self.kwargs:
+            return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, **kwargs)
+        import fcntl
+
+        with open(self.LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            changed: dict[Path, int] = {}
+            try:
+                for target in {Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix), REPO,
+                               *map(Path, site.getsitepackages()), self.folder}:
+                    for d in [target, *target.parents] if target.is_dir() else target.parents:
+                        mode = stat.S_IMODE(d.stat().st_mode)
+                        if not mode & stat.S_IXOTH and d not in changed:
+                            changed[d] = mode
+                            d.chmod(mode | stat.S_IXOTH)
+                return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, **self.kwargs, **kwargs)
+            finally:
+                for d, mode in changed.items():
+                    d.chmod(mode)
+
+    def run_cli(self, *args) -> subprocess.CompletedProcess:
+        return self.run([sys.executable, "-m", "fmnist_onnx", *args])
+
+
 @pytest.fixture(scope="session")
 def nobody():
-    """For the tests of unreadable files, which mean nothing to root (it reads any file): subprocess arguments
-    that run a command as the user `nobody` when the tests run as root (as in CI), and as the current user
-    otherwise; and ``folder``, a fresh folder under /tmp that this user can write. Folders on the way to the
-    interpreter, the venv and this checkout get the search bit for others (o+x, never read) for the session
-    if they lack it (/root is 0700, and CI runs from a clone), and get their mode back at the end."""
-    folder = Path(tempfile.mkdtemp(prefix="nobody", dir="/tmp"))
-    if os.geteuid() != 0:
-        yield {"kwargs": {}, "folder": folder}
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    user = pwd.getpwnam("nobody")
-    os.chown(folder, user.pw_uid, user.pw_gid)
-    changed: dict[Path, int] = {}
-    for target in {Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix), REPO,
-                   *map(Path, site.getsitepackages()), folder}:
-        for d in [target, *target.parents] if target.is_dir() else target.parents:
-            mode = d.stat().st_mode
-            if not mode & stat.S_IXOTH and d not in changed:
-                changed[d] = stat.S_IMODE(mode)
-                d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "HOME"))}
-    env.update(HOME=str(folder), XDG_CACHE_HOME=str(folder / ".cache"))
-    kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "env": env, "cwd": folder}
+    """An Unprivileged runner, checked: its Python runs as that user and imports this package."""
+    who = Unprivileged()
     try:
-        probe = subprocess.run([sys.executable, "-c", "import os, fmnist_onnx.images; print(os.geteuid())"],
-                               capture_output=True, text=True, **kwargs)
-        assert probe.stdout.split() == [str(user.pw_uid)], f"cannot run Python as nobody:\n{probe.stderr}"
-        yield {"kwargs": kwargs, "folder": folder}
+        probe = who.run([sys.executable, "-c", "import os, fmnist_onnx.images; print(os.geteuid())"])
+        want = str(who.kwargs.get("user", os.geteuid()))
+        assert probe.stdout.split() == [want], f"cannot run Python as an unprivileged user:\n{probe.stderr}"
+        yield who
     finally:
-        for d, mode in changed.items():
-            d.chmod(mode)
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(who.folder, ignore_errors=True)

@@ -149,7 +149,7 @@ def test_every_file_gets_exactly_one_row_broken_ones_an_error(odd_folder, onnx_m
 
 def test_unreadable_files_and_folders_are_error_rows(nobody, test_pngs, onnx_model):
     """chmod stops every user but root, and CI runs as root: the run is made as `nobody` there (conftest)."""
-    root = nobody["folder"] / "unreadable"
+    root = nobody.folder / "unreadable"
     (root / "locked").mkdir(parents=True)
     bags = sorted((test_pngs / "Bag").glob("*.png"))[:3]
     for png in bags:
@@ -161,7 +161,7 @@ def test_unreadable_files_and_folders_are_error_rows(nobody, test_pngs, onnx_mod
     model = root.parent / "unreadable.onnx"
     model.write_bytes(onnx_model.read_bytes())
     out = root.parent / "unreadable.jsonl"
-    proc = run_cli("classify", root, "-m", model, "-o", out, **nobody["kwargs"])
+    proc = nobody.run_cli("classify", root, "-m", model, "-o", out)
     assert proc.returncode == 3, proc.stderr
     rows = {os.path.relpath(r["path"], root): r for r in read_rows(out)}
     assert sorted(rows) == sorted([png.name for png in bags] + ["secret.png", "locked"])

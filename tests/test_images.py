@@ -7,7 +7,6 @@ import io
 import json
 import os
 import struct
-import subprocess
 import sys
 import zlib
 
@@ -379,15 +378,14 @@ def test_unreadable_files_are_errors(tmp_path):
 
 def test_permission_denied_is_an_error(nobody, test_images):
     """chmod stops every user but root, and CI runs as root: preprocess runs as `nobody` there (conftest)."""
-    folder = nobody["folder"] / "images"
+    folder = nobody.folder / "images"
     folder.mkdir()
     (folder / "open.png").write_bytes(png_bytes(Image.fromarray(test_images[0])))
     (folder / "secret.png").write_bytes(png_bytes(Image.fromarray(test_images[0])))
     (folder / "secret.png").chmod(0)
     code = ("import json, sys; from fmnist_onnx import images; "
             "print(json.dumps([images.preprocess(p)[1] for p in sys.argv[1:]]))")
-    proc = subprocess.run([sys.executable, "-c", code, str(folder / "open.png"), str(folder / "secret.png")],
-                          capture_output=True, text=True, **nobody["kwargs"])
+    proc = nobody.run([sys.executable, "-c", code, folder / "open.png", folder / "secret.png"])
     assert proc.returncode == 0, proc.stderr
     opened, secret = json.loads(proc.stdout)
     assert opened == "" and "Permission denied" in secret
