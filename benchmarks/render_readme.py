@@ -92,6 +92,14 @@ def classify_section(d: dict) -> list[str]:
            "| what | images/s |", "| --- | ---: |"]
     for row in d["results"]:
         out.append(f"| {row['what']} | {row['images_per_s']:,.0f} |")
+    if d.get("scaling"):
+        out += ["", "| decoding processes | images/s |", "| ---: | ---: |"]
+        out += [f"| {r['processes']} | {r['images_per_s']:,.0f} |" for r in d["scaling"]]
+    c = d.get("coordinator")
+    if c:
+        out += ["", f"The coordinator (the process that walks and writes) spends {c['cpu_us_per_file']:.2f} µs of CPU "
+                    f"per file after {c['startup_cpu_s']:.2f} CPU-s of start-up: a ceiling of "
+                    f"{c['ceiling_images_per_s']:,} images/s on any number of cores."]
     return out + [""]
 
 
