@@ -98,6 +98,17 @@ def test_info_runs_without_torch(venv, onnx_model):
     assert "Traceback" not in proc.stderr and "669,706" in proc.stdout
 
 
+def test_bench_runs_without_torch_with_onnxruntime_rows_only(venv, onnx_model, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_installed(venv, "bench", "-m", onnx_model, "--weights", tmp_path / "none.pth", "--provider", "cpu",
+                         "--batch-sizes", "8", "--duration", "0.05", "--json", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert {r["backend"] for r in results} == {"onnxruntime"}, results  # no PyTorch rows without torch
+    assert any(r["precision"] == "fp32" and r["batch_size"] == 8 and r["images_per_s"] > 0 for r in results)
+
+
 @pytest.mark.parametrize("command", [["train"], ["export"], ["verify"], ["data", "export-png", "--out", "pngs"]])
 def test_training_commands_name_the_extra_to_install(venv, command):
     proc = run_installed(venv, *command)

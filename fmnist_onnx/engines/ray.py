@@ -187,9 +187,9 @@ class Predictor:
     def _read(self, uri: str) -> bytes:
         """A URI's bytes, through one file system per 'scheme://authority', made once per actor."""
         scheme, _, rest = uri.partition("://")
-        key = f"{scheme}://{rest.split('/', 1)[0]}"
+        key = f"{scheme}://{rest.split('/', 1)[0]}/"  # the authority alone: a file's name may not parse as a URI
         if key not in self.filesystems:
-            self.filesystems[key] = _uri_fs(uri)[0]
+            self.filesystems[key] = _uri_fs(key)[0]
         return _read_uri(self.filesystems[key], rest)
 
     def __call__(self, batch):
