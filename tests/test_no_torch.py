@@ -100,7 +100,7 @@ def test_info_runs_without_torch(venv, onnx_model):
 
 def test_bench_runs_without_torch_with_onnxruntime_rows_only(venv, onnx_model, tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_installed(venv, "bench", "-m", onnx_model, "--weights", tmp_path / "none.pth", "--provider", "cpu",
+    proc = run_installed(venv, "bench", "-m", onnx_model, "--provider", "cpu",
                          "--batch-sizes", "8", "--duration", "0.05", "--json", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
