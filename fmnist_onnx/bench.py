@@ -34,7 +34,7 @@ from fmnist_onnx.files import atomic_write_text
 from fmnist_onnx.info import is_int8
 from fmnist_onnx.machine import machine_info
 from fmnist_onnx.peak import Peak, matmul_peak
-from fmnist_onnx.runtime import PROVIDERS, Session, available_providers, open_session, resolve_provider
+from fmnist_onnx.runtime import PROVIDER_TABLE, PROVIDERS, Session, available_providers, open_session, resolve_provider
 from fmnist_onnx.spec import FLOPS_PER_IMAGE, IMAGE_SIZE, NUM_CLASSES
 from fmnist_onnx.timing import Clock, LatencyMs, Runner, latency_ms, time_runner
 
@@ -120,10 +120,11 @@ def _ort_candidate(model: Path, provider: str, precision: str, threads: int | No
         if io_binding:
             import onnxruntime as ort
 
+            device = PROVIDER_TABLE[provider].device
             binding = s.session.io_binding()
-            binding.bind_ortvalue_input(s.input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+            binding.bind_ortvalue_input(s.input_name, ort.OrtValue.ortvalue_from_numpy(x, device, 0))
             binding.bind_ortvalue_output(s.output_name, ort.OrtValue.ortvalue_from_shape_and_type(
-                [len(x), NUM_CLASSES], x.dtype.type, "cuda", 0))
+                [len(x), NUM_CLASSES], x.dtype.type, device, 0))
             return Runner(lambda: s.session.run_with_iobinding(binding))
         feed, names = {s.input_name: x}, [s.output_name]
         return Runner(lambda: s.session.run(names, feed))
@@ -258,8 +259,9 @@ def _candidates(model: Path, precision: str, weights: Path | None, names: list[s
             int8_model = _int8_model(model, work, notes)
             if int8_model is not None:
                 cands.append(_ort_candidate(int8_model, prov, "int8", threads))
-        if prov == "cuda" and precision == "fp32":
+        if PROVIDER_TABLE[prov].io_binding and precision == "fp32":
             cands.append(_ort_candidate(model, prov, "fp32", threads, io_binding=True))
+        if PROVIDER_TABLE[prov].fp16 and precision == "fp32":
             cands.append(_ort_candidate(_fp16_model(model, work / "model.fp16.onnx"), prov, "fp16", threads))
         if weights is not None:
             if prov == "cuda" and not _torch_has_cuda():

@@ -26,7 +26,7 @@ import numpy as np
 
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.machine import usable_cores
-from fmnist_onnx.runtime import PROVIDERS
+from fmnist_onnx.runtime import PROVIDER_TABLE, PROVIDERS, session_providers
 from fmnist_onnx.spec import FLOPS_PER_IMAGE
 from fmnist_onnx.timing import time_calls
 
@@ -111,19 +111,21 @@ def _ort_gflops(provider: str, precision: str, threads: int | None, duration_s: 
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    # No TF32 on CUDA, as runtime.open_session: the roofline of an fp32 model is an fp32 peak.
-    providers: list = [(PROVIDERS["cuda"], {"use_tf32": 0})] if provider == "cuda" else [PROVIDERS[provider]]
+    # The provider's options as runtime.open_session sets them (no TF32 on CUDA): an fp32 model's roofline is an
+    # fp32 peak.
+    providers = session_providers(provider)
+    device = PROVIDER_TABLE[provider].device
     model = (matmul_model("MatMulInteger", n, _UINT8, _INT8, _INT32) if precision == "int8"
              else matmul_model("MatMul", n, _FLOAT, _FLOAT, _FLOAT))
     sess = ort.InferenceSession(model, opts, providers=providers)
     if sess.get_providers()[0] != PROVIDERS[provider]:  # onnxruntime falls back to the CPU with a mere warning
         raise UserError(f"onnxruntime could not run a MatMul on {PROVIDERS[provider]} (it fell back to the CPU)")
     a, b = _operands(precision, n)
-    if provider == "cuda":  # inputs and output on the device, else the copies are what gets timed
+    if PROVIDER_TABLE[provider].io_binding:  # inputs and output on the device, else the copies are what gets timed
         binding = sess.io_binding()
         for name, x in (("A", a), ("B", b)):
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
-        binding.bind_ortvalue_output("C", ort.OrtValue.ortvalue_from_shape_and_type([n, n], np.float32, "cuda", 0))
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, device, 0))
+        binding.bind_ortvalue_output("C", ort.OrtValue.ortvalue_from_shape_and_type([n, n], np.float32, device, 0))
         return _best_gflops(lambda: sess.run_with_iobinding(binding), n, duration_s)
     return _best_gflops(lambda: sess.run(None, {"A": a, "B": b}), n, duration_s)
 
