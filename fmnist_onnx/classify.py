@@ -132,8 +132,8 @@ def make_rows(session, paths: Sequence[str], imgs: np.ndarray | None, errors: Se
 def rows_of(rows: Sequence[Row], encoding: str, top_k: int) -> Rows:
     """Rows made elsewhere (an engine's own, or an unlistable folder's) as a Rows chunk."""
     indices = np.array([r.indices[0] if not r.error else -1 for r in rows], np.int16)
-    return Rows(encode(rows, encoding, top_k), indices, true_classes([r.path for r in rows]),
-                [r.error for r in rows], paths=[r.path for r in rows])
+    paths = [r.path for r in rows]
+    return Rows(encode(rows, encoding, top_k), indices, true_classes(paths), [r.error for r in rows], paths=paths)
 
 
 def predict_rows(session, paths: Sequence[str], imgs: np.ndarray | None, errors: Sequence[str], top_k: int,
@@ -253,12 +253,10 @@ class RunIdentity:
 
     @classmethod
     def of(cls, model: str | Path, invert: str, top_k: int, recursive: bool, roots: Sequence[str]) -> RunIdentity:
-        digest = hashlib.sha256()
-        with open(model, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        from fmnist_onnx.files import sha256_file
+
         relative = any(not os.path.isabs(r) for r in roots)
-        return cls(digest.hexdigest(), invert, top_k, recursive, tuple(roots), os.getcwd() if relative else None)
+        return cls(sha256_file(model), invert, top_k, recursive, tuple(roots), os.getcwd() if relative else None)
 
     def differences(self, old: RunIdentity) -> list[str]:
         """What differs from the run that wrote the journal, in words."""
@@ -553,12 +551,12 @@ def classify(
             bar.close()
         final = finish_sink(sink, output)
     except BaseException as e:
+        close_on_error(sink, e)  # Ctrl-C and SIGTERM leave here as Interrupted
         if isinstance(e, UserError) and not isinstance(e, OutputError) and sink is not None and not resume \
                 and output != "-" and not tally.classified + tally.failed:
-            sink.close()  # the engine could not start (Ray actors, the model in a worker): nothing to resume
+            # the engine could not start (Ray actors, the model in a worker): nothing to resume
             journal_path(output).unlink(missing_ok=True)
             identity_path(output).unlink(missing_ok=True)
-        close_on_error(sink, e)
         raise
     finally:
         if old_term is not None:

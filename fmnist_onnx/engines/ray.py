@@ -377,7 +377,7 @@ class RayEngine:
         open_session(request.model, "cpu")  # a broken or wrong model is one clear error here, before any cluster work
         self.request = request
         self.model_bytes = Path(request.model).read_bytes()
-        self.started = self.settings = None
+        self.settings = None
         self.started = _connect(self.ray, address)
         try:
             local_runtime = self.started and not (address or os.environ.get("RAY_ADDRESS"))
