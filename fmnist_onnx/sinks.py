@@ -178,6 +178,15 @@ def encode(rows: Sequence[Row], fmt: str, top_k: int) -> bytes:
     return "".join(line + "\n" for line in lines).encode()
 
 
+def encode_csv_top1(paths: Sequence[str], indices: Sequence[int], scores: Sequence[float]) -> bytes | None:
+    """``encode(rows, "csv", 1)`` for rows that were all classified, from plain lists (no Row per file), or
+    None where a path needs quoting or escaping (then ``encode`` it is)."""
+    if any(map(_CSV_SPECIAL.search, paths)):
+        return None
+    lines = [f"{p},{CLASSES[k]},{k},{s:.6g},\n" for p, k, s in zip(paths, indices, scores, strict=True)]
+    return "".join(lines).encode()
+
+
 def csv_header(top_k: int) -> bytes:
     return (",".join(columns(top_k)) + "\n").encode()
 

@@ -382,3 +382,26 @@ def test_workers_die_with_a_parent_killed_alone(test_pngs, onnx_model, tmp_path)
         for w in left:
             os.kill(w, signal.SIGKILL)
     assert len(workers) == 2 and not left, "worker processes outlived their parent"
+
+
+@pytest.mark.parametrize("odd", [None, "a,b.png", "bad"])
+def test_csv_top1_from_arrays_equals_the_row_by_row_encoding(odd, onnx_model, test_pngs):
+    """make_rows' fast path (CSV, top-1, no Row per file) writes the bytes sinks.encode writes; a chunk with a
+    path to quote or a failed file goes the row-by-row way, with the same result."""
+    from fmnist_onnx import images
+    from fmnist_onnx.classify import make_rows, predict_rows
+    from fmnist_onnx.runtime import open_session
+    from fmnist_onnx.sinks import encode
+
+    paths = sorted(str(p) for p in Path(test_pngs).rglob("*.png"))[:300]
+    imgs, errors = images.preprocess_batch(paths)
+    if odd == "bad":
+        errors[7] = "not an image"
+    elif odd:
+        paths[7] = str(Path(paths[7]).with_name(odd))
+    session = open_session(onnx_model, "cpu")
+    fast = make_rows(session, paths, imgs, errors, 1, 128, "csv")
+    slow = predict_rows(session, paths, imgs, errors, 1, 128)
+    assert fast.data == encode(slow, "csv", 1)
+    assert fast.indices.tolist() == [r.indices[0] if not r.error else -1 for r in slow]
+    assert fast.errors == [r.error for r in slow] and (fast.truth >= 0).all()
