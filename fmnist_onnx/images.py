@@ -27,6 +27,7 @@ libspng fast path only takes PNGs that Pillow reads the same way: results never 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import re
@@ -144,18 +145,19 @@ def _walk(folder: str, exts: frozenset[str], recursive: bool, seen: set[tuple[in
         yield Batch([], [], Found(folder, "unlistable", f"cannot list folder: {e.strerror or e}"))
         return
     prefix = folder if folder.endswith(os.sep) else folder + os.sep  # os.path.join, without a call per file
-    if not any(is_dir for _, is_dir in entries):  # a leaf folder (the common case): one comprehension
-        files = [prefix + name for name, _ in entries if _is_image_name(name, exts)]
-        if len(files) < len(entries):
-            keep = set(files)
-            yield Batch(files, [prefix + name for name, _ in entries if prefix + name not in keep])
-        elif files:
-            yield Batch(files, [])
+    names, dirs = entries
+    if not dirs:  # a leaf folder (the common case): comprehensions, no Python statement per file
+        images = _image_names(names, exts)
+        if len(images) < len(names):
+            keep = set(images)
+            yield Batch([prefix + n for n in images], [prefix + n for n in names if n not in keep])
+        elif images:
+            yield Batch([prefix + n for n in images], [])
         return
     files: list[str] = []
     skipped: list[str] = []
-    for name, is_dir in entries:
-        if is_dir:
+    for name in names:
+        if name in dirs:
             if recursive:
                 if files or skipped:
                     yield Batch(files, skipped)
@@ -170,16 +172,20 @@ def _walk(folder: str, exts: frozenset[str], recursive: bool, seen: set[tuple[in
         yield Batch(files, skipped)
 
 
-def _entries(folder: str) -> list[tuple[str, bool]]:
-    """(name, is a folder) of every entry, sorted. Names and kinds only (not DirEntry objects): a flat folder
-    of a million files must fit in memory."""
+def _entries(folder: str) -> tuple[list[str], set[str]]:
+    """The names of every entry, sorted, and the set of those that are folders. Names only, read in blocks
+    (not a DirEntry object per entry at once): a flat folder of a million files must fit in memory."""
+    names: list[str] = []
+    dirs: list[str] = []
     with os.scandir(folder) as it:
-        try:
-            return sorted((e.name, e.is_dir()) for e in it)  # is_dir: free (no stat) for plain entries on Linux
-        except OSError:  # an entry that cannot be stat'ed (a link into a folder we may not read): one by one
-            pass
-    with os.scandir(folder) as it:
-        return sorted((e.name, _is_dir(e)) for e in it)
+        while block := list(itertools.islice(it, 4096)):
+            names += [e.name for e in block]
+            try:
+                dirs += [e.name for e in block if e.is_dir()]  # is_dir: free (no stat) for plain entries on Linux
+            except OSError:  # an entry that cannot be stat'ed (a link into a folder we may not read): one by one
+                dirs += [e.name for e in block if _is_dir(e)]
+    names.sort()
+    return names, set(dirs)
 
 
 def _is_image_name(name: str, exts: frozenset[str]) -> bool:
@@ -187,6 +193,12 @@ def _is_image_name(name: str, exts: frozenset[str]) -> bool:
     has no suffix)."""
     dot = name.rfind(".")
     return dot > 0 and name[dot:].lower() in exts and (name[0] != "." or bool(name[:dot].lstrip(".")))
+
+
+def _image_names(names: list[str], exts: frozenset[str]) -> list[str]:
+    """[n for n in names if _is_image_name(n, exts)], in one comprehension: a name without a dot gives its
+    last character, never a suffix; names with leading dots take the whole test."""
+    return [n for n in names if n[n.rfind("."):].lower() in exts and (n[0] != "." or _is_image_name(n, exts))]
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

@@ -6,9 +6,10 @@ GIL), so worker processes do them, in chunks. Where the model runs comes from th
 
 - in the workers (the CPU): each worker also runs the model on its chunk, on one thread, and sends back the
   rows encoded as the sink writes them. The parent only walks, counts and writes: it is never the bottleneck.
-- in a batched stage (CUDA, or ``inference="batched"``): the workers only decode and send back the chunk's
-  uint8 images (784 bytes each, one array); one inference process runs the model on them in big batches,
-  with IO binding, and encodes the rows. The same code runs with the CPU provider, so CI tests it.
+- in a batched stage (CUDA, or ``inference="batched"``): the workers only decode, into shared memory (a slot
+  of ``Slots``: uint8, 784 bytes an image); inference processes (one per 8 workers) run the model on whole
+  chunks, with IO binding, and encode the rows. The parent passes a slot's number, never the pixels: pickling
+  them through the parent cost it 3 us per file. The same code runs with the CPU provider, so CI tests it.
 
 Either way the parent handles arrays and bytes per chunk, never a Python object per file. Chunks come back
 in walk order. A worker that dies (a decoder crash, the OOM killer) costs its chunk a retry, file by file,
@@ -18,6 +19,7 @@ so that only the culprit gets an error row. Workers die with their parent (PR_SE
 from __future__ import annotations
 
 import logging
+import mmap
 import multiprocessing
 import os
 import signal
@@ -35,10 +37,12 @@ from fmnist_onnx import images
 from fmnist_onnx.classify import CRASHED, DEFAULT_BATCH, Request, Rows, decoder_name, make_rows, rows_of
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
+from fmnist_onnx.spec import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-STAGE_DEPTH = 2  # chunks queued in the inference stage: it never waits for the parent, nor holds much memory
+STAGE_DEPTH = 2  # chunks queued per inference process: it never waits for the parent, nor holds much memory
+WORKERS_PER_STAGE = 8  # decoding workers per inference process (each keeps up with about 8 at 4 us per file)
 INFERENCE_CHOICES = ("auto", "workers", "batched")
 
 
@@ -49,7 +53,37 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _worker_init(parent: int | None = None) -> None:
+class Slots:
+    """Memory that the parent, its decoding workers and the inference processes all share: an anonymous
+    MAP_SHARED mapping made before they are forked, cut into slots of ``capacity`` images. A worker decodes a
+    chunk into a free slot, the parent passes the slot's number on, an inference process reads it; the slot
+    is free again once that chunk's rows are back. Only where processes are forked (Linux)."""
+
+    def __init__(self, count: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.bytes = capacity * IMAGE_SIZE * IMAGE_SIZE
+        self.memory = mmap.mmap(-1, count * self.bytes)  # pages are only allocated once written
+        self.free = list(range(count))
+
+    def view(self, slot: int, n: int) -> np.ndarray:
+        if n > self.capacity:
+            raise ValueError(f"a chunk of {n} images in a slot of {self.capacity}")
+        return np.frombuffer(self.memory, np.uint8, n * IMAGE_SIZE * IMAGE_SIZE,
+                             slot * self.bytes).reshape(n, IMAGE_SIZE, IMAGE_SIZE)
+
+    def close(self) -> None:
+        try:
+            self.memory.close()
+        except BufferError:  # a view is still alive somewhere: the mapping goes with it
+            pass
+
+
+_slots: Slots | None = None  # in a worker or inference process: the engine's Slots, inherited through fork
+
+
+def _worker_init(parent: int | None = None, slots: Slots | None = None) -> None:
+    global _slots
+    _slots = slots
     # Ctrl-C goes to the whole process group: the parent handles it, workers finish their chunk quietly
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -84,19 +118,29 @@ _sessions: dict[tuple[str, str], object] = {}  # per process: one onnxruntime se
 
 
 def _session(model: str, provider: str):
-    """This process's session. One intra-op thread in the decoding workers: the other workers keep the other
+    """This process's session, on one intra-op thread: in a decoding worker, the other workers keep the other
     cores busy, and onnxruntime's spinning threads would only take CPU time from them (measured: 14 us of CPU
-    per image on one thread, 23 on two)."""
+    per image on one thread, 23 on two); in an inference process on a GPU, the CPU has nothing to compute."""
     key = (model, provider)
     if key not in _sessions:
         from fmnist_onnx.runtime import open_session
 
-        _sessions[key] = open_session(model, provider, threads=1 if provider == "cpu" else None)
+        _sessions[key] = open_session(model, provider, threads=1)
     return _sessions[key]
 
 
 def _check_model(model: str, provider: str) -> None:
     _session(model, provider)  # a UserError (bad model, provider missing) comes back to the parent as it is
+
+
+def _stage_init(parent: int, slots: Slots | None, model: str, provider: str) -> None:
+    """An inference process: its session is opened as it starts (CUDA's start takes a while: every inference
+    process does it at once). A failure is left for _check_model to report, in one line."""
+    _worker_init(parent, slots)
+    try:
+        _session(model, provider)
+    except Exception:  # noqa: BLE001 - reported by _check_model, which meets it again
+        pass
 
 
 def _decode(paths: Sequence[str], invert: str) -> tuple[np.ndarray, list[str], float]:
@@ -116,6 +160,19 @@ def _classify_decoded(paths: Sequence[str], imgs: np.ndarray, errors: list[str],
     return rows
 
 
+def _decode_into(paths: Sequence[str], invert: str, slot: int) -> tuple[list[str], float]:
+    """A worker's job on the batched path: decode the chunk into its slot of shared memory."""
+    imgs, errors, seconds = _decode(paths, invert)
+    _slots.view(slot, len(paths))[:] = imgs
+    return errors, seconds
+
+
+def _classify_slot(paths: Sequence[str], slot: int, errors: list[str], seconds: float, job: _Job,
+                   encoding: str) -> Rows:
+    """An inference process's job: the model on the chunk decoded into ``slot``."""
+    return _classify_decoded(paths, _slots.view(slot, len(paths)), errors, seconds, job, encoding)
+
+
 def _decode_and_classify(paths: Sequence[str], job: _Job, encoding: str) -> Rows:
     """A worker's whole job on the CPU: decode the chunk, run the model on one thread, encode the rows."""
     return _classify_decoded(paths, *_decode(paths, job.invert), job, encoding)
@@ -124,10 +181,12 @@ def _decode_and_classify(paths: Sequence[str], job: _Job, encoding: str) -> Rows
 # ---------------------------------------------------------------------------------------------- the engine
 
 class LocalEngine:
-    """Worker processes, restarted when one dies, never hanging; and for the batched stage, one more process
-    that runs the model. All forked before this process starts any thread (onnxruntime's pool, CUDA)."""
+    """Worker processes, restarted when one dies, never hanging; and for the batched stage, inference processes
+    that run the model. All forked before this process starts any thread (onnxruntime's pool, CUDA)."""
 
-    def __init__(self, request: Request, workers: int | None = None, inference: str = "auto") -> None:
+    def __init__(self, request: Request, workers: int | None = None, inference: str = "auto",
+                 stages: int | None = None) -> None:
+        from fmnist_onnx.classify import MAX_CHUNK
         from fmnist_onnx.runtime import PROVIDER_TABLE, resolve_provider
 
         self.provider = resolve_provider(request.provider)  # cheap: no session, no CUDA initialisation here
@@ -140,37 +199,44 @@ class LocalEngine:
         self.batched = not in_workers
         self.job = _Job(request.model, request.invert, request.top_k, request.batch_size, self.provider, self.batched)
         self.workers = workers or default_workers()
+        self.stages = (stages or max(1, self.workers // WORKERS_PER_STAGE)) if self.batched else 0
+        self.depth = 2 * self.workers + 1  # chunks being decoded: workers never wait for the parent
+        self.stage_depth = STAGE_DEPTH * self.stages
         self.decoder = decoder_name() + (", then a batched inference stage" if self.batched else "")
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: milliseconds
         self.ctx = multiprocessing.get_context(method)
+        # fork only: spawned processes would not share the mapping (they get the pixels pickled instead)
+        self.slots = Slots(self.depth + self.stage_depth, MAX_CHUNK) if self.batched and method == "fork" else None
         self.pool: ProcessPoolExecutor | None = None
         self.stage: ProcessPoolExecutor | None = None
         try:
             self._start_pool()
             if self.batched:
-                self.stage = self._executor(1)
+                self.stage = ProcessPoolExecutor(self.stages, mp_context=self.ctx, initializer=_stage_init,
+                                                 initargs=(os.getpid(), self.slots, request.model, self.provider))
             # The model is checked before any work, in a process that will run it: one clear line if it is bad
             (self.stage or self.pool).submit(_check_model, request.model, self.provider).result()
         except BaseException:
             self.close()
             raise
 
-    def _executor(self, n: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(n, mp_context=self.ctx, initializer=_worker_init, initargs=(os.getpid(),))
-
     def _start_pool(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pool = self._executor(self.workers)
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_worker_init,
+                                        initargs=(os.getpid(), self.slots))
         self.pool.submit(os.getpid).result()  # all workers exist from here on
 
     def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]:
         return images.iter_batches(roots, recursive)
 
-    def _submit(self, paths: list[str], encoding: str) -> Future:
-        """A future of the chunk's Rows (the workers' path) or of its decoded images (the batched path); one that
-        raises BrokenProcessPool if the pool is broken already (found out where results are collected)."""
+    def _submit(self, paths: list[str], encoding: str, slot: int | None) -> Future:
+        """A future of the chunk's Rows (the workers' path), or of its decoding (the batched path: errors and
+        seconds, the images in ``slot``; or without slots, the images too); one that raises BrokenProcessPool
+        if the pool is broken already (found out where results are collected)."""
         try:
+            if slot is not None:
+                return self.pool.submit(_decode_into, paths, self.job.invert, slot)
             if self.batched:
                 return self.pool.submit(_decode, paths, self.job.invert)
             return self.pool.submit(_decode_and_classify, paths, self.job, encoding)
@@ -194,36 +260,48 @@ class LocalEngine:
                 self._start_pool()
         return out, errors, 0.0
 
+    def _stage_submit(self, paths: list[str], slot: int | None, res: tuple) -> Future:
+        if slot is None:
+            return self.stage.submit(_classify_decoded, paths, *res, self.job, self.encoding)
+        return self.stage.submit(_classify_slot, paths, slot, *res, self.job, self.encoding)
+
     def _stage_rows(self, fut: Future) -> Rows:
         try:
             return fut.result()
         except BrokenProcessPool:
-            raise UserError("the inference process died (out of memory, or a crash in onnxruntime); the rows so "
+            raise UserError("an inference process died (out of memory, or a crash in onnxruntime); the rows so "
                             "far are kept: run the same command with --resume") from None
 
     def rows(self, items: Iterator[list[str] | Row], encoding: str) -> Iterator[Rows]:
         """Rows for each work item (a chunk of paths, or a row known already), in walk order."""
-        decoding: deque = deque()  # (paths, future) or (None, Row), in walk order
-        staged: deque = deque()  # (paths, future of Rows) in the inference stage, in walk order
-        depth = 2 * self.workers + 1  # chunks in flight: workers never wait for the parent
+        self.encoding = encoding
+        slots = self.slots
+        decoding: deque = deque()  # (paths, future, slot) or (None, Row, None), in walk order
+        staged: deque = deque()  # (paths, future of Rows, slot) in the inference stage, in walk order
 
         def feed() -> None:
-            while len(decoding) < depth:
+            while len(decoding) < self.depth:
                 item = next(items, None)
                 if item is None:
                     return
-                decoding.append((None, item) if isinstance(item, Row) else (item, self._submit(item, encoding)))
+                if isinstance(item, Row):
+                    decoding.append((None, item, None))
+                else:
+                    slot = slots.free.pop() if slots is not None else None
+                    decoding.append((item, self._submit(item, encoding, slot), slot))
 
         feed()
         while decoding or staged:
             # the stage's oldest chunk, when the stage is full, or when nothing else comes before it
-            if staged and (len(staged) >= STAGE_DEPTH or not decoding or decoding[0][0] is None):
-                paths, fut = staged.popleft()
+            if staged and (len(staged) >= self.stage_depth or not decoding or decoding[0][0] is None):
+                paths, fut, slot = staged.popleft()
                 rows = self._stage_rows(fut)
+                if slot is not None:
+                    slots.free.append(slot)
                 rows.paths = paths
                 yield rows
                 continue
-            paths, fut = decoding.popleft()
+            paths, fut, slot = decoding.popleft()
             if paths is None:  # a row known already (a folder that cannot be listed)
                 yield rows_of([fut], encoding, self.job.top_k)
                 continue
@@ -233,7 +311,11 @@ class LocalEngine:
                 log.warning("a worker process died; decoding its chunk file by file")
                 self._start_pool()
                 res = self._isolate(paths)
-                decoding = deque((p, self._submit(p, encoding) if p is not None else f) for p, f in decoding)
+                if slot is not None:  # the isolated images go where the chunk's worker would have put them
+                    slots.view(slot, len(paths))[:] = res[0]
+                    res = res[1:]
+                decoding = deque((p, self._submit(p, encoding, s) if p is not None else f, s)
+                                 for p, f, s in decoding)
                 if not self.batched:  # the workers' path: classify here what was decoded there
                     res = self.pool.submit(_classify_decoded, paths, *res, self.job, encoding).result()
             feed()  # keep the workers busy while this chunk is written
@@ -241,10 +323,13 @@ class LocalEngine:
                 res.paths = paths
                 yield res
             else:
-                staged.append((paths, self.stage.submit(_classify_decoded, paths, *res, self.job, encoding)))
+                staged.append((paths, self._stage_submit(paths, slot, res), slot))
 
     def close(self) -> None:
         for ex in (self.pool, self.stage):
             if ex is not None:
                 ex.shutdown(wait=True, cancel_futures=True)
         self.pool = self.stage = None
+        if self.slots is not None:
+            self.slots.close()
+            self.slots = None
