@@ -196,11 +196,11 @@ def _journal_rows(journal: Path) -> int:
         return 0
 
 
-def _start_classify(folder: Path, model: Path, out: Path, workers: int, chunks: int) -> Held:
+def _start_classify(folder: Path, model: Path, out: Path, workers: int, chunks: int, *args: str) -> Held:
     """A real `classify` in its own process group, held (fmnist_onnx/testing.py) once ``chunks`` chunks of rows
     are in its journal: what the test does next lands mid-run, on a loaded machine as on a fast one."""
     cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(model), "-o", str(out),
-           "--workers", str(workers)]
+           "--workers", str(workers), *args]
     held = Held(cmd, f"classify.after_chunk:{chunks}", start_new_session=True, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, text=True)
     try:
@@ -240,13 +240,15 @@ def _children(pid: int) -> list[int]:
         return [int(x) for x in f.read().split()]
 
 
-def test_a_worker_killed_midway_loses_nothing(clean, test_pngs, onnx_model, tmp_path):
+@pytest.mark.parametrize("inference", ["workers", "batched"])
+def test_a_worker_killed_midway_loses_nothing(inference, clean, test_pngs, onnx_model, tmp_path):
+    """Batched: the chunks of the killed worker's pool are decoded again into their slots of shared memory."""
     out = tmp_path / "preds.csv"
-    with _start_classify(test_pngs, onnx_model, out, workers=2, chunks=2) as held:
-        workers = _children(held.proc.pid)
-        assert len(workers) == 2, workers
-        os.kill(workers[-1], signal.SIGKILL)  # as the OOM killer would
-        assert wait_for_exit(workers[-1:]) == []
+    with _start_classify(test_pngs, onnx_model, out, 2, 2, "--inference", inference, "--provider", "cpu") as held:
+        children = _children(held.proc.pid)  # the decoding workers, then the inference process (batched)
+        assert len(children) == 2 + (inference == "batched"), children
+        os.kill(children[1], signal.SIGKILL)  # as the OOM killer would
+        assert wait_for_exit(children[1:2]) == []
         held.release()
         _, stderr = held.proc.communicate(timeout=300)
     assert held.proc.returncode == 0, stderr

@@ -23,6 +23,20 @@ def test_batched_stage_gives_the_workers_rows_byte_for_byte(top_k, onnx_model, t
     assert outputs["batched"].count(b"\n") == 2001 and outputs["batched"] == outputs["workers"]
 
 
+def test_three_inference_processes_keep_the_walk_order(onnx_model, test_pngs, tmp_path):
+    """Chunks done by several inference processes, whichever finishes first, are written in walk order."""
+    from fmnist_onnx.classify import classify
+
+    runs = {}
+    for inference, stages in (("workers", None), ("batched", 3)):
+        out = tmp_path / f"{inference}.csv"
+        s = classify([test_pngs / "Sandal", test_pngs / "Dress"], onnx_model, out, provider="cpu", workers=2,
+                     inference=inference, stages=stages)
+        assert s.classified == 2000
+        runs[inference] = out.read_bytes()
+    assert runs["batched"] == runs["workers"]
+
+
 def test_every_provider_choice_list_is_the_tables():
     import click
 
