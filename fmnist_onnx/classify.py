@@ -27,7 +27,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -436,10 +436,22 @@ class _Done:
         return i < len(self.keys) and self.keys[i] == key
 
 
+@dataclass
+class ChunkSizer:
+    """How many files the next chunk holds: FIRST_CHUNK at first (first rows come at once), then about
+    CHUNK_SECONDS of decoding, at most MAX_CHUNK, from what the engine says of the chunks decoded so far."""
+
+    size: int = FIRST_CHUNK
+
+    def observe(self, seconds: float, files: int) -> None:
+        if seconds > 0 and files:
+            self.size = int(min(MAX_CHUNK, max(FIRST_CHUNK, CHUNK_SECONDS * files / seconds)))
+
+
 def work_items(batches: Iterator[images.Batch], done: _Done | None, tally: Tally,
-               chunk_size: list[int]) -> Iterator[list[str] | Row]:
+               sizer: ChunkSizer) -> Iterator[list[str] | Row]:
     """Chunks of paths to decode (list) and rows known without decoding (Row: an unlistable folder), in
-    walk order. ``chunk_size[0]`` is read at each chunk, so the caller can adapt it. List operations per
+    walk order. ``sizer.size`` is read at each chunk, so the engine can adapt it. List operations per
     folder, not Python statements per file: this runs in the process that walks and writes."""
     chunk: list[str] = []
     for batch in batches:
@@ -452,10 +464,10 @@ def work_items(batches: Iterator[images.Batch], done: _Done | None, tally: Tally
         files = batch.files if done is None else [p for p in batch.files if p not in done]
         start = 0
         while start < len(files):
-            take = min(chunk_size[0] - len(chunk), len(files) - start)
+            take = min(sizer.size - len(chunk), len(files) - start)
             chunk.extend(files[start:start + take])
             start += take
-            if len(chunk) >= chunk_size[0]:
+            if len(chunk) >= sizer.size:
                 yield chunk
                 chunk = []
     if chunk:
@@ -506,7 +518,10 @@ class Engine(Protocol):
 
     def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]: ...
 
-    def rows(self, items: Iterator[list[str] | Row], encoding: str) -> Iterator[Rows]: ...
+    def rows(self, items: Iterator[list[str] | Row], encoding: str,
+             observe: Callable[[float, int], None]) -> Iterator[Rows]:
+        """Rows for the work items, encoded for the sink; ``observe(seconds, files)`` after each chunk decoded
+        (it sizes the chunks to come)."""
 
     def close(self) -> None: ...
 
@@ -566,15 +581,12 @@ def classify(
         pause_point("classify.engine_ready")
         sink, done = open_sink(output, request.fmt, top_k, resume, overwrite, tally, request.identity)
         bar = progress_bar(progress, tally.resumed)
-        chunk_size = [FIRST_CHUNK]
-        items = work_items(eng.walk(request.roots, recursive), done, tally, chunk_size)
-        for rows in eng.rows(items, sink.encoding):
+        sizer = ChunkSizer()
+        items = work_items(eng.walk(request.roots, recursive), done, tally, sizer)
+        for rows in eng.rows(items, sink.encoding, sizer.observe):
             sink.write_encoded(rows.data)
             pause_point("classify.after_chunk")  # tests hold the run here (testing.py)
             tally.add_rows(rows)
-            if rows.seconds > 0:  # about CHUNK_SECONDS of work per chunk from now on
-                per_file = rows.seconds / len(rows)
-                chunk_size[0] = int(min(MAX_CHUNK, max(FIRST_CHUNK, CHUNK_SECONDS / max(per_file, 1e-6))))
             if bar is not None:
                 bar.update(len(rows))
         if bar is not None:

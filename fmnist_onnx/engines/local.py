@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -81,9 +81,32 @@ class Slots:
 _slots: Slots | None = None  # in a worker or inference process: the engine's Slots, inherited through fork
 
 
-def _worker_init(parent: int | None = None, slots: Slots | None = None) -> None:
+def _queue_fds(executor: ProcessPoolExecutor | None) -> list[int]:
+    """The pipes of an executor's queues (attributes of concurrent.futures that have not changed since 3.8;
+    none found, none closed). A process forked later inherits them, and while it holds the reading end of the
+    executor's call queue, a worker's death can leave the parent's feeder thread writing into it forever
+    (CPython unblocks it by closing the parent's own reading end: gh-94777)."""
+    fds = []
+    for queue in (getattr(executor, "_call_queue", None), getattr(executor, "_result_queue", None)):
+        for end in (getattr(queue, "_reader", None), getattr(queue, "_writer", None)):
+            try:
+                fds.append(end.fileno())
+            except (AttributeError, OSError):
+                pass
+    return fds
+
+
+def _worker_init(parent: int | None = None, slots: Slots | None = None, foreign: Sequence[int] = ()) -> None:
     global _slots
     _slots = slots
+    if foreign:  # the other executor's pipes, inherited through fork: /dev/null in their place (see _queue_fds)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in foreign:
+            try:
+                os.dup2(null, fd)  # not closed: the fd number stays taken, so no later close hits another file
+            except OSError:
+                pass
+        os.close(null)
     # Ctrl-C goes to the whole process group: the parent handles it, workers finish their chunk quietly
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -133,10 +156,10 @@ def _check_model(model: str, provider: str) -> None:
     _session(model, provider)  # a UserError (bad model, provider missing) comes back to the parent as it is
 
 
-def _stage_init(parent: int, slots: Slots | None, model: str, provider: str) -> None:
+def _stage_init(parent: int, slots: Slots | None, foreign: Sequence[int], model: str, provider: str) -> None:
     """An inference process: its session is opened as it starts (CUDA's start takes a while: every inference
     process does it at once). A failure is left for _check_model to report, in one line."""
-    _worker_init(parent, slots)
+    _worker_init(parent, slots, foreign)
     try:
         _session(model, provider)
     except Exception:  # noqa: BLE001 - reported by _check_model, which meets it again
@@ -202,29 +225,41 @@ class LocalEngine:
         self.stages = (stages or max(1, self.workers // WORKERS_PER_STAGE)) if self.batched else 0
         self.depth = 2 * self.workers + 1  # chunks being decoded: workers never wait for the parent
         self.stage_depth = STAGE_DEPTH * self.stages
+        # While the inference processes start (CUDA takes a second or more), the workers decode on into
+        # this many more slots (chunks grow to MAX_CHUNK meanwhile): at most 4 chunks a worker, 6.4 MB.
+        self.startup_depth = 4 * self.workers if self.batched else 0
         self.decoder = decoder_name() + (", then a batched inference stage" if self.batched else "")
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: milliseconds
         self.ctx = multiprocessing.get_context(method)
         # fork only: spawned processes would not share the mapping (they get the pixels pickled instead)
-        self.slots = Slots(self.depth + self.stage_depth, MAX_CHUNK) if self.batched and method == "fork" else None
+        self.slots = Slots(self.depth + self.stage_depth + self.startup_depth, MAX_CHUNK) \
+            if self.batched and method == "fork" else None
         self.pool: ProcessPoolExecutor | None = None
         self.stage: ProcessPoolExecutor | None = None
         try:
             self._start_pool()
             if self.batched:
-                self.stage = ProcessPoolExecutor(self.stages, mp_context=self.ctx, initializer=_stage_init,
-                                                 initargs=(os.getpid(), self.slots, request.model, self.provider))
-            # The model is checked before any work, in a process that will run it: one clear line if it is bad
-            (self.stage or self.pool).submit(_check_model, request.model, self.provider).result()
+                self.stage = ProcessPoolExecutor(
+                    self.stages, mp_context=self.ctx, initializer=_stage_init,
+                    initargs=(os.getpid(), self.slots, self._foreign(self.pool), request.model, self.provider))
+            # The model is checked in a process that will run it, before any row is written: one clear line if
+            # it is bad. The inference processes are waited for at the first row (rows()), decoding meanwhile.
+            self.ready = (self.stage or self.pool).submit(_check_model, request.model, self.provider)
+            if not self.batched:
+                self.ready.result()
         except BaseException:
             self.close()
             raise
+
+    def _foreign(self, executor: ProcessPoolExecutor | None) -> list[int]:
+        """The pipes of ``executor`` that processes forked now inherit (spawned ones inherit none)."""
+        return _queue_fds(executor) if self.ctx.get_start_method() == "fork" else []
 
     def _start_pool(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
         self.pool = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_worker_init,
-                                        initargs=(os.getpid(), self.slots))
+                                        initargs=(os.getpid(), self.slots, self._foreign(self.stage)))
         self.pool.submit(os.getpid).result()  # all workers exist from here on
 
     def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]:
@@ -272,7 +307,8 @@ class LocalEngine:
             raise UserError("an inference process died (out of memory, or a crash in onnxruntime); the rows so "
                             "far are kept: run the same command with --resume") from None
 
-    def rows(self, items: Iterator[list[str] | Row], encoding: str) -> Iterator[Rows]:
+    def rows(self, items: Iterator[list[str] | Row], encoding: str,
+             observe: Callable[[float, int], None]) -> Iterator[Rows]:
         """Rows for each work item (a chunk of paths, or a row known already), in walk order."""
         self.encoding = encoding
         slots = self.slots
@@ -292,9 +328,12 @@ class LocalEngine:
 
         feed()
         while decoding or staged:
-            # the stage's oldest chunk, when the stage is full, or when nothing else comes before it
-            if staged and (len(staged) >= self.stage_depth or not decoding or decoding[0][0] is None):
+            # the stage's oldest chunk: when the stage is full (more may wait while it starts), or when nothing
+            # else comes before it
+            limit = self.stage_depth + (0 if self.ready.done() else self.startup_depth)
+            if staged and (len(staged) >= limit or not decoding or decoding[0][0] is None):
                 paths, fut, slot = staged.popleft()
+                self.ready.result()  # a bad model: its one line, before any row
                 rows = self._stage_rows(fut)
                 if slot is not None:
                     slots.free.append(slot)
@@ -303,6 +342,7 @@ class LocalEngine:
                 continue
             paths, fut, slot = decoding.popleft()
             if paths is None:  # a row known already (a folder that cannot be listed)
+                self.ready.result()
                 yield rows_of([fut], encoding, self.job.top_k)
                 continue
             try:
@@ -318,6 +358,7 @@ class LocalEngine:
                                  for p, f, s in decoding)
                 if not self.batched:  # the workers' path: classify here what was decoded there
                     res = self.pool.submit(_classify_decoded, paths, *res, self.job, encoding).result()
+            observe(res.seconds if isinstance(res, Rows) else res[-1], len(paths))
             feed()  # keep the workers busy while this chunk is written
             if isinstance(res, Rows):
                 res.paths = paths

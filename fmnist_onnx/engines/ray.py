@@ -401,8 +401,9 @@ class RayEngine:
             else:
                 yield images.Batch([f.path], []) if f.kind == "file" else images.Batch([], [f.path])
 
-    def rows(self, items: Iterator[list[str] | Row], encoding: str) -> Iterator[cl.Rows]:
-        """Every file of ``items`` to the actors at once (Ray Data plans the blocks), rows as they are done."""
+    def rows(self, items: Iterator[list[str] | Row], encoding: str, observe=None) -> Iterator[cl.Rows]:
+        """Every file of ``items`` to the actors at once (Ray Data plans the blocks, whatever the chunks: no
+        ``observe``), rows as they are done."""
         top_k = self.request.top_k
         files: list[bytes] = []
         for item in items:
