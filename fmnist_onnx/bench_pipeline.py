@@ -17,7 +17,7 @@ import numpy as np
 
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.machine import machine_info
-from fmnist_onnx.runtime import PROVIDERS, open_session
+from fmnist_onnx.runtime import PROVIDERS, open_session, resolve_provider
 from fmnist_onnx.spec import IMAGE_SIZE
 from fmnist_onnx.timing import Clock, best_of
 
@@ -160,7 +160,10 @@ def bench_classify(
     folder, model = Path(folder), Path(model)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
-    prov = open_session(model, provider).provider  # one line for a missing or wrong model, or provider
+    # One line for a missing or wrong model, or a provider that is missing; the model is opened on the CPU:
+    # CUDA started in this process would not work in the processes that classify forks from it.
+    prov = resolve_provider(provider)
+    open_session(model, "cpu")
     paths = list(images_under(folder))
     if not paths:
         raise UserError(f"{folder}: no image files in it (looked for {', '.join(sorted(images.image_extensions())[:6])}"
@@ -178,27 +181,24 @@ def bench_classify(
             cl.classify([folder], model, work / "classify.csv", batch_size=batch_size, workers=workers,
                         provider=prov, overwrite=True)
 
-        plan = [
-            (f"classify pipeline (find, decode, infer, write; {workers} processes)", workers, pipeline),
-            (f"decode alone ({workers} processes)", workers, lambda: _decode_chunks(paths, workers)),
-            ("decode alone (1 process)", 1, lambda: _decode_chunks(paths, 1)),
-            ("naive loop (1 process, Pillow, batches of 256)", 1,
-             lambda: naive_loop(paths, model, work / "naive.csv", prov)),
-        ]
-        for what, procs, run in plan:
+        def record(what: str, procs: int, run: Callable[[], object]) -> PipelineRecord:
             best = best_of(run, repeats, clock)
             rec = PipelineRecord(what, n, procs, best, n / best)
-            records.append(rec)
             if on_record:
                 on_record(rec)
-        curve = []
-        for w in scaling_workers(workers) if scaling else []:
-            best = best_of(lambda w=w: cl.classify([folder], model, work / "scaling.csv", batch_size=batch_size,
-                                                   workers=w, provider=prov, overwrite=True), repeats, clock)
-            rec = PipelineRecord(f"classify pipeline ({w} processes)", n, w, best, n / best)
-            curve.append(asdict(rec))
-            if on_record:
-                on_record(rec)
+            return rec
+
+        records += [
+            record(f"classify pipeline (find, decode, infer, write; {workers} processes)", workers, pipeline),
+            record(f"decode alone ({workers} processes)", workers, lambda: _decode_chunks(paths, workers)),
+            record("decode alone (1 process)", 1, lambda: _decode_chunks(paths, 1)),
+        ]
+        curve = [asdict(record(f"classify pipeline ({w} processes)", w, lambda w=w: cl.classify(
+            [folder], model, work / "scaling.csv", batch_size=batch_size, workers=w, provider=prov, overwrite=True)))
+            for w in (scaling_workers(workers) if scaling else [])]
+        # last: the naive loop runs the model in this process (CUDA started here, no pipeline could fork after it)
+        records.append(record("naive loop (1 process, Pillow, batches of 256)", 1,
+                              lambda: naive_loop(paths, model, work / "naive.csv", prov)))
         coord = coordinator_cpu(folder, model, workers, prov, batch_size, work) if coordinator else None
     pipe, decode, naive = records[0], records[1], records[3]
     return {"machine": machine_info(), "folder": str(folder), "images": n, "model": str(model), "provider": prov,

@@ -105,7 +105,7 @@ BOTH_RUNTIMES_FIX = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install
 
 
 @functools.cache  # once per process
-def _warn_if_both_runtimes() -> None:
+def _warn_if_both_runtimes(ort) -> None:
     import multiprocessing
     from importlib.metadata import PackageNotFoundError, distribution
 
@@ -115,8 +115,10 @@ def _warn_if_both_runtimes() -> None:
         except PackageNotFoundError:
             return False
 
-    # Worker processes stay quiet: the command that started them has said it.
-    if multiprocessing.parent_process() is None and installed("onnxruntime") and installed("onnxruntime-gpu"):
+    # Worker processes stay quiet: the command that started them has said it. Nor is there anything to say
+    # where the module in use has CUDA (onnxruntime-gpu put first on the path, as benchmarks/gpu.sh does).
+    if multiprocessing.parent_process() is None and installed("onnxruntime") and installed("onnxruntime-gpu") \
+            and PROVIDERS["cuda"] not in ort.get_available_providers():
         log.warning("both onnxruntime and onnxruntime-gpu are installed (one module, CUDA may be lost); "
                     "keep one: %s", BOTH_RUNTIMES_FIX)
 
@@ -131,7 +133,7 @@ def import_onnxruntime():
             raise
         raise UserError('onnxruntime is not installed: pip install "fmnist-onnx[cpu]", or "fmnist-onnx[gpu]" '
                         "on a machine with CUDA (never both)") from None
-    _warn_if_both_runtimes()
+    _warn_if_both_runtimes(ort)
     return ort
 
 
