@@ -252,6 +252,8 @@ class Unprivileged:
             try:
                 for target in {Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix), REPO,
                                *map(Path, site.getsitepackages()), self.folder}:
+                    if not target.exists():  # site.getsitepackages() names folders that may not exist
+                        continue
                     for d in [target, *target.parents] if target.is_dir() else target.parents:
                         mode = stat.S_IMODE(d.stat().st_mode)
                         if not mode & stat.S_IXOTH and d not in changed:

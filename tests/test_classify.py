@@ -273,7 +273,10 @@ def test_stdout_gets_the_csv_and_stderr_the_rest(onnx_model, test_pngs):
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(rows) == 1000 and list(rows[0]) == ["path", "label", "index", "score", "label_2", "score_2",
                                                   "label_3", "score_3", "error"]
-    assert "provider: cpu (auto)" in proc.stderr and "1000 of 1000 files classified" in proc.stderr
+    from fmnist_onnx.runtime import resolve_provider
+
+    provider = resolve_provider("auto")  # cuda where onnxruntime has it
+    assert f"provider: {provider} (auto)" in proc.stderr and "1000 of 1000 files classified" in proc.stderr
 
 
 def test_parquet_and_jsonl_hold_the_same_rows(clean, onnx_model, test_pngs, tmp_path):
@@ -374,16 +377,17 @@ def test_sigterm_keeps_the_journal_and_exits_143(test_pngs, onnx_model, tmp_path
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
-def test_workers_die_with_a_parent_killed_alone(test_pngs, onnx_model, tmp_path):
+@pytest.mark.parametrize("inference", ["workers", "batched"])
+def test_workers_die_with_a_parent_killed_alone(inference, test_pngs, onnx_model, tmp_path):
     out = tmp_path / "preds.csv"
-    with _start_classify(test_pngs, onnx_model, out, workers=2, chunks=1) as held:
-        workers = _children(held.proc.pid)
+    with _start_classify(test_pngs, onnx_model, out, 2, 1, "--provider", "cpu", "--inference", inference) as held:
+        workers = _children(held.proc.pid)  # and the inference process, batched
         held.proc.kill()  # the parent only, as the OOM killer would
         held.proc.wait()
         left = wait_for_exit(workers, timeout=30)
         for w in left:
             os.kill(w, signal.SIGKILL)
-    assert len(workers) == 2 and not left, "worker processes outlived their parent"
+    assert len(workers) == 2 + (inference == "batched") and not left, "worker processes outlived their parent"
 
 
 @pytest.mark.parametrize("odd", [None, "a,b.png", "bad"])
