@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -103,6 +104,37 @@ def classify_section(d: dict) -> list[str]:
     return out + [""]
 
 
+def gpu_section(d: dict) -> list[str]:
+    """benchmarks/gpu.sh's classify figures (results/gpu/): both providers on its PNGs, the variants, the scaling."""
+    out = ["### On a GPU machine: `bash benchmarks/gpu.sh`", "",
+           f"Machine: {machine_line(d['bench_classify_cuda.json']['machine'])}.", "",
+           "| classify (the command as users run it) | files | seconds | images/s |", "| --- | ---: | ---: | ---: |"]
+    for p in ("cuda", "cpu"):
+        s = d.get(f"classify_{p}.json")
+        if s:
+            out.append(f"| `--provider {p}` ({s['workers']} workers) | {s['files']:,} | {s['seconds']:.2f} | "
+                       f"{s['images_per_s']:,.0f} |")
+    labels = re.search(r"^labels: .*$", d.get("gpu.log", ""), re.M)
+    if labels:
+        out += ["", f"Rows compared: {labels.group(0).removeprefix('labels: ')}."]
+    if d.get("classify_variants.json"):
+        out += ["", "Where the time goes (the same files, each best of two; CPU-s of the process that walks and "
+                "writes, and of its workers and inference processes):", "",
+                "| what | images/s | parent CPU-s | children CPU-s |", "| --- | ---: | ---: | ---: |"]
+        for r in d["classify_variants.json"]:
+            out.append(f"| {r['what']} | {r['images_per_s']:,.0f} | {r.get('parent_cpu_s', '')} | "
+                       f"{r.get('children_cpu_s', '')} |")
+    for p in ("cuda", "cpu"):
+        b = d.get(f"bench_classify_{p}.json")
+        if b and b.get("scaling"):
+            c = b["coordinator"]
+            curve = ", ".join(f"{r['processes']}: {r['images_per_s']:,.0f}" for r in b["scaling"])
+            out += ["", f"`bench classify --provider {p} --scaling` on {b['images']:,} files: images/s by workers "
+                        f"{curve}; the coordinator {c['cpu_us_per_file']:.2f} µs of CPU per file after "
+                        f"{c['startup_cpu_s']:.2f} CPU-s of start-up."]
+    return out + [""]
+
+
 def render() -> str:
     parts: list[str] = []
     for name, section in (("inference.json", inference_section), ("train.json", train_section),
@@ -110,6 +142,10 @@ def render() -> str:
         d = _load(name)
         if d is not None:
             parts += section(d)
+    gpu = {p.name: (json.loads(p.read_text()) if p.suffix == ".json" else p.read_text())
+           for p in sorted((RESULTS / "gpu").glob("*")) if p.suffix in (".json", ".log")}
+    if "bench_classify_cuda.json" in gpu:
+        parts += gpu_section(gpu)
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -421,7 +421,7 @@ Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2
               help="Also write the next K-1 classes and their scores.")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Images per onnxruntime call [512 where the decoding processes run the model (the CPU); the "
-                   "whole chunk, up to 2048, in the batched stage (CUDA)].")
+                   "whole chunk, up to 8192, in the batched stage (CUDA)].")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime has it, else the CPU. An explicit cuda that is missing is an error.")

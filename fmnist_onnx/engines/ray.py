@@ -392,6 +392,7 @@ class RayEngine:
             raise
         self.pool = (self.workers, per_cpu, per_gpu)
         self.decoder = f"{cl.decoder_name()} in Ray actors"
+        self.max_chunk = cl.MAX_CHUNK  # unused: Ray Data plans its own blocks
         log.info("Ray pool: %d actors, %g CPU and %g GPU each (%s)", self.workers, per_cpu, per_gpu, self.provider)
 
     def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]:
