@@ -3,11 +3,11 @@
     python benchmarks/classify_pipeline.py                    # the 60,000 train images as PNG: about 1 min
     python benchmarks/classify_pipeline.py --folder my_pngs --repeats 3
 
-Runs fmnist_onnx.bench.bench_classify: the whole classify pipeline (find, decode, infer, write), decoding alone
-(classify's own decoder, in the same number of processes and in one) and the naive loop (one process, Pillow,
-batches of 256), each from start to end on a warm page cache, best of --repeats. Writes
-benchmarks/results/bench_classify.json with the machine's description. Uses artifacts/model.onnx; where it is
-missing it trains the fast recipe and exports it, in a temporary folder.
+Runs fmnist_onnx.bench_pipeline.bench_classify: the whole classify pipeline (find, decode, infer, write),
+with 1, 2, 4, ... workers too, decoding alone (classify's own decoder, in the same number of processes and in
+one) and the naive loop (one process, Pillow, batches of 256), each from start to end on a warm page cache,
+best of --repeats. Writes benchmarks/results/bench_classify.json with the machine's description. Uses
+artifacts/model.onnx; where it is missing it trains the fast recipe and exports it, in a temporary folder.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model = prepare_model(args.model, work)
         folder = png_folder(args.folder, args.split, work)
-        result = bench_classify(folder, model, args.workers, args.provider, repeats=args.repeats)
+        result = bench_classify(folder, model, args.workers, args.provider, repeats=args.repeats, scaling=True)
     if args.folder is None:
         result["folder"] = f"the {args.split} split as PNG (`fmnist-onnx data export-png --split {args.split}`)"
     save_json(result, args.out)
