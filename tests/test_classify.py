@@ -376,6 +376,26 @@ def test_sigterm_keeps_the_journal_and_exits_143(test_pngs, onnx_model, tmp_path
     assert _journal_rows(journal_path(out)) == written and not out.exists()
 
 
+def test_the_inference_process_killed_midway_is_one_line_then_resume(clean, test_pngs, onnx_model, tmp_path):
+    """The batched path's inference process dies (the OOM killer, a crash in onnxruntime): one line, the journal
+    keeps the rows so far, --resume finishes with every file exactly once."""
+    out = tmp_path / "preds.csv"
+    args = ("--inference", "batched", "--provider", "cpu")
+    with _start_classify(test_pngs, onnx_model, out, 2, 2, *args) as held:
+        stage = _children(held.proc.pid)[-1]  # forked after the decoding workers
+        os.kill(stage, signal.SIGKILL)
+        assert wait_for_exit([stage]) == []
+        held.release()
+        _, stderr = held.proc.communicate(timeout=300)
+    assert held.proc.returncode == 2 and "Traceback" not in stderr, stderr
+    assert "an inference process died" in stderr and "--resume" in stderr
+    assert 0 < _journal_rows(journal_path(out)) < 10000
+    proc = run_cli("classify", test_pngs, "-m", onnx_model, "-o", out, "--resume", *args)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(read_rows(out))
+    assert len(rows) == 10000 and {r["path"]: r["index"] for r in rows} == clean["labels"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
 @pytest.mark.parametrize("inference", ["workers", "batched"])
 def test_workers_die_with_a_parent_killed_alone(inference, test_pngs, onnx_model, tmp_path):

@@ -205,6 +205,13 @@ def _decode_and_classify(paths: Sequence[str], job: _Job, encoding: str) -> Rows
 
 # ---------------------------------------------------------------------------------------------- the engine
 
+def _failed(e: BaseException) -> Future:
+    """A future that raises ``e`` where its result is collected."""
+    fut: Future = Future()
+    fut.set_exception(e)
+    return fut
+
+
 class LocalEngine:
     """Worker processes, restarted when one dies, never hanging; and for the batched stage, inference processes
     that run the model. All forked before this process starts any thread (onnxruntime's pool, CUDA)."""
@@ -280,9 +287,7 @@ class LocalEngine:
                 return self.pool.submit(_decode, paths, self.job.invert)
             return self.pool.submit(_decode_and_classify, paths, self.job, encoding)
         except BrokenProcessPool as e:
-            broken: Future = Future()
-            broken.set_exception(e)
-            return broken
+            return _failed(e)
 
     def _isolate(self, paths: list[str]) -> tuple[np.ndarray, list[str], float]:
         """Decode a chunk that was in a dying pool file by file, each alone in the pool, so that a file that
@@ -300,16 +305,23 @@ class LocalEngine:
         return out, errors, 0.0
 
     def _stage_submit(self, paths: list[str], slot: int | None, res: tuple) -> Future:
-        if slot is None:
-            return self.stage.submit(_classify_decoded, paths, *res, self.job, self.encoding)
-        return self.stage.submit(_classify_slot, paths, slot, *res, self.job, self.encoding)
+        """A future of the chunk's Rows from the inference processes (one that raises BrokenProcessPool if they
+        are broken already: found out where results are collected)."""
+        try:
+            if slot is None:
+                return self.stage.submit(_classify_decoded, paths, *res, self.job, self.encoding)
+            return self.stage.submit(_classify_slot, paths, slot, *res, self.job, self.encoding)
+        except BrokenProcessPool as e:
+            return _failed(e)
 
-    def _stage_rows(self, fut: Future) -> Rows:
+    def _stage_result(self, fut: Future, written: bool):
+        """A result of the inference processes; one line where one of them died. ``written``: rows were
+        written before (the journal keeps them for --resume)."""
         try:
             return fut.result()
         except BrokenProcessPool:
-            raise UserError("an inference process died (out of memory, or a crash in onnxruntime); the rows so "
-                            "far are kept: run the same command with --resume") from None
+            kept = "; the rows so far are kept: run the same command with --resume" if written else ""
+            raise UserError(f"an inference process died (out of memory, or a crash in onnxruntime){kept}") from None
 
     def rows(self, items: Iterator[list[str] | Row], encoding: str,
              observe: Callable[[float, int], None]) -> Iterator[Rows]:
@@ -318,6 +330,7 @@ class LocalEngine:
         slots = self.slots
         decoding: deque = deque()  # (paths, future, slot) or (None, Row, None), in walk order
         staged: deque = deque()  # (paths, future of Rows, slot) in the inference stage, in walk order
+        written = False  # rows went to the sink already
 
         def feed() -> None:
             while len(decoding) < self.depth:
@@ -337,16 +350,18 @@ class LocalEngine:
             limit = self.stage_depth + (0 if self.ready.done() else self.startup_depth)
             if staged and (len(staged) >= limit or not decoding or decoding[0][0] is None):
                 paths, fut, slot = staged.popleft()
-                self.ready.result()  # a bad model: its one line, before any row
-                rows = self._stage_rows(fut)
+                self._stage_result(self.ready, written)  # a bad model: its one line, before any row
+                rows = self._stage_result(fut, written)
                 if slot is not None:
                     slots.free.append(slot)
                 rows.paths = paths
+                written = True
                 yield rows
                 continue
             paths, fut, slot = decoding.popleft()
             if paths is None:  # a row known already (a folder that cannot be listed)
-                self.ready.result()
+                self._stage_result(self.ready, written)
+                written = True
                 yield rows_of([fut], encoding, self.job.top_k)
                 continue
             try:
@@ -366,6 +381,7 @@ class LocalEngine:
             feed()  # keep the workers busy while this chunk is written
             if isinstance(res, Rows):
                 res.paths = paths
+                written = True
                 yield res
             else:
                 staged.append((paths, self._stage_submit(paths, slot, res), slot))
