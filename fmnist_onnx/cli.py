@@ -408,7 +408,7 @@ Examples:
 \b
 Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors,
 4 the output could not be written (a full disk: free space, run again with --resume),
-130 interrupted (run again with --resume).
+130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way: run again with --resume).
 """)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",

@@ -338,11 +338,14 @@ def test_help_states_the_exit_codes_that_runs_give(onnx_model, test_pngs, tmp_pa
     with _start_classify(test_pngs / "Bag", onnx_model, tmp_path / "cut.csv", workers=1, chunks=1) as held:
         os.killpg(held.proc.pid, signal.SIGINT)
         interrupted = held.proc.wait(120)
-    got = {ok, failed, usage, unwritten, interrupted}
-    assert sorted(stated) == sorted(got), (stated, ok, failed, usage, unwritten, interrupted)
+    with _start_classify(test_pngs / "Bag", onnx_model, tmp_path / "term.csv", workers=1, chunks=1) as held:
+        held.proc.terminate()
+        terminated = held.proc.wait(120)
+    got = {ok, failed, usage, unwritten, interrupted, terminated}
+    assert sorted(stated) == sorted(got), (stated, ok, failed, usage, unwritten, interrupted, terminated)
     assert "every file classified" in stated[ok] and "some files failed" in stated[failed]
     assert "usage" in stated[usage] and "could not be written" in stated[unwritten]
-    assert "interrupted" in stated[interrupted]
+    assert "interrupted" in stated[interrupted] and "SIGTERM" in stated[terminated]
 
 
 def test_ctrl_c_keeps_the_journal_and_says_how_to_resume(clean, test_pngs, onnx_model, tmp_path):
