@@ -426,8 +426,9 @@ Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime has it, else the CPU. An explicit cuda that is missing is an error.")
 @click.option("--inference", type=click.Choice(["auto", "workers", "batched"]), default="auto", show_default=True,
-              help="Where the model runs: in the decoding processes (the CPU's way), or in one batched stage "
-                   "after them (CUDA's way; with --provider cpu too, e.g. to test it). auto: the provider's way.")
+              help="Where the model runs: in the decoding processes (the CPU's way), or in inference processes "
+                   "after them, on whole chunks (CUDA's way; with --provider cpu too, e.g. to test it). auto: the "
+                   "provider's way.")
 @click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="auto: invert images with a light border (dark object on a light background, like a product "
                    "photo) to Fashion-MNIST's light-on-dark.")
