@@ -140,12 +140,12 @@ def make_rows(session, paths: Sequence[str], imgs: np.ndarray | None, errors: Se
     """The model on a decoded chunk -> its Rows (``session`` may be None when every file failed). The common
     case (CSV, top-1) is encoded straight from the arrays, without a Row object per file."""
     errors, ok, order, scores = _top_k(session, paths, imgs, errors, top_k, batch_size, io_binding)
-    if encoding != "csv" or top_k != 1:
+    data = None
+    if encoding == "csv" and top_k == 1 and len(ok) == len(paths):
+        data = encode_csv_top1(paths, order[:, 0].tolist(), scores[:, 0].tolist())
+    if data is None:  # JSONL, top-k, error rows, or paths that need quoting or escaping: row by row
         return rows_of(_as_rows(paths, errors, ok, order, scores), encoding, top_k)
-    data = encode_csv_top1(paths, order[:, 0].tolist(), scores[:, 0].tolist()) if len(ok) == len(paths) else None
-    if data is None:  # error rows, or paths that need quoting or escaping: row by row
-        return rows_of(_as_rows(paths, errors, ok, order, scores), encoding, top_k)
-    return Rows(data, order[:, 0].astype(np.int16), true_classes(paths), errors, paths=list(paths))
+    return Rows(data, order[:, 0].astype(np.int16), true_classes(paths), errors, paths=paths)
 
 
 def rows_of(rows: Sequence[Row], encoding: str, top_k: int) -> Rows:
