@@ -49,10 +49,10 @@ INFERENCE_CHOICES = ("auto", "workers", "batched")
 
 
 def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    """One decoding process per core this process may run on."""
+    from fmnist_onnx.machine import usable_cores
+
+    return usable_cores()
 
 
 class Slots:
@@ -304,13 +304,13 @@ class LocalEngine:
                 self._start_pool()
         return out, errors, 0.0
 
-    def _stage_submit(self, paths: list[str], slot: int | None, res: tuple) -> Future:
+    def _stage_submit(self, paths: list[str], encoding: str, slot: int | None, res: tuple) -> Future:
         """A future of the chunk's Rows from the inference processes (one that raises BrokenProcessPool if they
         are broken already: found out where results are collected)."""
         try:
             if slot is None:
-                return self.stage.submit(_classify_decoded, paths, *res, self.job, self.encoding)
-            return self.stage.submit(_classify_slot, paths, slot, *res, self.job, self.encoding)
+                return self.stage.submit(_classify_decoded, paths, *res, self.job, encoding)
+            return self.stage.submit(_classify_slot, paths, slot, *res, self.job, encoding)
         except BrokenProcessPool as e:
             return _failed(e)
 
@@ -326,7 +326,6 @@ class LocalEngine:
     def rows(self, items: Iterator[list[str] | Row], encoding: str,
              observe: Callable[[float, int], None]) -> Iterator[Rows]:
         """Rows for each work item (a chunk of paths, or a row known already), in walk order."""
-        self.encoding = encoding
         slots = self.slots
         decoding: deque = deque()  # (paths, future, slot) or (None, Row, None), in walk order
         staged: deque = deque()  # (paths, future of Rows, slot) in the inference stage, in walk order
@@ -384,7 +383,7 @@ class LocalEngine:
                 written = True
                 yield res
             else:
-                staged.append((paths, self._stage_submit(paths, slot, res), slot))
+                staged.append((paths, self._stage_submit(paths, encoding, slot, res), slot))
 
     def close(self) -> None:
         for ex in (self.pool, self.stage):
