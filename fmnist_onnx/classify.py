@@ -266,7 +266,7 @@ class Request:
     resume: bool
     overwrite: bool
     provider: str  # as asked: auto, or a name in runtime.PROVIDER_TABLE
-    identity: RunIdentity
+    identity: RunIdentity | None  # None for stdout, which cannot be resumed
 
 
 @dataclass(frozen=True)
@@ -405,7 +405,8 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
     roots = check_inputs(paths)
     if not Path(model).is_file():
         raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
-    identity = RunIdentity.of(model, invert, top_k, recursive, roots)
+    # the model's hash only where there is a journal to resume
+    identity = RunIdentity.of(model, invert, top_k, recursive, roots) if output != "-" else None
     request = Request(roots, os.fspath(model), output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
                       provider, identity)
     if resume and Path(output).exists() and not journal_path(output).exists():
@@ -479,7 +480,7 @@ def work_items(batches: Iterator[images.Batch], done: _Done | None, tally: Tally
 
 
 def open_sink(output: str, fmt: str, top_k: int, resume: bool, overwrite: bool,
-              tally: Tally, identity: RunIdentity) -> tuple[JournalSink | StdoutSink, _Done | None]:
+              tally: Tally, identity: RunIdentity | None) -> tuple[JournalSink | StdoutSink, _Done | None]:
     """The output's sink. With --resume, the interrupted run's rows are counted in ``tally`` and their paths
     come back as a _Done set, for the caller to skip (None when there are none). A new journal gets its
     run's identity beside it first (``check_request`` checked it on --resume)."""
