@@ -125,12 +125,16 @@ print(res[-1], flush=True)
 def cpu(who):
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
-default_max_chunk = cl.MAX_CHUNK
+defaults = {"MAX_CHUNK": cl.MAX_CHUNK, "BATCHED_MAX_CHUNK": cl.BATCHED_MAX_CHUNK}
 for provider, workers, stages, max_chunk, switch in (
         (gpu, w, 2, None, None), ("cpu", w, None, None, None), (gpu, w, 1, None, None), (gpu, w, 4, None, None),
-        (gpu, max(1, w - 2), 2, None, None), (gpu, w, 2, 8192, None), ("cpu", w, None, 8192, None),
+        (gpu, max(1, w - 2), 2, None, None), (gpu, w, 2, 2048, None), ("cpu", w, None, 8192, None),
         (gpu, w, 2, None, 0.0005), ("cpu", w, None, None, 0.0005)):
-    cl.MAX_CHUNK = max_chunk or default_max_chunk  # read by the chunk sizing and the slots at each run
+    # the cap of the path under test (read by the chunk sizing and the slots at each run); the other's default
+    for name, value in defaults.items():
+        setattr(cl, name, value)
+    if max_chunk:
+        setattr(cl, "BATCHED_MAX_CHUNK" if stages else "MAX_CHUNK", max_chunk)
     old_switch = sys.getswitchinterval()
     sys.setswitchinterval(switch or old_switch)
     best = None
@@ -148,7 +152,8 @@ for provider, workers, stages, max_chunk, switch in (
     res.append({"what": what, "images": s.files, "seconds": s.seconds, "images_per_s": s.images_per_s,
                 "parent_cpu_s": round(parent, 2), "children_cpu_s": round(children, 2)})
     print(res[-1], flush=True)
-cl.MAX_CHUNK = default_max_chunk
+for name, value in defaults.items():
+    setattr(cl, name, value)
 Path(out).write_text(json.dumps(res, indent=1))
 EOF
 
