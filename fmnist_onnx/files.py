@@ -1,32 +1,287 @@
-"""File helpers: atomic writes (a half-written file never has the real name) and checksums.
+"""The one write policy, for every file any command writes, and checksums.
 
-No torch here: the inference path uses it."""
+- An existing file is replaced only with ``overwrite`` (the commands' ``--overwrite``): ``check_output``
+  says so before any work, and ``atomic_write`` holds to it at the moment of the rename too.
+- Replacement is atomic: the content goes to a temporary file with an unpredictable name (``mkstemp``, created
+  exclusively, so never through a planted link) in the same folder, handed to the writer as an open file (never
+  re-opened by path), then renamed onto the name. A symlink at the name is replaced itself, never its target.
+- No output may be one of the command's own inputs, even with ``overwrite`` (``check_output(inputs=...)``).
+- One run per output at a time: ``OutputLock`` holds an OS lock beside it for the whole run (a SIGKILLed holder
+  releases it by itself) with the holder's process id in it, and a second run is refused naming that id.
+
+Library functions take an explicit ``overwrite``; the commands decide it. No torch here: the inference path
+uses this module.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
-from collections.abc import Callable
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+from fmnist_onnx.errors import UserError
+
+LOCK_SUFFIX = ".lock"
+_HELD: dict[tuple[int, int], int] = {}  # (device, inode) of the lock files this process holds: POSIX locks
+# do not conflict within one process, so a second holder here is refused from this table
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it onto ``path``.
-
-    The temp name keeps the suffix, so writers that pick a format from it (matplotlib, Pillow) still work.
-    """
+def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = (), what: str = "") -> Path:
+    """UserError (exit 2) unless ``path`` may be written by a command: its folder exists and can be written, it
+    is no folder, device or FIFO, it is none of ``inputs`` (even with ``overwrite``), and it does not exist
+    unless ``overwrite``. Called before any work. ``what`` names the option in the message (``--report``)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    name = f"{what} {path}" if what else str(path)
+    for i in inputs:
+        if same_file(path, i):
+            raise UserError(f"{name} is also an input of this command ({i}); write it elsewhere")
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise UserError(f"{name}: {e.strerror}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{name} is a folder; give a file name")
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise UserError(f"{name} is not a regular file; only regular files are written or replaced")
+    check_folder(path, name)
+    if st is not None and not overwrite:
+        raise UserError(f"{name} exists; use --overwrite to replace it")
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text))
+def check_folder(path: Path, name: str) -> None:
+    """UserError unless the folder of ``path`` exists and can be written."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise UserError(f"{name}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+        raise UserError(f"{name}: folder {folder} cannot be written "
+                        f"({'read-only file system' if read_only else 'permission denied'})")
+
+
+def check_distinct(paths: Iterable[str | Path]) -> None:
+    """UserError when two outputs of one run are the same file (``--report preds.csv -o preds.csv``)."""
+    seen: list[Path] = []
+    for p in map(Path, paths):
+        for q in seen:
+            if os.path.abspath(p) == os.path.abspath(q) or same_file(p, q):
+                raise UserError(f"{p} is named for two outputs of this run; give each its own name")
+        seen.append(p)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once links are resolved, or the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], overwrite: bool = False) -> Path:
+    """Call ``write(f)`` on a new temporary file beside ``path``, open for binary writing, then give it
+    ``path``'s name: complete or not at all. Without ``overwrite`` an existing ``path`` (even one that appeared
+    meanwhile) is left alone (UserError); with it, ``path`` is replaced by rename, a symlink there included
+    (the link itself, never its target). Writers that pick a format from the name must be told it (Pillow's
+    ``format=``, matplotlib's ``format=``): the temporary name is not the final one."""
+    path = Path(path)
+    with temp_beside(path) as (tmp, f):
+        write(f)
+        publish(tmp, f, path, overwrite)
+    return path
+
+
+@contextmanager
+def temp_beside(path: str | Path) -> Iterator[tuple[Path, BinaryIO]]:
+    """A new temporary file in ``path``'s folder (an unpredictable name, created exclusively), open for binary
+    writing, removed on the way out unless ``publish`` gave it its name. For writers that need the file by name
+    as well (a session that checks it before it is published), the path comes too."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield Path(tmp), f
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def publish(tmp: Path, f: BinaryIO, path: str | Path, overwrite: bool) -> None:
+    """Give the temporary file ``tmp`` (open as ``f``) the name ``path``, durably: see ``atomic_write``."""
+    path = Path(path)
+    f.flush()
+    os.fsync(f.fileno())
+    os.fchmod(f.fileno(), 0o644 & ~_umask())
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        _link_new(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """``tmp`` gets the name ``path`` only if no file has it: link(2) fails rather than replace; then the
+    temporary name goes. A file system without hard links gets a rename after a check."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise UserError(f"{path} exists; use --overwrite to replace it") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        if os.path.lexists(path):
+            raise UserError(f"{path} exists; use --overwrite to replace it") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), overwrite)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
+    return atomic_write(path, lambda f: f.write(data), overwrite)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some file systems refuse)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_new(path: str | Path, flags: int = os.O_WRONLY) -> int:
+    """A file descriptor on a new file at ``path``, created exclusively (never through a link): a run's own
+    state (journal, record). FileExistsError when something, a link included, is there."""
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
+def open_existing(path: str | Path, flags: int = os.O_RDONLY) -> int:
+    """A file descriptor on the regular file at ``path``, refusing a symlink (UserError) or anything else that
+    is not a regular file: a run's own state read back on --resume."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link; a run's own files are never read or written through "
+                            "one (remove it, or use --overwrite to start over)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file; remove it, or use --overwrite to start over")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def lock_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + LOCK_SUFFIX)
+
+
+class OutputLock:
+    """``with OutputLock(output):`` one run at a time on ``output``. The lock file ``<output>.lock`` is opened
+    without following links, locked with fcntl (POSIX record locks: released when the holder exits, SIGKILL
+    included, and not inherited by forked workers), and holds the holder's process id. A run that finds it held
+    is refused (UserError, exit 2) naming that process. The file is removed on release."""
+
+    def __init__(self, output: str | Path) -> None:
+        self.output = Path(output)
+        self.path = lock_path(output)
+        self.fd = -1
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        while True:  # until the file we lock is the one at the name (a releasing holder may unlink it meanwhile)
+            fd = self._open()
+            key = _key(os.fstat(fd))
+            try:
+                if key in _HELD:
+                    raise BlockingIOError(errno.EAGAIN, "held by this process")
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise UserError(f"cannot lock {self.path}: {e.strerror}") from None
+                who = f"process {holder}" if holder else "another process"
+                raise UserError(f"{self.output} is being written by another run ({who} holds {self.path}); "
+                                "wait for it to end, or stop it") from None
+            try:
+                same = _key(os.lstat(self.path)) == key
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = fd
+        self.fd = fd
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(f"{self.path} is a symbolic link; remove it (a lock is never taken through "
+                                "one)") from None
+            raise UserError(f"cannot create {self.path}: {e.strerror}") from None
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        _HELD.pop(_key(os.fstat(self.fd)), None)
+        try:
+            os.unlink(self.path)  # while still held: whoever opens the name next makes a new file
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -36,3 +291,15 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def locked(*outputs: str | Path | None) -> Iterator[None]:
+    """``OutputLock`` on each output named (None: skipped) for the length of the block."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for o in outputs:
+            if o is not None:
+                stack.enter_context(OutputLock(o))
+        yield

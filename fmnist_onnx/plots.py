@@ -18,8 +18,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight"))
+def _save(fig, path: Path, overwrite: bool) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), overwrite)
 
 
 def smoothed_loss_floor(label_smoothing: float, classes: int) -> float:
@@ -32,7 +32,7 @@ def smoothed_loss_floor(label_smoothing: float, classes: int) -> float:
 
 
 def training_curves(history: Sequence, path: str | Path, title: str = "", label_smoothing: float = 0.0,
-                    classes: int = 10) -> Path:
+                    classes: int = 10, overwrite: bool = False) -> Path:
     """Train/test loss and test accuracy per epoch (records with epoch, train_loss, test_loss, test_accuracy).
 
     The training loss is the one training minimized, averaged over the epoch's batches: with label smoothing
@@ -60,12 +60,12 @@ def training_curves(history: Sequence, path: str | Path, title: str = "", label_
     ax2.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    _save(fig, Path(path))
+    _save(fig, Path(path), overwrite)
     plt.close(fig)
     return Path(path)
 
 
-def bench_chart(report: dict, path: str | Path, title: str = "") -> Path:
+def bench_chart(report: dict, path: str | Path, title: str = "", overwrite: bool = False) -> Path:
     """Images/s and median latency against batch size, one line per option, with the rooflines (fp32, int8).
 
     ``report`` is the JSON form of a benchmark (``BenchReport.to_json()`` or benchmarks/results/inference.json).
@@ -98,7 +98,7 @@ def bench_chart(report: dict, path: str | Path, title: str = "") -> Path:
     ax1.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    _save(fig, Path(path))
+    _save(fig, Path(path), overwrite)
     plt.close(fig)
     return Path(path)
 
@@ -112,7 +112,8 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def confusion_matrix(matrix, classes: Sequence[str], path: str | Path, title: str = "") -> Path:
+def confusion_matrix(matrix, classes: Sequence[str], path: str | Path, title: str = "",
+                     overwrite: bool = False) -> Path:
     """Counts [true, predicted] as a heat map, each cell annotated, rows labelled with their recall.
 
     Drawn with Pillow, not matplotlib: classify writes it at the end of a run, where matplotlib's import and
@@ -161,4 +162,4 @@ def confusion_matrix(matrix, classes: Sequence[str], path: str | Path, title: st
     ImageDraw.Draw(vertical).text((2, 9), "true class (recall)", fill=255, font=font, anchor="lm")
     vertical = vertical.rotate(90, expand=True)
     im.paste((0, 0, 0), (4, top + (n * cell - vertical.height) // 2), vertical)
-    return atomic_write(path, im.save)
+    return atomic_write(path, lambda f: im.save(f, format="PNG"), overwrite)
