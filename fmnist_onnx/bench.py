@@ -368,10 +368,11 @@ def format_table(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def save_json(data: dict, path: str | Path) -> Path:
-    """Write ``data`` as indented JSON, atomically (temp file, then rename)."""
+def save_json(data: dict, path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``data`` as indented JSON, atomically (temp file, then rename); an existing file only with
+    ``overwrite``."""
     import json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n", overwrite)

@@ -29,7 +29,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"Error: {e}", err=True)
+            from fmnist_onnx.text import visible
+
+            click.echo(f"Error: {visible(e)}", err=True)  # names in it are the user's files': shown as they are
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:  # a Ctrl-C that no command turned into its own message (Click: "Aborted!", 1)
             click.echo("Interrupted.", err=True)
@@ -77,6 +79,7 @@ Examples:
   fmnist-onnx train --recipe tutorial        # the tutorial as written (SGD 1e-3, batch 64): ~71%
   fmnist-onnx train --device cuda --epochs 20 --out-dir runs/long
   fmnist-onnx train --resume                 # continue after Ctrl-C
+  fmnist-onnx train --overwrite              # train again over artifacts/model.pth
 """)
 @click.option("--recipe", type=click.Choice(["fast", "tutorial"]), default="fast", show_default=True,
               help="fast: in-memory tensors, AdamW, one-cycle schedule. tutorial: the quickstart as written.")
@@ -93,10 +96,13 @@ Examples:
 @click.option("--download", is_flag=True, help="Let torchvision download the dataset if it is not found.")
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_DIR,
               show_default=True, help="Where model.pth, metrics.json, training_curves.png go.")
-@click.option("--resume", is_flag=True, help="Continue the interrupted run checkpointed in --out-dir.")
-@click.option("--restart", is_flag=True, help="Discard an interrupted run's checkpoint and start over.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run checkpointed in --out-dir (with the "
+              "--overwrite it started with).")
+@click.option("--overwrite", "--restart", "overwrite", is_flag=True,
+              help="Replace model.pth, metrics.json and training_curves.png in --out-dir, and discard an "
+                   "interrupted run's checkpoint there (--restart: the same).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_dir, resume, restart, quiet):
+def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_dir, resume, overwrite, quiet):
     """Train the quickstart MLP on Fashion-MNIST and write model.pth.
 
     Checkpoints after every epoch; Ctrl-C saves a checkpoint and exits 130, and --resume continues
@@ -105,8 +111,8 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
     require_train_extra("train", "torch", "torchvision", "matplotlib")
     from fmnist_onnx import train as tr
 
-    if resume and restart:
-        raise click.UsageError("--resume and --restart exclude each other")
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
     dev = tr.resolve_device(device)
     if not quiet:
         why = " (auto)" if device == "auto" else ""
@@ -114,7 +120,7 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
     cfg = tr.make_config(recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=dev)
     try:
         result = tr.train(cfg, out_dir, data_dir=data_dir, download=download, resume=resume,
-                          restart=restart, progress=show_progress(quiet), device=dev if resume else None)
+                          overwrite=overwrite, progress=show_progress(quiet), device=dev if resume else None)
     except tr.Interrupted as e:
         click.echo(f"Interrupted: checkpoint saved to {e.checkpoint}; run again with --resume to continue.",
                    err=True)
@@ -126,15 +132,29 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
 
 # ---------------------------------------------------------------------------------------- export, verify, info
 
-def _write_json(obj: dict, path: Path) -> None:
+def _write_json(obj: dict, path: Path, overwrite: bool) -> None:
     import json
 
     from fmnist_onnx.files import atomic_write_text
 
     try:
-        atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(obj, indent=2) + "\n", overwrite)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _outputs(overwrite: bool, inputs: tuple, **named: Path | None) -> list[Path]:
+    """The write policy's checks for a command's outputs (``--json=path``...), before any work: see files.py."""
+    from fmnist_onnx.files import check_distinct, check_output
+
+    given = {opt: p for opt, p in named.items() if p is not None}
+    check_distinct(given.values())
+    for opt, p in given.items():
+        check_output(p, overwrite, inputs=[i for i in inputs if i is not None], what=f"--{opt.replace('_', '-')}")
+    return list(given.values())
+
+
+_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace output files that exist (never an input).")
 
 
 _PROVIDER = click.option("--provider", "providers", type=click.Choice(PROVIDER_CHOICES), multiple=True,
@@ -155,6 +175,7 @@ Examples:
   fmnist-onnx export --weights model.pth --output model.onnx --opset 17
   fmnist-onnx export --quantize int8               # also artifacts/model.int8.onnx, if it keeps accuracy
   fmnist-onnx export --no-verify --json export.json
+  fmnist-onnx export --overwrite                   # replace artifacts/model.onnx
 """)
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.pth",
               show_default=True, help="The model.pth (this project's or the tutorial's own).")
@@ -172,7 +193,9 @@ Examples:
 @_DATA_DIR
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write what was done and measured as JSON.")
-def export(weights, output, opset, quantize, int8_method, no_verify, atol, rtol, providers, data_dir, json_path):
+@_OVERWRITE
+def export(weights, output, opset, quantize, int8_method, no_verify, atol, rtol, providers, data_dir, json_path,
+           overwrite):
     """Export model.pth to ONNX and prove it computes the same logits as PyTorch.
 
     The model takes [batch, 1, 28, 28] float32 in [0, 1] and gives [batch, 10] logits, with a symbolic batch
@@ -182,14 +205,18 @@ def export(weights, output, opset, quantize, int8_method, no_verify, atol, rtol,
     """
     require_train_extra("export", "torch", "torchvision", "onnx", "onnxscript")
     from fmnist_onnx import export as ex
+    from fmnist_onnx.files import locked
     from fmnist_onnx.verify import format_report
 
-    result = ex.export(weights, output, opset, verify=not no_verify, quantize=quantize, int8_method=int8_method,
-                       atol=atol, rtol=rtol, providers=providers, data_dir=data_dir)
+    int8 = ex.int8_path(output) if quantize else None
+    ex.check_outputs(weights, output, quantize, overwrite, also=(json_path,))
+    with locked(output, int8, json_path):
+        result = ex.export(weights, output, opset, verify=not no_verify, quantize=quantize, int8_method=int8_method,
+                           atol=atol, rtol=rtol, providers=providers, data_dir=data_dir, overwrite=overwrite)
+        if json_path:
+            _write_json(result.to_dict(), json_path, overwrite)
     if result.verify is not None:
         click.echo(format_report(result.verify))
-    if json_path:
-        _write_json(result.to_dict(), json_path)
     if not result.written:
         click.echo(f"Error: parity does not hold; {output} was not written", err=True)
         sys.exit(1)
@@ -223,7 +250,8 @@ Examples:
 @_DATA_DIR
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the report as JSON (also when it fails).")
-def verify(weights, model, atol, rtol, providers, samples, data_dir, json_path):
+@_OVERWRITE
+def verify(weights, model, atol, rtol, providers, samples, data_dir, json_path, overwrite):
     """Check that an ONNX model computes what model.pth computes, on the real test images.
 
     \b
@@ -234,11 +262,14 @@ def verify(weights, model, atol, rtol, providers, samples, data_dir, json_path):
     """
     require_train_extra("verify", "torch", "torchvision", "onnx")
     from fmnist_onnx import verify as vf
+    from fmnist_onnx.files import locked
 
-    report = vf.verify(model, weights, providers, atol, rtol, samples, data_dir)
+    _outputs(overwrite, (weights, model), json=json_path)
+    with locked(json_path):
+        report = vf.verify(model, weights, providers, atol, rtol, samples, data_dir)
+        if json_path:
+            _write_json(report.to_dict(), json_path, overwrite)
     click.echo(vf.format_report(report))
-    if json_path:
-        _write_json(report.to_dict(), json_path)
     if not report.passed:
         click.echo(f"Error: {model} does not match {weights}", err=True)
         sys.exit(1)
@@ -260,6 +291,7 @@ def info(model, as_json):
     from dataclasses import asdict
 
     from fmnist_onnx.info import read_model_info
+    from fmnist_onnx.text import visible
 
     mi = read_model_info(model)
     if as_json:
@@ -267,14 +299,14 @@ def info(model, as_json):
         return
 
     def sig(t):
-        return f"{t.name}: {t.type} [{', '.join(map(str, t.shape))}]"
+        return visible(f"{t.name}: {t.type} [{', '.join(map(str, t.shape))}]")
 
-    click.echo(f"{mi.path}  ({mi.file_size_bytes / 1e6:.2f} MB)")
+    click.echo(f"{visible(mi.path)}  ({mi.file_size_bytes / 1e6:.2f} MB)")
     for t in mi.inputs:
         click.echo(f"  input       {sig(t)}")
     for t in mi.outputs:
         click.echo(f"  output      {sig(t)}")
-    click.echo(f"  opset       {mi.opset} (IR version {mi.ir_version}), producer {mi.producer or '?'}")
+    click.echo(f"  opset       {mi.opset} (IR version {mi.ir_version}), producer {visible(mi.producer or '?')}")
     click.echo(f"  parameters  {mi.parameters:,} ({'int8 quantized' if mi.quantized else 'fp32'})")
     if mi.metadata:
         click.echo("  metadata")
@@ -284,7 +316,7 @@ def info(model, as_json):
                     v = ", ".join(json.loads(v))
                 except (ValueError, TypeError):
                     pass
-            click.echo(f"    {k}: {v}")
+            click.echo(f"    {visible(k)}: {visible(v)}")  # the model's words: no escape reaches the terminal
     click.echo(f"  providers available here: {', '.join(mi.available_providers)}")
 
 
@@ -312,9 +344,10 @@ Examples:
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the machine and all records as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a PNG chart.")
+@_OVERWRITE
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.pass_context
-def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_path, plot, quiet):
+def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_path, plot, overwrite, quiet):
     """Benchmark inference: onnxruntime fp32 and int8 (fp16, IO binding on CUDA) beside PyTorch eager.
 
     For each option and batch size: the first run (session creation + first inference) apart, then images/s,
@@ -324,6 +357,7 @@ def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_p
     if ctx.invoked_subcommand is not None:
         return
     from fmnist_onnx import bench as bn
+    from fmnist_onnx.files import locked
 
     sizes = bn.parse_batch_sizes(batch_sizes)
     if weights is None:
@@ -331,6 +365,15 @@ def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_p
             if candidate.is_file():
                 weights = candidate
                 break
+    int8 = model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx")
+    _outputs(overwrite, (model, weights, int8), json=json_path, plot=plot)
+    with locked(json_path, plot):
+        _bench(model, weights, sizes, providers, threads, duration, json_path, plot, overwrite, quiet)
+
+
+def _bench(model, weights, sizes, providers, threads, duration, json_path, plot, overwrite, quiet) -> None:
+    from fmnist_onnx import bench as bn
+
     progress = show_progress(quiet)
 
     def on_record(rec):
@@ -342,12 +385,12 @@ def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_p
         click.echo(f"note: {note}", err=True)
     click.echo(bn.format_table(report))
     if json_path:
-        bn.save_json(report.to_json(), json_path)
+        bn.save_json(report.to_json(), json_path, overwrite)
         click.echo(f"wrote {json_path}", err=True)
     if plot:
         from fmnist_onnx.plots import bench_chart
 
-        bench_chart(report.to_json(), plot, title=f"{model.name} on {report.machine['cpu']}")
+        bench_chart(report.to_json(), plot, title=f"{model.name} on {report.machine['cpu']}", overwrite=overwrite)
         click.echo(f"wrote {plot}", err=True)
 
 
@@ -370,7 +413,8 @@ Examples:
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.option("--scaling", is_flag=True, help="Also the pipeline with 1, 2, 4, ... decoding processes up to --workers.")
-def bench_classify(folder, model, workers, provider, batch_size, repeats, json_path, quiet, scaling):
+@_OVERWRITE
+def bench_classify(folder, model, workers, provider, batch_size, repeats, json_path, quiet, scaling, overwrite):
     """Time the classify pipeline on FOLDER beside decoding alone and the naive loop.
 
     The pipeline (find, decode, infer, write) in images/s, beside decoding alone (classify's own decoder, in
@@ -380,6 +424,7 @@ def bench_classify(folder, model, workers, provider, batch_size, repeats, json_p
     on any number of cores; with --scaling, images/s for 1, 2, 4, ... processes.
     """
     from fmnist_onnx import bench as bn
+    from fmnist_onnx.files import locked
 
     progress = show_progress(quiet)
 
@@ -387,11 +432,16 @@ def bench_classify(folder, model, workers, provider, batch_size, repeats, json_p
         if progress:
             click.echo(f"  {rec.what}: {rec.images_per_s:,.0f} images/s", err=True)
 
-    result = bn.bench_classify(folder, model, workers, provider, batch_size, repeats, on_record=on_record,
-                               scaling=scaling)
+    _outputs(overwrite, (model,), json=json_path)
+    if json_path is not None and os.path.realpath(json_path).startswith(os.path.realpath(folder) + os.sep):
+        raise UserError(f"--json {json_path} is inside {folder}, the folder measured; write it elsewhere")
+    with locked(json_path):
+        result = bn.bench_classify(folder, model, workers, provider, batch_size, repeats, on_record=on_record,
+                                   scaling=scaling)
+        if json_path:
+            bn.save_json(result, json_path, overwrite)
     click.echo(bn.format_classify(result))
     if json_path:
-        bn.save_json(result, json_path)
         click.echo(f"wrote {json_path}", err=True)
 
 
@@ -592,8 +642,12 @@ def export_png(split, out, limit, data_dir, overwrite, quiet):
     pixels, labels = s.images.numpy(), s.labels.numpy()
     if limit:
         pixels, labels = pixels[:limit], labels[:limit]
+    from fmnist_onnx.files import locked
+
     try:
-        n = write_pngs(pixels, labels, out, overwrite=overwrite, progress=show_progress(quiet))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with locked(out):  # <out>.lock, beside the folder
+            n = write_pngs(pixels, labels, out, overwrite=overwrite, progress=show_progress(quiet))
     except ImageError as e:
         raise UserError(str(e)) from None
     click.echo(f"wrote {n} PNG files to {out} ({split} split, ImageFolder layout)")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist_onnx import __version__, spec
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.files import atomic_write, sha256_file
+from fmnist_onnx.files import atomic_write, check_distinct, check_output, publish, sha256_file, temp_beside
 from fmnist_onnx.info import is_int8
 from fmnist_onnx.machine import library_versions
 
@@ -28,12 +28,10 @@ DYNAMO_MIN_OPSET = 18
 EXPORT_BATCH = 2  # a batch of 1 tempts the exporter to specialize the batch axis to a constant
 
 
-def save_model(model, path: Path) -> None:
+def save_model(model, path: Path, overwrite: bool = False) -> None:
     """Save an onnx.ModelProto atomically, weights inline (the model is 2.7 MB, far below protobuf's 2 GB)."""
-    import onnx
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: onnx.save_model(model, str(p)))
+    atomic_write(path, lambda f: f.write(model.SerializeToString()), overwrite)
 
 
 def _test_accuracy_beside(weights: Path) -> float | None:
@@ -198,7 +196,8 @@ def logits_layer(model) -> list[str]:
 
 
 def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_METHOD, calibration=None,
-                  data_dir=None, per_channel: bool = True, float_logits: bool = True) -> Path:
+                  data_dir=None, per_channel: bool = True, float_logits: bool = True,
+                  overwrite: bool = False) -> Path:
     """Write an int8 copy of the fp32 model ``model_path`` to ``out_path`` (atomically); no accuracy check here.
 
     ``calibration``: float32 images [N, 1, 28, 28] for the static method (default: 2,000 training images).
@@ -209,8 +208,6 @@ def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_M
     the last layer is 0.8% of the work). Dynamic quantization gives float logits anyway.
     The metadata is the fp32 model's, less its test accuracy (int8's differs), plus ``quantization``.
     """
-    import tempfile
-
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -266,7 +263,7 @@ def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_M
     int8.doc_string = fp32.doc_string
     int8.producer_name, int8.producer_version = fp32.producer_name, fp32.producer_version
     onnx.checker.check_model(int8, full_check=True)
-    save_model(int8, out_path)
+    save_model(int8, out_path, overwrite)
     return out_path
 
 
@@ -317,78 +314,86 @@ class ExportResult:
                 "int8": asdict(self.int8) if self.int8 is not None else None}
 
 
-def _check_output_path(output: Path) -> None:
+def check_outputs(weights: Path, output: Path, quantize: str | None, overwrite: bool,
+                  also: tuple[Path | None, ...] = ()) -> None:
+    """The write policy for export's files, before any work: the ONNX file, its int8 twin and ``also`` (the
+    --json) are new unless ``overwrite``, none of them is the weights, and no two are the same file."""
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
     if output.parent.exists() and not output.parent.is_dir():
         raise UserError(f"--output {output}: {output.parent} is not a folder")
-
-
-def _tmp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    outputs = [output, *([int8_path(output)] if quantize else []), *(p for p in also if p is not None)]
+    check_distinct(outputs)
+    for p in outputs:
+        check_output(p, overwrite, inputs=[weights])
 
 
 def export(weights: Path, output: Path, opset: int | None = None, verify: bool = True, quantize: str | None = None,
            int8_method: str = DEFAULT_INT8_METHOD, atol: float | None = None, rtol: float | None = None,
-           providers: tuple[str, ...] = ("auto",), data_dir=None) -> ExportResult:
+           providers: tuple[str, ...] = ("auto",), data_dir=None, overwrite: bool = False) -> ExportResult:
     """Export, check parity (unless ``verify`` is False) and optionally write an int8 copy beside the output.
 
     A model that fails the parity check is never written under ``output`` (an older file there is left as it
-    was); neither is an int8 model that fails its accuracy check. UserError for bad input.
+    was); neither is an int8 model that fails its accuracy check. An existing output is replaced only with
+    ``overwrite`` (the caller holds the lock: ``files.locked``). UserError for bad input.
     """
     import time
-
-    from fmnist_onnx import verify as vf
 
     t0 = time.perf_counter()
     weights, output = Path(weights), Path(output)
     if quantize not in (None, "int8"):
         raise UserError(f"--quantize {quantize}: only int8 is supported")
-    _check_output_path(output)
     if not weights.is_file():
         raise UserError(f"weights file not found: {weights} (train one with `fmnist-onnx train`, or pass --weights)")
-    atol = vf.DEFAULT_ATOL if atol is None else atol
-    rtol = vf.DEFAULT_RTOL if rtol is None else rtol
+    check_outputs(weights, output, quantize, overwrite)
     model = build_onnx(weights, opset)
     sha = next(p.value for p in model.metadata_props if p.key == "weights_sha256")
     result = ExportResult(str(output), False, model_opset(model), sha, 0.0)
-    tmp = _tmp_beside(output)
-    try:
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            import onnx
-
-            onnx.save_model(model, str(tmp))
-        except OSError as e:
-            raise UserError(f"cannot write {output}: {e.strerror or e}") from None
-        if verify:
-            # The same check as `fmnist-onnx verify`, run on the file as written, before it gets its name.
-            result.verify = vf.verify(tmp, weights, providers, atol, rtol, data_dir=data_dir)
-            result.verify.model = str(output)
-            if not result.verify.passed:
-                result.seconds = time.perf_counter() - t0
-                return result
-        os.replace(tmp, output)
-        result.written = True
-        log.info("wrote %s", output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if not _write_verified(model, weights, output, result, verify, atol, rtol, providers, data_dir, overwrite):
+        result.seconds = time.perf_counter() - t0
+        return result
     if quantize == "int8":
-        result.int8 = write_int8(output, weights, int8_method, providers, data_dir)
+        result.int8 = write_int8(output, weights, int8_method, providers, data_dir, overwrite)
     result.seconds = time.perf_counter() - t0
     return result
 
 
+def _write_verified(model, weights: Path, output: Path, result: ExportResult, verify: bool, atol, rtol,
+                    providers, data_dir, overwrite: bool) -> bool:
+    """Write ``model`` to a temporary file, check it there as `fmnist-onnx verify` does, then give it its name:
+    a model that fails parity never gets it. Whether it was written."""
+    from fmnist_onnx import verify as vf
+
+    atol = vf.DEFAULT_ATOL if atol is None else atol
+    rtol = vf.DEFAULT_RTOL if rtol is None else rtol
+    try:
+        with temp_beside(output) as (tmp, f):
+            f.write(model.SerializeToString())
+            f.flush()
+            if verify:
+                result.verify = vf.verify(tmp, weights, providers, atol, rtol, data_dir=data_dir)
+                result.verify.model = str(output)
+                if not result.verify.passed:
+                    return False
+            publish(tmp, f, output, overwrite)
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+    result.written = True
+    log.info("wrote %s", output)
+    return True
+
+
 def write_int8(fp32_path: Path, weights: Path, method: str = DEFAULT_INT8_METHOD, providers=("auto",),
-               data_dir=None) -> Int8Result:
+               data_dir=None, overwrite: bool = False) -> Int8Result:
     """Quantize, measure against PyTorch on the test set, and give it its name only if it keeps accuracy."""
     import onnx
 
     from fmnist_onnx import verify as vf
 
     final = int8_path(fp32_path)
-    tmp = _tmp_beside(final)
-    try:
+    with tempfile.TemporaryDirectory(prefix="fmnist-onnx-int8-") as private:  # ours alone (mode 0700)
+        tmp = Path(private) / "int8.onnx"
         quantize_int8(fp32_path, tmp, method, data_dir=data_dir)
         report = vf.verify(tmp, weights, providers, data_dir=data_dir)
         worst = min(report.results, key=lambda r: r.onnx_accuracy_pct)
@@ -403,8 +408,6 @@ def write_int8(fp32_path: Path, weights: Path, method: str = DEFAULT_INT8_METHOD
         meta["test_accuracy"] = f"{worst.onnx_accuracy_pct:.2f}"
         meta["fp32_test_accuracy"] = f"{worst.torch_accuracy_pct:.2f}"
         set_metadata(model, meta)
-        save_model(model, final)
+        save_model(model, final, overwrite)
         res.written = True
         return res
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -110,7 +110,8 @@ def temp_beside(path: str | Path) -> Iterator[tuple[Path, BinaryIO]]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(fd, "wb") as f:
+            f.raw.name = tmp  # as open(tmp) would name it: writers that look at f.name (onnx) find a path
             yield Path(tmp), f
     finally:
         try:

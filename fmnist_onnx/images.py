@@ -26,11 +26,13 @@ libspng fast path only takes PNGs that Pillow reads the same way: results never 
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import logging
 import os
 import re
+import secrets
 import stat
 import struct
 import sys
@@ -668,29 +670,69 @@ _BORDER_SIZE = int(_BORDER_MASK.sum())
 
 def export_png(pixels: np.ndarray, labels: Sequence[int], out: str | Path, overwrite: bool = False,
                progress: bool = False) -> int:
-    """Write uint8 images [N, 28, 28] as ``out/<class folder>/<index>.png`` (the ImageFolder layout),
-    each file written under a temporary name and renamed. Returns the number of files written."""
-    Image = _pil()
+    """Write uint8 images [N, 28, 28] as ``out/<class folder>/<index>.png`` (the ImageFolder layout), each file
+    written under a new temporary name and renamed: a link planted in ``out``, as a class folder or a file, is
+    refused or replaced, never followed. Returns the number of files written."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if os.path.islink(out) or (out.exists() and not out.is_dir()):
         raise ImageError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ImageError(f"{out} is not empty; choose another --out, or --overwrite to write into it")
-    for name in CLASSES:
-        (out / class_folder_name(name)).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = _class_folders(out)
+    try:
+        _write_pngs(pixels, labels, folders, progress)
+    finally:
+        for fd in folders:
+            os.close(fd)
+    return len(pixels)
+
+
+def _class_folders(out: Path) -> list[int]:
+    """A descriptor on each class folder in ``out`` (made where missing), opened without following links."""
+    fds: list[int] = []
+    try:
+        base = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            for name in CLASSES:
+                folder = class_folder_name(name)
+                try:
+                    os.mkdir(folder, dir_fd=base)
+                except FileExistsError:
+                    pass
+                fds.append(os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=base))
+        finally:
+            os.close(base)
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        why = "a symbolic link or not a folder" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror
+        raise ImageError(f"cannot write into {out}: {e.filename or out} is {why}") from None
+    return fds
+
+
+def _write_pngs(pixels: np.ndarray, labels: Sequence[int], folders: list[int], progress: bool) -> None:
+    Image = _pil()
     width = max(5, len(str(len(pixels) - 1)))
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(pixels), unit="img", desc="export-png")
+    buf = io.BytesIO()
     for i, (img, label) in enumerate(zip(pixels, labels, strict=True)):
-        dest = out / class_folder_name(CLASSES[int(label)]) / f"{i:0{width}d}.png"
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(tmp, format="PNG")  # 2-D uint8: mode L
-        os.replace(tmp, dest)
+        buf.seek(0)
+        buf.truncate()
+        Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(buf, format="PNG")  # 2-D uint8: mode L
+        name, dfd = f"{i:0{width}d}.png", folders[int(label)]
+        tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dfd)
+        try:
+            os.write(fd, buf.getbuffer())
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         if bar is not None and i % 1000 == 999:
             bar.update(1000)
     if bar is not None:
         bar.close()
-    return len(pixels)

@@ -24,7 +24,7 @@ from torch import nn
 
 from fmnist_onnx.data import load_dataset, load_split
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.files import atomic_write, atomic_write_text
+from fmnist_onnx.files import OutputLock, atomic_write, atomic_write_text, check_output, open_existing
 from fmnist_onnx.machine import library_versions
 from fmnist_onnx.model import NeuralNetwork
 from fmnist_onnx.testing import pause_point
@@ -239,20 +239,45 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+OUTPUTS = ("model.pth", "metrics.json", "training_curves.png")
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda p: torch.save(state, p))
+    # the run's own state: replaced at every epoch (a link there is replaced itself, never followed)
+    atomic_write(path, lambda f: torch.save(state, f), overwrite=True)
 
 
 def _load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UserError(f"--resume: no checkpoint at {path} (nothing was interrupted there)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with os.fdopen(open_existing(path), "rb") as f:  # never through a link
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except UserError as e:
+        raise UserError(f"--resume: {e}") from None
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user-facing problem
         raise UserError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--resume: {path} is not a checkpoint written by this version of fmnist-onnx")
+    if not isinstance(state.get("overwrite", False), bool):
+        raise UserError(f"--resume: {path} is damaged (its overwrite field is not true or false)")
     return state
+
+
+def _start(out: Path, resume: bool, overwrite: bool) -> tuple[dict | None, bool]:
+    """The checkpoint to continue (None: a new run) and the run's --overwrite: on --resume, the one recorded
+    when the run started. The outputs are checked here, before the first step, not after the last epoch."""
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if resume:
+        state = _load_checkpoint(ckpt_path)
+        overwrite = state.get("overwrite", False)
+    elif os.path.lexists(ckpt_path) and not overwrite:
+        raise UserError(f"{ckpt_path} holds an interrupted run: pass --resume to continue it, "
+                        "or --overwrite to discard it")
+    for name in OUTPUTS:
+        check_output(out / name, overwrite)
+    return state, overwrite
 
 
 def train(
@@ -261,29 +286,32 @@ def train(
     data_dir: str | Path | None = None,
     download: bool = False,
     resume: bool = False,
-    restart: bool = False,
+    overwrite: bool = False,
     progress: bool = False,
     device: str | None = None,
 ) -> TrainResult:
-    """Train, checkpointing as it goes; write model.pth, metrics.json and training_curves.png.
+    """Train, checkpointing as it goes; write model.pth, metrics.json and training_curves.png (existing ones
+    only with ``overwrite``, which also discards an interrupted run's checkpoint), holding a lock on model.pth.
 
-    With ``resume``, the config comes from the checkpoint (``device`` may still be changed).
+    With ``resume``, the config and ``overwrite`` come from the checkpoint (``device`` may still be changed).
     Raises Interrupted (after saving a checkpoint) when stopped by SIGINT or SIGTERM.
     """
-    from tqdm import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out / "model.pth"):
+        state, overwrite = _start(out, resume, overwrite)
+        if state is not None:
+            cfg = TrainConfig(**state["config"])
+            if device is not None:
+                cfg.device = device
+        return _train(cfg, out, state, overwrite, data_dir, download, progress)
+
+
+def _train(cfg: TrainConfig, out: Path, state: dict | None, overwrite: bool, data_dir, download: bool,
+           progress: bool) -> TrainResult:
+    from tqdm import tqdm
+
     ckpt_path = out / CHECKPOINT
-    state = None
-    if resume:
-        state = _load_checkpoint(ckpt_path)
-        cfg = TrainConfig(**state["config"])
-        if device is not None:
-            cfg.device = device
-    elif ckpt_path.exists() and not restart:
-        raise UserError(f"{ckpt_path} holds an interrupted run: pass --resume to continue it, "
-                        "or --restart to discard it")
     dev = cfg.device
 
     torch.manual_seed(cfg.seed)
@@ -308,7 +336,7 @@ def train(
         _save_checkpoint(ckpt_path, {
             "format": CHECKPOINT_FORMAT, "config": asdict(cfg), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "history": [asdict(h) for h in history],
-            "epoch": epoch, "step": step, "partial": part,
+            "epoch": epoch, "step": step, "partial": part, "overwrite": overwrite,
         })
 
     amp = autocast_dtype(cfg, dev)
@@ -361,15 +389,15 @@ def train(
     # Seconds are the sum of the epochs' own times, so an interrupted and resumed run reports its training
     # time, not the pause in between.
     result = TrainResult(cfg, history, sum(h.seconds for h in history), out)
-    _write_outputs(result, model)
+    _write_outputs(result, model, overwrite)
     ckpt_path.unlink(missing_ok=True)
     return result
 
 
-def _write_outputs(result: TrainResult, model: nn.Module) -> None:
+def _write_outputs(result: TrainResult, model: nn.Module, overwrite: bool) -> None:
     out = result.out_dir
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.pth", lambda p: torch.save(state, p))
+    atomic_write(out / "model.pth", lambda f: torch.save(state, f), overwrite)
     metrics = {
         "recipe": result.config.recipe,
         "hyperparameters": asdict(result.config),
@@ -382,11 +410,11 @@ def _write_outputs(result: TrainResult, model: nn.Module) -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n", overwrite)
     try:
         from fmnist_onnx.plots import training_curves
 
         training_curves(result.history, out / "training_curves.png", title=f"recipe {result.config.recipe}",
-                        label_smoothing=result.config.label_smoothing)
+                        label_smoothing=result.config.label_smoothing, overwrite=overwrite)
     except ImportError as e:  # matplotlib is optional for the numbers themselves
         log.warning("no training_curves.png: %s", e)
