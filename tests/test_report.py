@@ -350,7 +350,7 @@ def test_report_mistakes_are_one_line(case, run, tmp_path):
     (tmp_path / "notes.txt").write_text("hello\n")
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     contains = {"missing": "no such file", "partial": "interrupted run", "not a table": "not a classify output",
-                "foreign csv": "not a classify output", "onto itself": "predictions table itself",
+                "foreign csv": "not a classify output", "onto itself": "is also an input of this command",
                 "no folder": "does not exist"}[case]
     before = run["out"].read_bytes()
     assert_one_line_error(run_cli("report", *args), 2, contains)
