@@ -107,25 +107,29 @@ class Batch(NamedTuple):
     unlistable: Found | None = None
 
 
-def iter_batches(paths: Sequence[str | Path], recursive: bool = True) -> Iterator[Batch]:
+def iter_batches(paths: Sequence[str | Path], recursive: bool = True,
+                 exclude: Iterable[str | Path] = ()) -> Iterator[Batch]:
     """Every input file under ``paths``, streamed in a deterministic order (depth first, names sorted per
     folder), a folder at a time, so memory stays flat whatever the number of files. Files named on the
     command line are always inputs; inside folders, files with an image suffix are, others are skipped.
     Symbolic links are followed (a dangling one is an input, and gets an error row); a folder reached twice
-    is walked once."""
+    is walked once. ``exclude``: files the walk leaves out wherever they lie in a folder (a run's own
+    outputs: it never reads them back), matched by their folder's identity and their name."""
     exts = image_extensions()
     seen_dirs: set[tuple[int, int]] = set()
+    left_out = _excluded(exclude)
     for arg in paths:
         p = os.fspath(arg)
         if os.path.isdir(p):
-            yield from _walk(p, exts, recursive, seen_dirs)
+            yield from _walk(p, exts, recursive, seen_dirs, left_out)
         else:
             yield Batch([p], [])
 
 
-def iter_files(paths: Sequence[str | Path], recursive: bool = True) -> Iterator[Found]:
+def iter_files(paths: Sequence[str | Path], recursive: bool = True,
+               exclude: Iterable[str | Path] = ()) -> Iterator[Found]:
     """``iter_batches`` one entry at a time: input files ('file'), skipped files ('skip'), unlistable folders."""
-    for batch in iter_batches(paths, recursive):
+    for batch in iter_batches(paths, recursive, exclude):
         if batch.unlistable is not None:
             yield batch.unlistable
         for path in batch.files:
@@ -134,7 +138,38 @@ def iter_files(paths: Sequence[str | Path], recursive: bool = True) -> Iterator[
             yield Found(path, "skip")
 
 
-def _walk(folder: str, exts: frozenset[str], recursive: bool, seen: set[tuple[int, int]]) -> Iterator[Batch]:
+def _excluded(paths: Iterable[str | Path]) -> dict[tuple[int, int], set[str]]:
+    """{(device, inode) of a folder: names in it to leave out}. A path whose folder does not exist is in no
+    folder the walk can reach."""
+    out: dict[tuple[int, int], set[str]] = {}
+    for p in paths:
+        folder, name = os.path.split(os.fspath(p))
+        try:
+            st = os.stat(folder or ".")
+        except OSError:
+            continue
+        out.setdefault((st.st_dev, st.st_ino), set()).add(name)
+    return out
+
+
+def _walk(root: str, exts: frozenset[str], recursive: bool, seen: set[tuple[int, int]],
+          left_out: dict[tuple[int, int], set[str]]) -> Iterator[Batch]:
+    """Depth first, without recursion (folders nested any depth the file system allows): a stack of the open
+    folders' entries, each yielding Batches and the subfolders to go into, in name order."""
+    stack = [_folder(root, exts, recursive, seen, left_out)]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, Batch):
+            yield item
+        else:
+            stack.append(_folder(item, exts, recursive, seen, left_out))
+
+
+def _folder(folder: str, exts: frozenset[str], recursive: bool, seen: set[tuple[int, int]],
+            left_out: dict[tuple[int, int], set[str]]) -> Iterator[Batch | str]:
+    """One folder: Batches of its files, and the paths of its subfolders (str) where the walk goes in."""
     try:
         st = os.stat(folder)
         key = (st.st_dev, st.st_ino)
@@ -142,12 +177,13 @@ def _walk(folder: str, exts: frozenset[str], recursive: bool, seen: set[tuple[in
             log.warning("%s: already walked, skipped", folder)
             return
         seen.add(key)
-        entries = _entries(folder)
+        names, dirs = _entries(folder)
     except OSError as e:
         yield Batch([], [], Found(folder, "unlistable", f"cannot list folder: {e.strerror or e}"))
         return
+    if key in left_out:
+        names = [n for n in names if n not in left_out[key]]
     prefix = folder if folder.endswith(os.sep) else folder + os.sep  # os.path.join, without a call per file
-    names, dirs = entries
     if not dirs:  # a leaf folder (the common case): comprehensions, no Python statement per file
         images = _image_names(names, exts)
         if len(images) < len(names):
@@ -164,7 +200,7 @@ def _walk(folder: str, exts: frozenset[str], recursive: bool, seen: set[tuple[in
                 if files or skipped:
                     yield Batch(files, skipped)
                     files, skipped = [], []
-                yield from _walk(prefix + name, exts, recursive, seen)
+                yield prefix + name
             continue
         if _is_image_name(name, exts):
             files.append(prefix + name)  # also a dangling link or an unreadable file: it gets its error row
