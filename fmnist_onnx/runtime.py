@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,18 @@ from fmnist_onnx.spec import IMAGE_SIZE, NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
+MODEL_FAILED = 5  # the exit code of a ModelRunError
+_ITEM_BYTES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(double)": 8, "tensor(bfloat16)": 2,
+               "tensor(int64)": 8, "tensor(int32)": 4, "tensor(int8)": 1, "tensor(uint8)": 1}
+
+
+class ModelRunError(UserError):
+    """onnxruntime failed while running the model (out of memory, most likely): one line, exit 5. A caller that
+    wrote rows says where they are kept. Made of the message alone, so that it crosses process boundaries
+    (pickled by a worker) with its exit code."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=MODEL_FAILED)
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,16 @@ class Session:
         return np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES), np.float32)
 
     def _call(self, x, io_binding: bool):
+        try:
+            return self._call_ort(x, io_binding)
+        except MemoryError:
+            raise ModelRunError(f"out of memory running the model on a batch of {len(x)} images") from None
+        except Exception as e:  # onnxruntime's own exception types (Fail, RuntimeException, ...): one line
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise ModelRunError(f"{_run_failure(e)} running the model on a batch of {len(x)} images") from None
+
+    def _call_ort(self, x, io_binding: bool):
         import numpy as np
 
         if not io_binding:
@@ -97,6 +121,18 @@ class Session:
             self.session.run_with_iobinding(binding)
             out = binding.copy_outputs_to_cpu()[0]
         return out.astype(np.float32, copy=False)
+
+
+def _run_failure(e: Exception) -> str:
+    """onnxruntime's exception in a few words: its messages run to paragraphs of source locations."""
+    text = str(e)
+    size = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", text)
+    if size:
+        return f"onnxruntime could not allocate {int(size.group(1)):,} bytes (out of memory)"
+    if "bad_alloc" in text:
+        return "onnxruntime ran out of memory"
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    return f"onnxruntime failed ({first[:200]})"
 
 
 # onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: with both, the files of the one installed
@@ -170,6 +206,45 @@ def _signature_problem(inp, out) -> str | None:
     return None
 
 
+def machine_memory() -> int | None:
+    """Bytes of memory this process may use at most: the machine's, or its cgroup's limit where lower."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max": none
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def _shape_bytes(value) -> tuple[list, int]:
+    """(declared shape, bytes of one tensor of it) for an input or output of the model; a dimension that is
+    not a fixed number (the batch axis of a dynamic model) counts as 1: the batch is ours to choose."""
+    dims = list(value.shape)
+    n = _ITEM_BYTES.get(value.type, 8)
+    for d in dims:
+        n *= d if isinstance(d, int) and d > 0 else 1
+    return dims, n
+
+
+def _check_memory(path: Path, values) -> None:
+    """UserError where one call of the model would need more memory than the machine has, by the shapes it
+    declares (a fixed batch of 2^40, a huge output): refused before any work, not killed mid-run."""
+    limit = machine_memory()
+    if limit is None:
+        return
+    sizes = [(v.name, *_shape_bytes(v)) for v in values]
+    total = sum(n for _, _, n in sizes)
+    if total > limit:
+        name, dims, n = max(sizes, key=lambda s: s[2])
+        raise UserError(f"{path}: {name!r} has the fixed shape {dims}: {n:,} bytes a call, more than this "
+                        f"machine's memory ({limit:,} bytes); export the model with a dynamic batch axis")
+
+
 def open_session(
     model: str | Path,
     provider: str = "auto",
@@ -185,7 +260,8 @@ def open_session(
     name = resolve_provider(provider)
     providers = session_providers(name)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # onnxruntime's warnings are turned into our own errors below
+    # fatal only: onnxruntime's warnings and errors (the log lines of a failed run too) become our own one line
+    opts.log_severity_level = 4
     if threads:
         opts.intra_op_num_threads = threads
     try:
@@ -202,6 +278,7 @@ def open_session(
     problem = _signature_problem(inputs[0], outputs[0])
     if problem:
         raise UserError(f"{path}: not a Fashion-MNIST classifier: {problem}")
+    _check_memory(path, [*inputs, *outputs])
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     batch_dim = inputs[0].shape[0]
     fixed = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
