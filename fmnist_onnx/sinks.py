@@ -19,6 +19,11 @@ made of the name (--resume then recognises the file). The error column is writte
 A write that fails mid-run (a full disk, an I/O error) is an ``OutputError``: one line, exit 4, and the
 journal keeps every complete row (a chunk written in part is cut off), so that the same command with
 --resume finishes once the cause is fixed. A folder that cannot be written is refused before any work.
+
+The journal is the run's own state: created exclusively and never opened through a link (files.open_new,
+files.open_existing), so a link planted at its name is refused on --resume and removed, itself, by
+--overwrite. Rows read back (``JournalScan``, ``read_rows``) are checked for the format (``row_problem``): a
+row this tool would not have written is one line naming the file and line, never a traceback.
 """
 
 from __future__ import annotations
@@ -36,9 +41,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from fmnist_onnx import files
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.spec import CLASSES, NUM_CLASSES
+from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +201,34 @@ def csv_header(top_k: int) -> bytes:
 
 # ---------------------------------------------------------------------------------------------- reading
 
+_CLASS_NUMBER = re.compile(r"[0-9]{1,4}")  # what the CSV writer puts in the index column (and a little more)
+
+
+def _csv_int(text: str) -> int | str | None:
+    """An index field: None where empty, an int where it is digits, else the text itself (``row_problem``
+    names it; int() would also take " 3", "+3" and "1_0")."""
+    if not text:
+        return None
+    return int(text) if _CLASS_NUMBER.fullmatch(text) else text
+
+
+def _csv_float(text: str) -> float | str | None:
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _parse_csv_row(rec: list[str], cols: list[str]) -> dict:
+    """A CSV record as the row it stands for; values that do not parse are kept as text for ``row_problem``."""
     d = dict(zip(cols, rec, strict=True))
     for c in cols:
         if c == "index":
-            d[c] = int(d[c]) if d[c] else None
+            d[c] = _csv_int(d[c])
         elif c.startswith("score"):
-            d[c] = float(d[c]) if d[c] else None
+            d[c] = _csv_float(d[c])
         elif c != "path" and c != "error" and not d[c]:
             d[c] = None
     d["path"] = unescape_text(d["path"])
@@ -214,47 +243,127 @@ def _unescape_row(row: dict) -> dict:
     return row
 
 
+def top_k_of(cols: Sequence[object]) -> int | None:
+    """The --top-k of a table with these columns, or None where they are not a classify table's."""
+    cols = list(cols)
+    k = (len(cols) - 3) // 2
+    return k if 1 <= k <= NUM_CLASSES and cols == columns(k) else None
+
+
+def _shown(value: object) -> str:
+    """A value from a file, for a message: its repr, short, with control characters visible."""
+    text = repr(value)
+    return visible(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _is_score(s: object) -> bool:
+    return type(s) in (int, float) and 0.0 <= s <= 1.0  # NaN fails both comparisons; bool is not int here
+
+
+def row_problem(row: dict, top_k: int) -> str | None:
+    """Why ``row`` (as read back, with columns(top_k)) is not a row this tool writes, or None: a path; then
+    either an error and no class, or a class index 0-9 with its label, a score in [0, 1], and top-k distinct
+    classes with their scores. Checked for every row read back: --resume continues only rows it can trust, and
+    a report or summary counts only such rows."""
+    path, error = row["path"], row["error"]
+    if type(path) is not str or not path:
+        return f"has path {_shown(path)}, not a file name"
+    if error is not None and type(error) is not str:
+        return f"has error {_shown(error)}, not a text"
+    values = ["label", "index", "score", *(c for k in range(2, top_k + 1) for c in (f"label_{k}", f"score_{k}"))]
+    if error:
+        extra = next((c for c in values if row[c] is not None), None)
+        return None if extra is None else f"has an error and a {extra} ({_shown(row[extra])})"
+    index = row["index"]
+    if type(index) is not int or not 0 <= index < NUM_CLASSES:
+        return f"has index {_shown(index)}, not a class number 0-{NUM_CLASSES - 1}"
+    if row["label"] != CLASSES[index]:
+        return f"has label {_shown(row['label'])} for index {index} ({CLASSES[index]})"
+    seen = {CLASSES[index]}
+    for label, score in [("label", "score")] + [(f"label_{k}", f"score_{k}") for k in range(2, top_k + 1)]:
+        if not _is_score(row[score]):
+            return f"has {score} {_shown(row[score])}, not a number between 0 and 1"
+        if label != "label":
+            if row[label] not in CLASSES or row[label] in seen:
+                return f"has {label} {_shown(row[label])}, not one more class name"
+            seen.add(row[label])
+    return None
+
+
 class JournalScan:
     """Iterates over the complete rows of a journal or finished CSV/JSONL output, streaming (memory stays
-    flat). Afterwards: ``good`` is the byte length of those rows (a torn tail after it is to be dropped),
-    ``columns`` the CSV header or the first JSON row's keys (None when there is no row), ``rows`` the count."""
+    flat), each checked (``row_problem``): a row this tool would not have written is a UserError naming the
+    line. ``source``: a path, or a file descriptor open on the file (read from its start, left open: a journal
+    opened without following links). Afterwards: ``good`` is the byte length of the rows (a torn tail after it
+    is to be dropped), ``columns`` the CSV header or the first JSON row's keys (None when there is no row),
+    ``rows`` the count; during it, ``line`` is the line where the row last given starts."""
 
-    def __init__(self, path: Path, fmt: str) -> None:
-        self.path, self.fmt = Path(path), fmt
-        self.good, self.rows, self.columns = 0, 0, None
+    def __init__(self, source: Path | int, fmt: str, hint: str = "") -> None:
+        self.source, self.fmt = source, fmt
+        self.path = Path(source) if not isinstance(source, int) else None
+        self.name = str(self.path) if self.path is not None else f"file descriptor {source}"
+        self.hint = hint  # what to do about damage, in the messages
+        self.good, self.rows, self.columns, self.line = 0, 0, None, 0
+        self.top_k: int | None = None
+
+    def _open(self):
+        if self.path is not None:
+            return open(self.path, "rb")
+        os.lseek(self.source, 0, os.SEEK_SET)
+        return open(self.source, "rb", closefd=False)
 
     def _lines(self) -> Iterator[bytes]:
         """Lines that end with a newline: a killed writer leaves at most a torn tail without one."""
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             for line in f:
                 if line.endswith(b"\n"):
                     yield line
 
     def _damaged(self, line_no: int, why: str) -> UserError:
-        return UserError(f"{self.path}: line {line_no} {why}; the file is damaged (use --overwrite to start over)")
+        hint = f" ({self.hint})" if self.hint else ""
+        return UserError(f"{visible(self.name)}: line {line_no} {why}; the file is damaged{hint}")
+
+    def _columns(self, cols: list, line_no: int) -> None:
+        self.columns, self.top_k = cols, top_k_of(cols)
+        if self.top_k is None:
+            raise self._damaged(line_no, f"has the columns {_shown(cols)}, not a classify table's")
+
+    def _checked(self, row: dict, line_no: int) -> dict:
+        why = row_problem(row, self.top_k)
+        if why:
+            raise self._damaged(line_no, why)
+        self.rows += 1
+        self.line = line_no
+        return row
 
     def __iter__(self) -> Iterator[dict]:
-        if self.fmt == "csv":
-            yield from self._csv()
-            return
-        pending: tuple[int, bytes] | None = None  # a bad line is only forgiven if it is the last one
+        yield from self._csv() if self.fmt == "csv" else self._jsonl()
+
+    def _jsonl(self) -> Iterator[dict]:
+        pending: int | None = None  # a line that is not JSON is only forgiven if it is the last one (torn)
         for n, line in enumerate(self._lines(), 1):
             if pending is not None:
-                raise self._damaged(pending[0], "is not JSON")
+                raise self._damaged(pending, "is not JSON")
             try:
                 row = json.loads(line.decode(*_ENC))
-            except ValueError:
-                pending = (n, line)
+            except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+                pending = n
                 continue
+            if type(row) is not dict:
+                raise self._damaged(n, f"is {type(row).__name__} JSON, not an object")
             if self.columns is None:
-                self.columns = list(row)
+                self._columns(list(row), n)
+            elif list(row) != self.columns:
+                raise self._damaged(n, f"has the fields {_shown(list(row))}, expected {_shown(self.columns)}")
+            if type(row["path"]) is str:
+                _unescape_row(row)
+            row = self._checked(row, n)
             self.good += len(line)
-            self.rows += 1
-            yield _unescape_row(row)
+            yield row
 
     def _csv(self) -> Iterator[dict]:
         # a record may span lines (a quoted path with a newline): it is complete when its quotes pair up
-        pending, line_no = b"", 0
+        pending, line_no, start = b"", 0, 1
         for line in self._lines():
             line_no += 1
             pending += line
@@ -262,22 +371,26 @@ class JournalScan:
                 continue
             try:
                 rec = next(csv.reader(io.StringIO(pending.decode(*_ENC), newline=""), strict=True))
-            except csv.Error as e:  # e.g. a CR outside quotes, as earlier versions wrote it
-                raise self._damaged(line_no, f"cannot be read as CSV ({e})") from None
+            except csv.Error as e:  # e.g. a CR outside quotes, as earlier versions wrote it, or a NUL
+                raise self._damaged(start, f"cannot be read as CSV ({e})") from None
+            row = None
             if self.columns is None:
-                self.columns = rec
+                self._columns(rec, start)
             elif len(rec) != len(self.columns):
-                raise self._damaged(line_no, f"has {len(rec)} fields, expected {len(self.columns)}")
+                raise self._damaged(start, f"has {len(rec)} fields, expected {len(self.columns)}")
             else:
-                self.rows += 1
-                yield _parse_csv_row(rec, self.columns)
+                row = self._checked(_parse_csv_row(rec, self.columns), start)
             self.good += len(pending)
-            pending = b""
+            pending, start = b"", line_no + 1
+            if row is not None:
+                yield row
 
 
 def read_rows(path: str | Path) -> Iterator[dict]:
     """The rows of a finished output (CSV, JSONL or Parquet), as dicts with None for missing values and
-    paths as ``os.fsdecode`` gives them. A file without a known suffix (--format) is recognised by its start."""
+    paths as ``os.fsdecode`` gives them, each checked (``row_problem``): a table this tool would not have
+    written is a UserError naming the line (the row, in Parquet). A file without a known suffix (--format) is
+    recognised by its start."""
     path = Path(path)
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in FORMATS:
@@ -285,12 +398,34 @@ def read_rows(path: str | Path) -> Iterator[dict]:
             start = f.read(4)
         fmt = "parquet" if start == b"PAR1" else "jsonl" if start.startswith(b"{") else "csv"
     if fmt == "parquet":
-        pq = _pyarrow_parquet()
-        for batch in pq.ParquetFile(path).iter_batches():
-            for row in batch.to_pylist():
-                yield _unescape_row(row)
+        yield from _parquet_rows(path)
         return
     yield from JournalScan(path, fmt)
+
+
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    import pyarrow as pa
+
+    pq = _pyarrow_parquet()
+    try:
+        table = pq.ParquetFile(path)
+        top_k = top_k_of(table.schema_arrow.names)
+        if top_k is None:
+            raise UserError(f"{visible(path)} has the columns {_shown(table.schema_arrow.names)}, not a classify "
+                            "table's")
+        n = 0
+        for batch in table.iter_batches():
+            for row in batch.to_pylist():
+                n += 1
+                if type(row["path"]) is str:
+                    _unescape_row(row)
+                why = row_problem(row, top_k)
+                if why:
+                    raise UserError(f"{visible(path)}: row {n} {why}; the file is damaged")
+                yield row
+    except pa.ArrowException as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{visible(path)}: not a readable Parquet file ({first})") from None
 
 
 def _pyarrow_parquet():
@@ -313,36 +448,24 @@ def _what_to_fix(e: OSError) -> str:
     return "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 _KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
           stat.S_IFSOCK: "a socket"}
 
 
 def _check_place(output: Path) -> None:
     """UserError unless ``output`` (and its journal) can be written there: a file name in a folder that
-    exists and is writable, and no device, FIFO or socket by that name (only regular files are replaced)."""
+    exists and is writable, and no device, FIFO or socket by that name (only regular files are replaced; a
+    symbolic link is replaced itself, never followed)."""
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name")
     if not output.parent.is_dir():
         raise UserError(f"--output {output}: folder {output.parent} does not exist")
     for path in (output, journal_path(output)):
         try:
-            mode = os.stat(path).st_mode
-        except OSError:  # not there (or a dangling link, which the output replaces)
+            mode = os.lstat(path).st_mode
+        except OSError:  # not there
             continue
-        if not stat.S_ISREG(mode):
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
             raise UserError(f"--output {output}: {path} is {kind}; only regular files are written or replaced "
                             "(for stdout, use -o -)")
@@ -352,91 +475,121 @@ def _check_place(output: Path) -> None:
                         f"({'read-only file system' if read_only else 'permission denied'})")
 
 
+def remove_own(path: Path) -> None:
+    """Remove a run's own file (a journal, a run record): a symbolic link there is removed itself, never its
+    target (unlink(2) does not follow links)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise UserError(f"cannot remove {path}: {_why(e)}") from None
+
+
+class RowRefused(Exception):
+    """Raised by an ``on_previous_row`` callback: the row is not one this run may continue (why, in words).
+    The journal is left as it was; the message names its line."""
+
+
 class JournalSink:
     """Appends rows to ``<output>.partial``; ``finish`` makes the final output. Use ``open`` to create it."""
 
-    def __init__(self, output: Path, fmt: str, top_k: int, fd: int, size: int) -> None:
+    def __init__(self, output: Path, fmt: str, top_k: int, fd: int, size: int, replace: bool = True) -> None:
         self.output, self.fmt, self.top_k = output, fmt, top_k
         self.encoding = "jsonl" if fmt == "parquet" else fmt  # the journal's text format
         self.journal = journal_path(output)
-        self.fd = fd
+        self.fd = fd  # open for reading too: the Parquet output is written from it
         self.size = size  # bytes of complete chunks in the journal: a write that fails is cut back to it
+        self.replace = replace  # whether finish may replace a file at the output's name
         self._synced = time.monotonic()
 
     @classmethod
     def open(cls, output: str | Path, fmt: str, top_k: int, resume: bool = False, overwrite: bool = False,
              on_previous_row: Callable[[dict], None] | None = None) -> JournalSink:
-        """Refuses to clobber a finished output or an interrupted run's journal unless ``overwrite``;
-        with ``resume``, continues the journal after its last complete row, calling ``on_previous_row``
-        for each row already there (the caller skips those files and counts them). A journal that cannot be
-        created or opened is a UserError (exit 2): no work has been done yet."""
+        """Refuses to clobber a finished output or an interrupted run's journal unless ``overwrite`` (which
+        removes the journal, a link there included, never its target); with ``resume``, continues the journal
+        after its last complete row, calling ``on_previous_row`` for each row already there (the caller skips
+        those files and counts them; it raises RowRefused for a row it cannot continue). A journal that cannot
+        be created or opened, or is a link, is a UserError (exit 2): no work has been done yet."""
         output = Path(output)
         journal = journal_path(output)
-        jfmt = "jsonl" if fmt == "parquet" else fmt
         if fmt == "parquet":
             _pyarrow_parquet()  # fail now, not after an hour of work
         _check_place(output)
         if not overwrite and not resume:
             cls.check_free(output)
-        if resume and not journal.exists() and output.exists():
+        if resume and not os.path.lexists(journal) and os.path.lexists(output):
             raise UserError(f"{output} is already complete; use --overwrite to classify again")
         try:
             if overwrite:
-                journal.unlink(missing_ok=True)
-            if resume and journal.exists():
+                remove_own(journal)
+            if resume and os.path.lexists(journal):
                 return cls._reopen(output, fmt, top_k, on_previous_row)
-            fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = files.open_new(journal, os.O_RDWR)
+        except FileExistsError:  # created meanwhile, by something else than a run (which holds the lock)
+            raise UserError(f"{journal} appeared meanwhile; use --resume or --overwrite") from None
         except OSError as e:
             raise UserError(f"cannot write {journal}: {_why(e)}") from None
-        header = csv_header(top_k) if jfmt == "csv" else b""
+        header = csv_header(top_k) if fmt == "csv" else b""
         try:
             os.write(fd, header)  # a few bytes: all or nothing
-            _fsync_dir(journal.parent)
+            files.fsync_dir(journal.parent)
         except OSError as e:
             os.close(fd)
             journal.unlink(missing_ok=True)  # nothing in it yet
             raise UserError(f"cannot write {journal}: {_why(e)}") from None
-        return cls(output, fmt, top_k, fd, len(header))
+        return cls(output, fmt, top_k, fd, len(header), replace=overwrite)
 
     @classmethod
     def _reopen(cls, output: Path, fmt: str, top_k: int,
                 on_previous_row: Callable[[dict], None] | None) -> JournalSink:
-        """--resume: the journal after its last complete row (a torn tail is dropped)."""
+        """--resume: the journal after its last complete row (a torn tail is dropped). Every row is checked
+        first (the scan's own checks, then ``on_previous_row``'s): until then nothing is changed."""
         journal = journal_path(output)
-        jfmt = "jsonl" if fmt == "parquet" else fmt
-        expected = columns(top_k)
-        scan = JournalScan(journal, jfmt)
-        for row in scan:
-            if scan.rows == 1 and scan.columns != expected:
-                break
-            if on_previous_row is not None:
-                on_previous_row(row)
-        good, cols = scan.good, scan.columns
-        if cols is not None and cols != expected:
-            raise UserError(f"{journal} has columns {', '.join(cols)}, this run would write "
-                            f"{', '.join(expected)}; resume with the same --top-k, or use --overwrite")
-        fd = os.open(journal, os.O_WRONLY)
+        fd = files.open_existing(journal, os.O_RDWR)  # a link is refused: never read or written through one
         try:
-            os.truncate(journal, good)  # drop a torn tail: new rows must start on a fresh line
+            good, cols = cls._scan(fd, journal, fmt, top_k, on_previous_row)
+            os.ftruncate(fd, good)  # drop a torn tail: new rows must start on a fresh line
             os.lseek(fd, good, os.SEEK_SET)
-            if cols is None and jfmt == "csv":
+            if cols is None and fmt == "csv":
                 good += os.write(fd, csv_header(top_k))
-        except OSError:
+        except BaseException:
             os.close(fd)
             raise
-        log.info("resuming %s: %d rows done", journal, scan.rows)
         return cls(output, fmt, top_k, fd, good)
+
+    @staticmethod
+    def _scan(fd: int, journal: Path, fmt: str, top_k: int,
+              on_previous_row: Callable[[dict], None] | None) -> tuple[int, list | None]:
+        """(bytes of complete rows, columns) of the journal open at ``fd``, its rows checked."""
+        expected = columns(top_k)
+        scan = JournalScan(fd, "jsonl" if fmt == "parquet" else fmt, hint="use --overwrite to start over")
+        scan.name = str(journal)
+        for row in scan:
+            if scan.columns != expected:
+                break
+            if on_previous_row is not None:
+                try:
+                    on_previous_row(row)
+                except RowRefused as e:
+                    raise UserError(f"--resume: {visible(journal)}: line {scan.line} {e}; the journal is left as "
+                                    "it was (use --overwrite to start over)") from None
+        if scan.columns is not None and scan.columns != expected:
+            raise UserError(f"{journal} has columns {', '.join(scan.columns)}, this run would write "
+                            f"{', '.join(expected)}; resume with the same --top-k, or use --overwrite")
+        log.info("resuming %s: %d rows done", journal, scan.rows)
+        return scan.good, scan.columns
 
     @staticmethod
     def check_free(output: str | Path) -> None:
         """UserError unless ``output`` can be written without clobbering a finished or interrupted run (and
-        its folder can be written at all: checked before any work)."""
+        its folder can be written at all: checked before any work). A link counts as a file."""
         output = Path(output)
         journal = journal_path(output)
         _check_place(output)
-        if output.exists():
+        if os.path.lexists(output):
             raise UserError(f"{output} exists; use --overwrite to replace it")
-        if journal.exists():
+        if os.path.lexists(journal):
             raise UserError(f"{journal} is an interrupted run's output; use --resume to continue it, or "
                             "--overwrite to start over")
 
@@ -475,32 +628,39 @@ class JournalSink:
 
     def finish(self) -> Path:
         """The journal becomes the output: complete, or not there at all (then the journal stays, complete,
-        and --resume writes the output from it)."""
+        and --resume writes the output from it). A link at the output's name is replaced itself, never its
+        target; a file there is replaced only where the run may (``--overwrite``, or the --resume of one)."""
         try:
             os.fsync(self.fd)
         except OSError as e:
             raise self._failed(e) from None
-        os.close(self.fd)
-        self.fd = -1
         try:
             if self.fmt == "parquet":
-                tmp = self.output.with_name(f".{self.output.name}.tmp{os.getpid()}")
-                try:
-                    _jsonl_to_parquet(self.journal, tmp, self.top_k)
-                    os.replace(tmp, self.output)
-                finally:
-                    try:
-                        tmp.unlink(missing_ok=True)
-                    except OSError:
-                        pass
-                self.journal.unlink()
-            else:
+                with open(self.fd, "rb", closefd=False) as src:  # the journal as opened: never by its name again
+                    src.seek(0)
+                    files.atomic_write(self.output, lambda f: _jsonl_to_parquet(src, f, self.top_k), self.replace)
+                os.unlink(self.journal)
+            elif self.replace:
                 os.replace(self.journal, self.output)
+            else:
+                self._link_output()
         except OSError as e:
             raise OutputError(f"cannot write {self.output}: {_why(e)}. All its rows are in {self.journal}: "
                               f"{_what_to_fix(e)} and run the same command with --resume to write it") from None
-        _fsync_dir(self.output.parent)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        files.fsync_dir(self.output.parent)
         return self.output
+
+    def _link_output(self) -> None:
+        """The journal gets the output's name only if nothing has it (link(2) does not replace)."""
+        try:
+            os.link(self.journal, self.output, follow_symlinks=False)
+        except FileExistsError:
+            raise UserError(f"{self.output} appeared during the run; all its rows are in {self.journal}: move that "
+                            "file away and run the same command with --resume") from None
+        os.unlink(self.journal)
 
     def close(self) -> None:
         """Stop writing (the run was interrupted, or a write failed): the journal stays for --resume. Never
@@ -515,7 +675,7 @@ class JournalSink:
                 self.fd = -1
 
 
-def _jsonl_to_parquet(journal: Path, dest: Path, top_k: int, rows_per_group: int = 65536) -> None:
+def _jsonl_to_parquet(journal: BinaryIO, dest: BinaryIO, top_k: int, rows_per_group: int = 65536) -> None:
     """Stream the JSONL journal into a Parquet file, one row group per ``rows_per_group`` rows. Text is
     copied as the journal holds it, escapes included (see the module doc): Parquet strings are UTF-8 too."""
     import pyarrow as pa
@@ -538,12 +698,13 @@ def _jsonl_to_parquet(journal: Path, dest: Path, top_k: int, rows_per_group: int
 
     with pq.ParquetWriter(dest, schema) as writer:
         batch: list[dict] = []
-        with open(journal, "rb") as f:
-            for line in f:
-                batch.append(json.loads(line.decode(*_ENC)))
-                if len(batch) >= rows_per_group:
-                    flush(batch)
-                    batch = []
+        for line in journal:
+            if not line.endswith(b"\n"):
+                break  # a torn tail (--resume cuts it; finish comes after a complete write)
+            batch.append(json.loads(line.decode(*_ENC)))
+            if len(batch) >= rows_per_group:
+                flush(batch)
+                batch = []
         if batch or writer_empty[0]:  # an empty table still has its columns
             flush(batch)
 

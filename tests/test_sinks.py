@@ -11,7 +11,7 @@ import stat
 import pytest
 
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import FORMATS, JournalSink, Row, columns, format_for, journal_path, read_rows
+from fmnist_onnx.sinks import FORMATS, JournalSink, Row, RowRefused, columns, format_for, journal_path, read_rows
 from fmnist_onnx.spec import CLASSES
 
 ODD_PATHS = ["plain.png", "with space/é accent.png", 'quote"and,comma.png', "new\nline.png", "carriage\rreturn.png",
@@ -227,3 +227,113 @@ def test_only_regular_files_are_written_or_replaced(tmp_path, kind, overwrite):
         JournalSink.open(out, "csv", 1, overwrite=overwrite)
     mode = os.lstat(target).st_mode
     assert stat.S_ISCHR(mode) if kind == "char device" else stat.S_ISFIFO(mode)
+
+
+# ---------------------------------------------------------------------------------------------- the journal's own file
+
+def _interrupted(out, fmt: str = "csv", n: int = 3) -> bytes:
+    sink = JournalSink.open(out, fmt, 1)
+    sink.write(make_rows(n))
+    sink.close()
+    return journal_path(out).read_bytes()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_link_at_the_journal_is_refused_on_resume_and_removed_itself_by_overwrite(tmp_path, overwrite):
+    out = tmp_path / "preds.csv"
+    target = tmp_path / "notes.txt"
+    target.write_text(csv_header_text := "path,label,index,score,error\n")  # even one that reads as a journal
+    journal_path(out).symlink_to(target)
+    if overwrite:
+        sink = JournalSink.open(out, "csv", 1, overwrite=True)
+        sink.write(make_rows(2))
+        sink.finish()
+        assert len(list(read_rows(out))) == 2 and not os.path.lexists(journal_path(out))
+    else:
+        with pytest.raises(UserError, match="symbolic link"):
+            JournalSink.open(out, "csv", 1, resume=True)
+        assert journal_path(out).is_symlink()
+    assert target.read_text() == csv_header_text
+
+
+def test_a_new_journal_is_never_opened_through_a_dangling_link(tmp_path):
+    out = tmp_path / "preds.csv"
+    journal_path(out).symlink_to(tmp_path / "elsewhere.csv")
+    with pytest.raises(UserError, match="--resume"):  # an interrupted run's name: not taken over
+        JournalSink.open(out, "csv", 1)
+    assert not (tmp_path / "elsewhere.csv").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_finish_replaces_a_link_at_the_output_never_its_target(tmp_path, fmt):
+    out, target = tmp_path / f"preds.{fmt}", tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out.symlink_to(target)
+    sink = JournalSink.open(out, fmt, 1, overwrite=True)
+    sink.write(make_rows(4))
+    sink.finish()
+    assert not out.is_symlink() and len(list(read_rows(out))) == 4
+    assert target.read_text() == "keep me\n"
+    assert sorted(os.listdir(tmp_path)) == sorted([out.name, target.name])  # no temporary file left
+
+
+BAD_ROWS = {  # what a journal line may hold that this tool never writes, and what the message says of it
+    "index eight": ({"index": "eight"}, "index"), "index 99": ({"index": 99}, "index"),
+    "index -3": ({"index": -3}, "index"), "score high": ({"score": "high"}, "score"),
+    "score 1.5": ({"score": 1.5}, "score"), "wrong label": ({"label": "Bag"}, "label"),
+    "error and class": ({"error": "broken"}, "error"), "empty path": ({"path": ""}, "path"),
+}
+
+
+def _line(fmt: str, change: dict) -> bytes:
+    rec = {"path": "x.png", "label": "Trouser", "index": 1, "score": 0.5, "error": None, **change}
+    if fmt == "csv":
+        return (",".join("" if v is None else str(v) for v in rec.values()) + "\n").encode()
+    return (json.dumps(rec) + "\n").encode()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_resume_refuses_a_row_of_the_wrong_type_naming_its_line_and_changes_nothing(tmp_path, fmt, case):
+    change, word = BAD_ROWS[case]
+    out = tmp_path / f"preds.{fmt}"
+    _interrupted(out, fmt)
+    with open(journal_path(out), "ab") as f:
+        f.write(_line(fmt, change) + _line(fmt, {}) + b'{"torn')  # then a good row, then a torn tail
+    before = journal_path(out).read_bytes()
+    with pytest.raises(UserError, match=rf"line {5 if fmt == 'csv' else 4} .*{word}") as refused:
+        JournalSink.open(out, fmt, 1, resume=True, on_previous_row=lambda row: None)
+    assert "\n" not in str(refused.value) and "Traceback" not in str(refused.value)
+    assert journal_path(out).read_bytes() == before
+
+
+@pytest.mark.parametrize("line", [b"[1, 2]\n", b"[" * 30000 + b"]" * 30000 + b"\n", b'"text"\n',
+                                  b'{"path": "x.png"}\n'])
+def test_a_jsonl_line_that_is_not_a_row_is_one_line(tmp_path, line):
+    out = tmp_path / "preds.jsonl"
+    _interrupted(out, "jsonl")
+    with open(journal_path(out), "ab") as f:
+        f.write(line + _line("jsonl", {}))
+    with pytest.raises(UserError, match="line 4"):
+        JournalSink.open(out, "jsonl", 1, resume=True)
+
+
+def test_a_row_refused_by_the_caller_names_its_line(tmp_path):
+    out = tmp_path / "preds.csv"
+    before = _interrupted(out)
+
+    def refuse_the_second(row: dict) -> None:
+        if row["path"] == make_rows(3)[1].path:
+            raise RowRefused("is not wanted")
+
+    with pytest.raises(UserError, match=r"line 3 is not wanted; the journal is left as it was"):
+        JournalSink.open(out, "csv", 1, resume=True, on_previous_row=refuse_the_second)
+    assert journal_path(out).read_bytes() == before
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_read_rows_of_a_finished_table_with_a_wrong_row_is_one_line(tmp_path, fmt):
+    out = tmp_path / f"preds.{fmt}"
+    out.write_bytes((b"path,label,index,score,error\n" if fmt == "csv" else b"") + _line(fmt, {"index": "eight"}))
+    with pytest.raises(UserError, match="index 'eight'"):
+        list(read_rows(out))
