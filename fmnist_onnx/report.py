@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -209,7 +210,10 @@ def check_table(path: str) -> None:
             raise UserError(f"{visible(path)}: not a classify output (its first line is not a JSON object)")
         cols = list(first)
     else:
-        cols = next(csv.reader([head.decode("utf-8", "replace").replace("\0", "")]), [])
+        try:
+            cols = next(csv.reader([head.decode("utf-8", "replace").replace("\0", "")]), [])
+        except csv.Error:  # a lone CR, say: not a header classify writes
+            cols = []
     missing = [c for c in _REQUIRED if c not in cols]
     if missing:
         raise UserError(f"{visible(path)}: not a classify output (no column {', '.join(missing)})")
@@ -265,7 +269,10 @@ def load_summary(path: str | Path) -> dict:
     """The JSON that ``classify --json`` printed, checked by type (UserError, one line, otherwise)."""
     source = f"--summary {visible(path)}"
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not hang the command
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UserError(f"{source}: not a regular file")
             data = f.read(SUMMARY_MAX_BYTES + 1)
     except OSError as e:
         raise UserError(f"{source}: {e.strerror or e}") from None

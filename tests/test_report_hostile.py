@@ -286,3 +286,71 @@ def test_classify_report_onto_an_input_or_existing_file_is_refused_before_the_ru
     assert_one_line_error(proc, 2, target.name)
     assert (target.read_bytes() if target.exists() else None) == before
     assert not (folder / "out.csv").exists() and not (folder / "out.csv.partial").exists()  # before any work
+
+
+# ---------------------------------------------------------------------------------------------- in Chromium
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium under Playwright (as tests/test_report.py runs it; its own browser download unused)."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield b
+        b.close()
+
+
+def crafted_model(path: Path) -> Path:
+    """The small model, with script in its metadata keys and values."""
+    import onnx
+
+    _foreign_model(path, ["batch", 1, 28, 28], 1, 10)
+    m = onnx.load(str(path))
+    for key, value in ((SCRIPT, IMG_ATTR), ("classes", json.dumps([SCRIPT, IMG_ATTR])), ("test_accuracy", SCRIPT),
+                       ("note\u202e", "\x1b]0;title\x07")):
+        m.metadata_props.add(key=key, value=value)
+    onnx.save(m, str(path))
+    return path
+
+
+def test_a_crafted_run_opens_in_chromium_with_no_dialog_and_no_console_error(browser, tmp_path):
+    """Names, errors, summary fields, model metadata and the table's own name, each crafted to inject script:
+    all shown as text; the page's own script runs (its hash is allowed) and nothing else does."""
+    png = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+    names = [f"Bag/{IMG_ATTR}.png", "Bag/<img src=x onerror=alert(1)>.png", "Coat/<script>alert(1)</script>.png",
+             "Coat/cat_\u202efdp.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        png.save(tmp_path / name)
+    table = write_csv(tmp_path / "<svg onload=alert(1)>.csv",
+                      [[n, "Bag", 8, 0.4 + 0.1 * i, ""] for i, n in enumerate(names)]
+                      + [["javascript:alert(1)", "", "", "", SCRIPT], [SCRIPT + ".png", "", "", "", IMG_ATTR]])
+    (tmp_path / "run.json").write_text(json.dumps(summary(provider=SCRIPT, decoder=IMG_ATTR)))
+    crafted_model(tmp_path / "model.onnx")
+    proc = report(table.name, "-m", "model.onnx", "--summary", "run.json", "-o", "r.html", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    context = browser.new_context()
+    page = context.new_page()
+    seen: dict[str, list] = {"dialogs": [], "console": [], "errors": []}
+    page.on("dialog", lambda d: (seen["dialogs"].append(d.message), d.dismiss()))
+    page.on("console", lambda m: seen["console"].append((m.type, m.text)))
+    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+    page.goto((tmp_path / "r.html").as_uri())
+    page.locator('table.cm a[href="#cell-4-8"]').click()  # the page's script at work on crafted figures
+    assert page.locator("#cell-panel figure:visible").count() == 2
+    assert seen == {"dialogs": [], "console": [], "errors": []}
+    assert page.evaluate("document.documentElement.classList.contains('js')")  # its own script ran
+    assert page.evaluate("document.scripts.length") == 1
+    assert page.evaluate("[...document.querySelectorAll('*')].filter(e => e.localName === 'svg' || "
+                         "[...e.attributes].some(a => a.name.startsWith('on'))).length") == 0
+    text = page.locator("body").inner_text()
+    assert SCRIPT in text and IMG_ATTR in text and "cat_\\u202efdp.png" in text and "note\\u202e" in text
+    assert page.title() == "<svg onload=alert(1)>.csv: classify report"
+    context.close()
