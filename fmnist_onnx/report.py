@@ -46,10 +46,10 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_onnx import images
-from fmnist_onnx.classify import Tally, confusion_png_path
+from fmnist_onnx.classify import Tally, confusion_png_path, identity_path
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import atomic_write_bytes, check_distinct, check_output
-from fmnist_onnx.sinks import JOURNAL_SUFFIX, read_rows
+from fmnist_onnx.sinks import JOURNAL_SUFFIX, journal_path, read_rows
 from fmnist_onnx.spec import CLASSES, IMAGE_SIZE, NUM_CLASSES
 from fmnist_onnx.text import visible
 
@@ -559,7 +559,7 @@ class _Figures:
                 if row.get(f"label_{i}") is not None and row.get(f"score_{i}") is not None]
         width, height = d.size or (0, 0)
         return {"seen": d.seen, "original": d.original, "width": width, "height": height, "small": d.small,
-                "note": d.note, "path": _shown_path(path), "label": row["label"], "score": top[0][1],
+                "note": visible(d.note), "path": _shown_path(path), "label": row["label"], "score": top[0][1],
                 "truth": None if truth is None else CLASSES[truth], "right": truth == row["index"],
                 "top": top if self.top_k > 1 else None}
 
@@ -736,10 +736,11 @@ def check_destination(dest: str | Path, overwrite: bool, inputs: Iterable[str | 
                       outputs: Iterable[str | Path] = ()) -> Path:
     """Before a classify run (not after an hour of work): UserError unless its --report may be written at
     ``dest`` under the write policy: an existing file only with ``overwrite``, and never one of the run's
-    ``inputs`` (the model, the files named) or its other ``outputs`` (the table the report is made of, and the
-    confusion PNG beside it), even with it."""
+    ``inputs`` (the model, the files named) or its other ``outputs`` (the table the report is made of, the
+    confusion PNG, the journal and its run record beside it), even with it."""
     outputs = [Path(o) for o in outputs]
-    others = outputs + [confusion_png_path(o) for o in outputs]
+    # and the run's own state: a page written over its journal or run record would wreck a --resume
+    others = outputs + [p for o in outputs for p in (confusion_png_path(o), journal_path(o), identity_path(o))]
     check_distinct([*others, dest])
     return check_output(dest, overwrite, inputs=[*inputs, *others], what="--report")
 
@@ -797,7 +798,7 @@ def build_report(predictions: str | Path, dest: str | Path, model: str | Path | 
     elif run is not None:
         run = check_summary(asdict(run) if is_dataclass(run) else run, "the run's summary")
     inputs = [predictions, confusion_png_path(predictions), *(p for p in (model, summary) if p is not None)]
-    if run and run.get("confusion_png"):
+    if run and run.get("confusion_png") and "\0" not in run["confusion_png"]:  # (a NUL: no file's name)
         inputs.append(run["confusion_png"])
     dest = check_output(dest, overwrite, inputs=inputs, what=what)  # before any work
     model_info = model_rows(model)

@@ -277,5 +277,5 @@ _PAGE = _ENV.from_string(_TEMPLATE)
 
 
 def render_page(**context) -> str:
-    """The page's HTML text from the values ``report.page_context`` gathers."""
+    """The page's HTML text from the plain values ``report.render`` gathers (each escaped here)."""
     return _PAGE.render(css=Markup(_CSS), script=Markup(_SCRIPT), csp=CSP, **context)
