@@ -2,10 +2,13 @@
 
 The pipeline, the same for every engine:
 
-1. the request and its checks (``check_request``): inputs, model, options, output, and on --resume that the
-   journal was written by this same run (``RunIdentity``), each a one-line UserError before any work;
+1. the request and its checks (``check_request``): inputs, model, options, output, each a one-line
+   UserError before any work; then, holding the output's lock (one run per output at a time), its state:
+   nothing to clobber (``check_fresh``), or on --resume that the journal, or the finished output, was
+   written by this same run (``RunIdentity``) and holds only rows this run writes (``resume_state``);
 2. the walk (``images.iter_batches``, or the engine's own for URIs): streamed, sorted, cut into chunks of
-   paths (``work_items``); files an interrupted run wrote already are skipped;
+   paths (``work_items``); files an interrupted run wrote already are skipped, and the run's own files
+   (``run_files``) are left out wherever they lie: a run never reads its outputs back;
 3. the engine: chunks of paths -> ``Rows`` (encoded as the sink writes them, with their top-1 classes and
    true classes as arrays): ``engines/local.py`` (worker processes here, the default) or ``engines/ray.py``
    (Ray Data on a cluster), behind one small interface (``Engine``);
@@ -23,6 +26,7 @@ chunks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,19 +42,24 @@ import numpy as np
 
 from fmnist_onnx import images
 from fmnist_onnx.errors import UserError
+from fmnist_onnx.files import OutputLock, lock_path, open_existing, open_new, same_file
+from fmnist_onnx.runtime import ModelRunError
 from fmnist_onnx.sinks import (
     JournalSink,
     OutputError,
     Row,
+    RowRefused,
     StdoutSink,
     encode,
     encode_csv_top1,
     format_for,
     journal_path,
     read_rows,
+    remove_own,
 )
 from fmnist_onnx.spec import CLASSES, NUM_CLASSES
 from fmnist_onnx.testing import pause_point
+from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)
 
@@ -267,15 +276,16 @@ class Request:
     overwrite: bool
     provider: str  # as asked: auto, or a name in runtime.PROVIDER_TABLE
     identity: RunIdentity | None  # None for stdout, which cannot be resumed
+    own_files: tuple[str, ...] = ()  # what the run writes (run_files): the walk leaves them out
 
 
 @dataclass(frozen=True)
 class RunIdentity:
     """What decides an output's rows: ``--resume`` continues only the run that wrote the journal.
 
-    Kept beside the journal as ``<output>.partial.run.json``, written before the journal exists and removed
-    when the output is complete. Options that do not change a row (workers, batch size, provider, engine)
-    are not part of it."""
+    Kept beside the journal as ``<output>.partial.run.json``, written before the journal exists, and beside
+    the finished output as ``<output>.run.json`` (so that --resume on a finished output is checked too).
+    Options that do not change a row (workers, batch size, provider, engine) are not part of it."""
 
     model_sha256: str
     invert: str
@@ -290,6 +300,27 @@ class RunIdentity:
 
         relative = any(not os.path.isabs(r) for r in roots)
         return cls(sha256_file(model), invert, top_k, recursive, tuple(roots), os.getcwd() if relative else None)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunIdentity:
+        """The record as written by ``to_json``; ValueError naming what is wrong with it otherwise."""
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deep") from None
+        types = {"model_sha256": str, "invert": str, "top_k": int, "recursive": bool, "inputs": list,
+                 "cwd": (str, type(None))}
+        if type(raw) is not dict or set(raw) != set(types):
+            raise ValueError(f"expected the fields {', '.join(types)}")
+        for name, kind in types.items():
+            if not isinstance(raw[name], kind) or (kind is int and type(raw[name]) is bool):
+                raise ValueError(f"{name} is {type(raw[name]).__name__}")
+        if not all(type(i) is str for i in raw["inputs"]):
+            raise ValueError("inputs are not all text")
+        return cls(**{**raw, "inputs": tuple(raw["inputs"])})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
 
     def differences(self, old: RunIdentity) -> list[str]:
         """What differs from the run that wrote the journal, in words."""
@@ -307,40 +338,71 @@ class RunIdentity:
             diffs.append(f"the inputs ({' '.join(old.inputs)} then, {' '.join(self.inputs)} now)")
         elif self.cwd != old.cwd:
             diffs.append(f"the folder relative inputs are named from ({old.cwd} then, {self.cwd} now)")
-        return diffs
+        return [visible(d) for d in diffs]
 
 
 def identity_path(output: str | Path) -> Path:
+    """The run record of an unfinished output (beside its journal)."""
     journal = journal_path(output)
     return journal.with_name(journal.name + ".run.json")
 
 
-def _check_same_run(output: str, identity: RunIdentity) -> None:
-    """--resume: UserError unless the journal of ``output`` was written by this same run."""
-    if not journal_path(output).exists():
-        return
-    path = identity_path(output)
+def record_path(output: str | Path) -> Path:
+    """The run record of a finished output: the unfinished one's, renamed when the output got its name."""
+    output = Path(output)
+    return output.with_name(output.name + ".run.json")
+
+
+def confusion_png_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + ".confusion.png")
+
+
+def run_files(output: str, report: str | Path | None = None) -> tuple[str, ...]:
+    """Every file a run on ``output`` writes: the output, its journal, run records and lock, the confusion PNG,
+    the --report page. None of them is ever one of the run's inputs."""
+    named = [os.fspath(report)] if report is not None else []
+    if output == "-":
+        return tuple(named)
+    return (output, str(journal_path(output)), str(identity_path(output)), str(record_path(output)),
+            str(lock_path(output)), str(confusion_png_path(output)), *named)
+
+
+def _check_same_run(record: Path, identity: RunIdentity, what: Path) -> None:
+    """--resume: UserError unless ``what`` (a journal, or a finished output) was written by this same run, as
+    its ``record`` says. The record is read without following links."""
     try:
-        raw = json.loads(path.read_text())
-        old = RunIdentity(**{**raw, "inputs": tuple(raw["inputs"])})
+        fd = open_existing(record)
     except FileNotFoundError:
-        raise UserError(f"{journal_path(output)}: no record of the run that wrote it ({path.name} is missing); "
+        raise UserError(f"{what}: no record of the run that wrote it ({record.name} is missing); "
                         "use --overwrite to start over") from None
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UserError(f"{path}: unreadable ({e}); use --overwrite to start over") from None
+    except OSError as e:
+        raise UserError(f"{record}: unreadable ({e.strerror}); use --overwrite to start over") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            old = RunIdentity.from_json(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{record}: unreadable ({visible(e)}); use --overwrite to start over") from None
     diffs = identity.differences(old)
     if diffs:
-        raise UserError(f"--resume: {journal_path(output)} was written by another run: {'; '.join(diffs)}. "
+        raise UserError(f"--resume: {what} was written by another run: {'; '.join(diffs)}. "
                         "Resume with the same model, options and inputs, or use --overwrite to start over")
 
 
 def _write_identity(output: str, identity: RunIdentity) -> None:
-    from fmnist_onnx.files import atomic_write_text
-
+    """The run record of a new journal: created exclusively, never through a link (one there is removed)."""
+    path = identity_path(output)
     try:
-        atomic_write_text(identity_path(output), json.dumps(asdict(identity), indent=1) + "\n")
+        remove_own(path)
+        fd = open_new(path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(identity.to_json().encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except FileExistsError:
+        raise UserError(f"{path} appeared meanwhile; run again") from None
     except OSError as e:  # before any row: nothing is lost, and nothing to resume
-        raise UserError(f"cannot write {identity_path(output)}: {e.strerror or e}") from None
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def check_inputs(paths: Sequence[str | Path]) -> list[str]:
@@ -350,9 +412,9 @@ def check_inputs(paths: Sequence[str | Path]) -> list[str]:
     for p in paths:
         s = os.fspath(p)
         if not os.path.lexists(s):
-            raise UserError(f"{s}: no such file or folder")
+            raise UserError(f"{visible(s)}: no such file or folder")
         if os.path.islink(s) and not os.path.exists(s):
-            raise UserError(f"{s}: dangling symbolic link")
+            raise UserError(f"{visible(s)}: dangling symbolic link")
         out.append(s)
     # a path named twice, or one inside a folder also named, would give its files two rows. Linear in the
     # number of paths (a shell glob can name 100,000 files), times the number of folders named.
@@ -360,32 +422,37 @@ def check_inputs(paths: Sequence[str | Path]) -> list[str]:
     first: dict[str, int] = {}
     for i, r in enumerate(real):
         if r in first:
-            raise UserError(f"{out[i]} and {out[first[r]]} are the same; name each file or folder once")
+            raise UserError(f"{visible(out[i])} and {visible(out[first[r]])} are the same; name each file or "
+                            "folder once")
         first[r] = i
     folders = [(r.rstrip(os.sep) + os.sep, i) for i, r in enumerate(real) if os.path.isdir(r)]
     for i, r in enumerate(real):
         for prefix, j in folders:
             if r.startswith(prefix):
-                raise UserError(f"{out[i]} is inside {out[j]}; name each file or folder once")
+                raise UserError(f"{visible(out[i])} is inside {visible(out[j])}; name each file or folder once")
     return out
 
 
-def _summary_of_finished(output: Path, fmt: str) -> ClassifySummary:
-    tally = Tally()
-    for row in read_rows(output):
-        tally.add_row(row)
-    acc, per_class = tally.metrics()
-    return ClassifySummary(str(output), fmt, "", 0, "", tally.classified + tally.failed, tally.classified,
-                           tally.failed, 0, tally.classified + tally.failed, 0.0, 0.0, acc, per_class, None,
-                           tally.failures, already_complete=True)
+def _check_not_inputs(own: Sequence[str], roots: Sequence[str], model: str) -> None:
+    """No file the run writes may be the model or a file named as an input, even with --overwrite (files
+    inside input folders are left out of the walk instead)."""
+    named = [r for r in roots if not os.path.isdir(r)]
+    if len(named) > 1000:  # a shell glob: compare real paths, not a stat per pair
+        real = {os.path.realpath(r): r for r in named}
+        named = [real[r] for r in (os.path.realpath(o) for o in own) if r in real]
+    for out in own:
+        for i in [model, *named]:
+            if same_file(out, i):
+                raise UserError(f"{visible(out)} would be written by this run but is also one of its inputs "
+                                f"({visible(i)}); write the output elsewhere")
 
 
 def check_request(paths: Sequence[str | Path], model: str | Path, output: str | Path = "-", fmt: str | None = None,
                   top_k: int = 1, batch_size: int | None = None, invert: str = "auto", recursive: bool = True,
                   resume: bool = False, overwrite: bool = False, provider: str = "auto",
-                  check_inputs=check_inputs) -> tuple[Request, ClassifySummary | None]:
-    """The checks every engine makes before any work, each a one-line UserError. Returns the request and,
-    when --resume finds the output complete already, its summary (then there is nothing to do)."""
+                  report: str | Path | None = None, check_inputs=check_inputs) -> Request:
+    """The checks every engine makes before any work, each a one-line UserError. The state of the output
+    (a journal, a finished output) is checked under the output's lock: ``check_fresh``, ``resume_state``."""
     from fmnist_onnx.runtime import PROVIDER_CHOICES
 
     output = os.fspath(output)
@@ -405,20 +472,124 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
     roots = check_inputs(paths)
     if not Path(model).is_file():
         raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
-    # the model's hash only where there is a journal to resume
-    identity = RunIdentity.of(model, invert, top_k, recursive, roots) if output != "-" else None
-    request = Request(roots, os.fspath(model), output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
-                      provider, identity)
-    if resume and Path(output).exists() and not journal_path(output).exists():
-        log.info("%s is complete already", output)
-        return request, _summary_of_finished(Path(output), fmt)
+    own = run_files(output, report)
+    _check_not_inputs(own, roots, os.fspath(model))
     if output != "-":
         JournalSink.check_writable(output)  # a read-only folder, a device: refused before any work
-    if output != "-" and not overwrite and not resume:
-        JournalSink.check_free(output)
-    if resume:
-        _check_same_run(output, identity)
-    return request, None
+    # the model's hash only where there is a journal to resume
+    identity = RunIdentity.of(model, invert, top_k, recursive, roots) if output != "-" else None
+    return Request(roots, os.fspath(model), output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
+                   provider, identity, own)
+
+
+def check_fresh(request: Request) -> None:
+    """A run without --resume or --overwrite: nothing it would write may exist (the output, an interrupted
+    run's journal, the confusion PNG). Under the output's lock, before any work."""
+    if request.output == "-" or request.overwrite:
+        return
+    JournalSink.check_free(request.output)
+    png = confusion_png_path(request.output)
+    if os.path.lexists(png):
+        raise UserError(f"{png} exists (this run would write its confusion matrix there); use --overwrite to "
+                        "replace it")
+
+
+# ---------------------------------------------------------------------------------------------- --resume
+
+class _Walked:
+    """The files this run's walk yields, as sorted 64-bit digests (8 bytes a file), and which of them rows
+    read back name: --resume continues only rows for these files, each once."""
+
+    def __init__(self, batches: Iterator[images.Batch]) -> None:
+        keys: list[int] = []
+        for batch in batches:
+            if batch.unlistable is not None:  # a folder that cannot be listed has a row of its own
+                keys.append(_path_key(batch.unlistable.path))
+            keys += map(_path_key, batch.files)
+        self.keys = np.unique(np.array(keys, dtype=np.uint64))
+        self.seen = np.zeros(len(self.keys), dtype=bool)
+
+    def mark(self, path: str) -> None:
+        """RowRefused unless ``path`` is a walked file that no row named before."""
+        key = np.uint64(_path_key(path))
+        i = int(np.searchsorted(self.keys, key))
+        if i == len(self.keys) or self.keys[i] != key:
+            raise RowRefused(f"names {visible(path)}, which is not among this run's input files")
+        if self.seen[i]:
+            raise RowRefused(f"names {visible(path)} again (an earlier line has it)")
+        self.seen[i] = True
+
+    def done(self) -> _Done | None:
+        return _Done(self.keys[self.seen]) if self.seen.any() else None
+
+    def missing(self) -> int:
+        return int(len(self.seen) - self.seen.sum())
+
+
+def _walker(engine: str) -> Callable[..., Iterator[images.Batch]]:
+    """The walk of ``engine`` (the same as its ``walk``), without starting the engine."""
+    if engine == "ray":
+        from fmnist_onnx.engines.ray import walk_batches
+
+        return walk_batches
+    return images.iter_batches
+
+
+def resume_state(request: Request, tally: Tally, engine: str) -> tuple[ClassifySummary | None, JournalSink | None,
+                                                                        _Done | None]:
+    """--resume, under the output's lock and before any work: (the summary of a finished output, or None;
+    the journal continued, or None for a new one; the files it has rows for). The journal's run record must be
+    this run's, and every row one this run writes: a file its walk yields, once, with fields of the right type
+    and range; else one line naming the line, and nothing is changed (a torn last line is cut)."""
+    output, journal = request.output, journal_path(request.output)
+    if os.path.lexists(journal):
+        try:
+            os.close(open_existing(journal))  # a link there: refused first, whatever else is wrong
+        except OSError as e:
+            raise UserError(f"cannot open {journal}: {e.strerror}") from None
+        _check_same_run(identity_path(output), request.identity, journal)
+        walked = _Walked(_walker(engine)(request.roots, request.recursive, request.own_files))
+
+        def previous(row: dict) -> None:
+            walked.mark(row["path"])
+            tally.add_row(row)
+            tally.resumed += 1
+
+        sink = JournalSink.open(output, request.fmt, request.top_k, resume=True, on_previous_row=previous)
+        return None, sink, walked.done()
+    if os.path.lexists(output):
+        return _finished(request, engine), None, None
+    return None, None, None  # nothing to resume: a new run
+
+
+def _finished(request: Request, engine: str) -> ClassifySummary:
+    """--resume on a finished output: its summary, if this same run wrote it and it has a row for every file
+    the inputs hold, once; else one line."""
+    output = Path(request.output)
+    record = record_path(output)
+    if not os.path.lexists(record) and os.path.lexists(identity_path(output)):
+        record = identity_path(output)  # the run ended between the output's rename and the record's
+    _check_same_run(record, request.identity, output)
+    walked = _Walked(_walker(engine)(request.roots, request.recursive, request.own_files))
+    tally = Tally()
+    for n, row in enumerate(read_rows(output), 1):
+        try:
+            walked.mark(row["path"])
+        except RowRefused as e:
+            raise UserError(f"--resume: {output}: row {n} {e}; use --overwrite to classify again") from None
+        tally.add_row(row)
+    if walked.missing():
+        raise UserError(f"--resume: {output} is complete, but {walked.missing():,} files of the inputs have no "
+                        "row in it (added since it was written); use --overwrite to classify again")
+    log.info("%s is complete already", output)
+    return _summary_of_finished(output, request.fmt, tally)
+
+
+def _summary_of_finished(output: Path, fmt: str, tally: Tally) -> ClassifySummary:
+    acc, per_class = tally.metrics()
+    return ClassifySummary(str(output), fmt, "", 0, "", tally.classified + tally.failed, tally.classified,
+                           tally.failed, 0, tally.classified + tally.failed, 0.0, 0.0, acc, per_class, None,
+                           tally.failures, already_complete=True)
 
 
 # ---------------------------------------------------------------------------------------------- the walk
@@ -479,37 +650,25 @@ def work_items(batches: Iterator[images.Batch], done: _Done | None, tally: Tally
         yield chunk
 
 
-def open_sink(output: str, fmt: str, top_k: int, resume: bool, overwrite: bool,
-              tally: Tally, identity: RunIdentity | None) -> tuple[JournalSink | StdoutSink, _Done | None]:
-    """The output's sink. With --resume, the interrupted run's rows are counted in ``tally`` and their paths
-    come back as a _Done set, for the caller to skip (None when there are none). A new journal gets its
-    run's identity beside it first (``check_request`` checked it on --resume)."""
-    done_keys: list[int] = []
-
-    def previous(row: dict) -> None:
-        tally.add_row(row)
-        tally.resumed += 1
-        done_keys.append(_path_key(row["path"]))
-
-    if output == "-":
-        return StdoutSink(top_k), None
-    if overwrite or not journal_path(output).exists():
-        _write_identity(output, identity)
-    sink = JournalSink.open(output, fmt, top_k, resume, overwrite, on_previous_row=previous)
-    return sink, (_Done(done_keys) if done_keys else None)
+def open_sink(request: Request) -> JournalSink | StdoutSink:
+    """A new sink for the output: stdout, or a new journal with the run's record beside it (written first).
+    (--resume continues a journal in ``resume_state``.)"""
+    if request.output == "-":
+        return StdoutSink(request.top_k)
+    _write_identity(request.output, request.identity)
+    return JournalSink.open(request.output, request.fmt, request.top_k, request.resume, request.overwrite)
 
 
 def finish_sink(sink: JournalSink | StdoutSink, output: str) -> str | Path:
-    """The complete output; its journal and the journal's run record are gone."""
+    """The complete output; its journal is gone and its run record, renamed, stays beside it (``record_path``:
+    a later --resume checks it)."""
     final = sink.finish()
     if output != "-":
-        identity_path(output).unlink(missing_ok=True)
+        try:
+            os.replace(identity_path(output), record_path(output))  # a link at the name is replaced, not followed
+        except FileNotFoundError:
+            pass
     return final
-
-
-def confusion_png_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.stem + ".confusion.png")
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -522,7 +681,8 @@ class Engine(Protocol):
     decoder: str  # in words, for the summary
     max_chunk: int  # files a chunk of work_items holds at most
 
-    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]: ...
+    def walk(self, roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[images.Batch]:
+        """The files to classify, in batches; ``exclude``: the run's own files, left out wherever they lie."""
 
     def rows(self, items: Iterator[list[str] | Row], encoding: str,
              observe: Callable[[float, int], None]) -> Iterator[Rows]:
@@ -560,19 +720,27 @@ def classify(
     progress: bool = False,
     on_provider=None,
     engine: str = "local",
+    report: str | Path | None = None,
     **engine_options,
 ) -> ClassifySummary:
     """Classify every image file under ``paths`` into ``output`` ('-': CSV on stdout); see the module doc.
     ``engine_options`` go to the engine (local: workers, inference; ray: address, actors, check_inputs).
-    ``on_provider(name)`` is called once the engine is ready (the CLI says which provider runs)."""
+    ``on_provider(name)`` is called once the engine is ready (the CLI says which provider runs). ``report``:
+    where the caller writes the run's report (the walk leaves it out). One run per output at a time: the
+    output's lock (files.OutputLock) is held from before its journal is looked at to the end."""
     t0 = time.perf_counter()
     checker = engine_options.pop("check_inputs", check_inputs)
-    request, finished = check_request(paths, model, output, fmt, top_k, batch_size, invert, recursive, resume,
-                                      overwrite, provider, check_inputs=checker)
-    if finished is not None:
-        return finished
+    request = check_request(paths, model, output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
+                            provider, report, check_inputs=checker)
+    with OutputLock(request.output) if request.output != "-" else contextlib.nullcontext():
+        return _run(request, engine, progress, on_provider, engine_options, t0)
+
+
+def _run(request: Request, engine: str, progress: bool, on_provider, engine_options: dict,
+         t0: float) -> ClassifySummary:
+    """The run, under the output's lock."""
     output = request.output
-    sink = eng = old_int = None
+    sink = eng = old_int = done = None
     tally = Tally()
     old_term = install_sigterm()
     # From here on Ctrl-C raises KeyboardInterrupt, so that the engine stops (a local Ray runtime, the worker
@@ -580,31 +748,22 @@ def classify(
     if old_term is not None and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        if request.resume:
+            finished, sink, done = resume_state(request, tally, engine)
+            if finished is not None:
+                return finished
+        else:
+            check_fresh(request)
         pause_point("classify.before_engine")  # tests hold the run here (testing.py)
         eng = open_engine(engine, request, **engine_options)
         if on_provider is not None:
             on_provider(eng.provider)
         pause_point("classify.engine_ready")
-        sink, done = open_sink(output, request.fmt, top_k, resume, overwrite, tally, request.identity)
-        bar = progress_bar(progress, tally.resumed)
-        sizer = ChunkSizer(eng.max_chunk)
-        items = work_items(eng.walk(request.roots, recursive), done, tally, sizer)
-        for rows in eng.rows(items, sink.encoding, sizer.observe):
-            sink.write_encoded(rows.data)
-            pause_point("classify.after_chunk")  # tests hold the run here (testing.py)
-            tally.add_rows(rows)
-            if bar is not None:
-                bar.update(len(rows))
-        if bar is not None:
-            bar.close()
-        final = finish_sink(sink, output)
+        sink = sink or open_sink(request)
+        final = _pipeline(request, eng, sink, done, tally, progress)
     except BaseException as e:
         close_on_error(sink, e)  # Ctrl-C and SIGTERM leave here as Interrupted
-        if isinstance(e, UserError) and not isinstance(e, OutputError) and sink is not None and not resume \
-                and output != "-" and not tally.classified + tally.failed:
-            # the engine could not start (Ray actors, the model in a worker): nothing to resume
-            journal_path(output).unlink(missing_ok=True)
-            identity_path(output).unlink(missing_ok=True)
+        _after_failure(request, sink, tally, e)
         raise
     finally:
         if old_term is not None:
@@ -614,7 +773,38 @@ def classify(
         if eng is not None:
             eng.close()
     return summarize(tally, final, output, request.fmt, eng.provider, eng.workers, eng.decoder,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, replace=request.overwrite or request.resume)
+
+
+def _pipeline(request: Request, eng: Engine, sink: JournalSink | StdoutSink, done: _Done | None, tally: Tally,
+              progress: bool) -> str | Path:
+    """The walk -> the engine -> the sink, counted in ``tally``; the final output."""
+    bar = progress_bar(progress, tally.resumed)
+    sizer = ChunkSizer(eng.max_chunk)
+    items = work_items(eng.walk(request.roots, request.recursive, request.own_files), done, tally, sizer)
+    for rows in eng.rows(items, sink.encoding, sizer.observe):
+        sink.write_encoded(rows.data)
+        pause_point("classify.after_chunk")  # tests hold the run here (testing.py)
+        tally.add_rows(rows)
+        if bar is not None:
+            bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    return finish_sink(sink, request.output)
+
+
+def _after_failure(request: Request, sink, tally: Tally, e: BaseException) -> None:
+    """A run that failed: a new journal without a row goes (the engine could not start, the model failed on
+    the first chunk: nothing to resume); a model that failed mid-run says where its rows are kept."""
+    rows = tally.classified + tally.failed
+    if not isinstance(e, UserError) or isinstance(e, OutputError) or not isinstance(sink, JournalSink):
+        return
+    if not rows and not request.resume:
+        remove_own(journal_path(request.output))
+        remove_own(identity_path(request.output))
+    elif isinstance(e, ModelRunError):
+        raise ModelRunError(f"{e}. The {rows:,} rows so far are kept in {sink.journal}: free some memory (or give "
+                            "a smaller --batch-size) and run the same command with --resume") from None
 
 
 def decoder_name() -> str:
@@ -622,14 +812,15 @@ def decoder_name() -> str:
 
 
 def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: str, workers: int, decoder: str,
-              seconds: float) -> ClassifySummary:
-    """The summary of a finished run (any engine), with the confusion-matrix PNG in the ImageFolder layout."""
+              seconds: float, replace: bool = False) -> ClassifySummary:
+    """The summary of a finished run (any engine), with the confusion-matrix PNG in the ImageFolder layout.
+    ``replace``: the run may replace an existing PNG (--overwrite, or the --resume of a run that could)."""
     acc, per_class = tally.metrics()
     png = None
     if per_class is not None and output != "-":
-        png = _confusion_png(tally, output, acc)
-    elif output != "-":
-        confusion_png_path(output).unlink(missing_ok=True)  # an earlier run's would describe other rows
+        png = _confusion_png(tally, output, acc, replace)
+    elif output != "-" and replace:
+        remove_own(confusion_png_path(output))  # an earlier run's would describe other rows
     new = tally.classified + tally.failed - tally.resumed
     return ClassifySummary(
         output=str(final), format=fmt, provider=provider, workers=workers, decoder=decoder,
@@ -675,23 +866,28 @@ def progress_bar(progress: bool, initial: int):
     return tqdm(unit="img", initial=initial, desc="classify", dynamic_ncols=True, smoothing=0.1)
 
 
-def _confusion_png(tally: Tally, output: str, acc: float | None) -> Path | None:
+def _confusion_png(tally: Tally, output: str, acc: float | None, replace: bool) -> Path | None:
+    """The confusion matrix beside the output, written atomically (files.atomic_write: a link at its name is
+    replaced, never followed), replacing a file there only where the run may."""
     from fmnist_onnx.plots import confusion_matrix  # Pillow only: works on the inference-only install too
 
     path = confusion_png_path(output)
     try:
-        confusion_matrix(tally.confusion, CLASSES, path, title=f"{Path(output).name}: accuracy {acc:.2f}%")
-    except OSError as e:  # a full disk or a read-only folder: the table is written, the picture is extra
-        log.warning("cannot write %s: %s", path, e)
+        confusion_matrix(tally.confusion, CLASSES, path, title=f"{Path(output).name}: accuracy {acc:.2f}%",
+                         overwrite=replace)
+    except (OSError, UserError) as e:  # a full disk, or a file put there meanwhile: the table is written, the
+        log.warning("cannot write %s: %s", path, getattr(e, "strerror", None) or e)  # picture is extra
         return None
     return path
 
 
 def format_summary(s: ClassifySummary) -> str:
-    """The summary as a person reads it."""
+    """The summary as a person reads it. Names and errors come from outside: shown with control and
+    bidirectional characters as visible escapes (text.visible), never raw on a terminal."""
     lines = []
+    output = visible(s.output)
     if s.already_complete:
-        lines.append(f"{s.output} is complete already: {s.files} rows.")
+        lines.append(f"{output} is complete already: {s.files} rows.")
     else:
         skipped = f", {s.skipped} other files skipped" if s.skipped else ""
         resumed = f", {s.resumed} of them from the interrupted run" if s.resumed else ""
@@ -699,7 +895,7 @@ def format_summary(s: ClassifySummary) -> str:
         if not s.files:
             lines.append("No image files found (inputs are the suffixes Pillow reads: .png, .jpg, .bmp, .webp, ...).")
         lines.append(f"{s.seconds:.2f} s, {s.images_per_s:,.0f} images/s ({s.provider}, {s.workers} decoding "
-                     f"processes, {s.decoder}); wrote {s.output}")
+                     f"processes, {s.decoder}); wrote {output}")
     if s.accuracy_pct is not None:
         lines.append(f"accuracy {s.accuracy_pct:.2f}% (ImageFolder layout: true class from the folder names)")
         lines.append(f"  {'class':<12} {'precision':>9} {'recall':>7} {'files':>7}")
@@ -708,8 +904,8 @@ def format_summary(s: ClassifySummary) -> str:
             r = f"{m.recall:.3f}" if m.recall is not None else "-"
             lines.append(f"  {m.label:<12} {p:>9} {r:>7} {m.support:>7}")
     if s.confusion_png:
-        lines.append(f"confusion matrix: {s.confusion_png}")
+        lines.append(f"confusion matrix: {visible(s.confusion_png)}")
     if s.failed:
         lines.append(f"failed files ({'first ' + str(len(s.failures)) if s.failed > len(s.failures) else 'all'}):")
-        lines += [f"  {f['path']}: {f['error']}" for f in s.failures]
+        lines += [f"  {visible(f['path'])}: {visible(f['error'])}" for f in s.failures]
     return "\n".join(lines)

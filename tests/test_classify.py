@@ -281,12 +281,12 @@ def test_stdout_gets_the_csv_and_stderr_the_rest(onnx_model, test_pngs):
 
 def test_parquet_and_jsonl_hold_the_same_rows(clean, onnx_model, test_pngs, tmp_path):
     folder = test_pngs / "Coat"
-    for fmt in ("jsonl", "parquet"):
-        proc = run_cli("classify", folder, "-m", onnx_model, "-o", tmp_path / f"p.{fmt}", "--quiet")
+    for fmt in ("jsonl", "parquet"):  # other stems: each run writes its own <stem>.confusion.png
+        proc = run_cli("classify", folder, "-m", onnx_model, "-o", tmp_path / f"{fmt}.{fmt}", "--quiet")
         assert proc.returncode == 0, proc.stderr
     expected = {p: i for p, i in clean["labels"].items() if Path(p).parent.name == "Coat"}
     for fmt in ("jsonl", "parquet"):
-        assert {r["path"]: r["index"] for r in read_rows(tmp_path / f"p.{fmt}")} == expected
+        assert {r["path"]: r["index"] for r in read_rows(tmp_path / f"{fmt}.{fmt}")} == expected
 
 
 @pytest.mark.parametrize(("args", "contains"), [
@@ -335,16 +335,22 @@ def test_help_states_the_exit_codes_that_runs_give(onnx_model, test_pngs, tmp_pa
     with open("/dev/full", "w") as full:  # a full disk, where the table goes
         unwritten = subprocess.run([sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs / "Bag"), "-m",
                                     str(onnx_model)], stdout=full, stderr=subprocess.DEVNULL).returncode
+    from test_runtime import alloc_model, black_then_garments, limit_memory
+
+    model_failed = run_cli("classify", black_then_garments(tmp_path / "mixed", test_pngs), "-m",
+                           alloc_model(tmp_path / "alloc.onnx"), "-o", tmp_path / "oom.csv", "--workers", "1",
+                           "--provider", "cpu", "-q", preexec_fn=limit_memory).returncode
     with _start_classify(test_pngs / "Bag", onnx_model, tmp_path / "cut.csv", workers=1, chunks=1) as held:
         os.killpg(held.proc.pid, signal.SIGINT)
         interrupted = held.proc.wait(120)
     with _start_classify(test_pngs / "Bag", onnx_model, tmp_path / "term.csv", workers=1, chunks=1) as held:
         held.proc.terminate()
         terminated = held.proc.wait(120)
-    got = {ok, failed, usage, unwritten, interrupted, terminated}
+    got = {ok, failed, usage, unwritten, model_failed, interrupted, terminated}
     assert sorted(stated) == sorted(got), (stated, ok, failed, usage, unwritten, interrupted, terminated)
     assert "every file classified" in stated[ok] and "some files failed" in stated[failed]
     assert "usage" in stated[usage] and "could not be written" in stated[unwritten]
+    assert "out of memory" in stated[model_failed]
     assert "interrupted" in stated[interrupted] and "SIGTERM" in stated[terminated]
 
 

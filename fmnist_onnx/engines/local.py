@@ -38,6 +38,7 @@ from fmnist_onnx.classify import CRASHED, DEFAULT_BATCH, Request, Rows, decoder_
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
 from fmnist_onnx.spec import IMAGE_SIZE
+from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +274,8 @@ class LocalEngine:
                                         initargs=(os.getpid(), self.slots, self._foreign(self.stage)))
         self.pool.submit(os.getpid).result()  # all workers exist from here on
 
-    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]:
-        return images.iter_batches(roots, recursive)
+    def walk(self, roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[images.Batch]:
+        return images.iter_batches(roots, recursive, exclude)
 
     def _submit(self, paths: list[str], encoding: str, slot: int | None) -> Future:
         """A future of the chunk's Rows (the workers' path), or of its decoding (the batched path: errors and
@@ -299,7 +300,7 @@ class LocalEngine:
                 imgs, errs, _ = self.pool.submit(_decode, [path], self.job.invert).result()
                 out[i], errors[i] = imgs[0], errs[0]
             except BrokenProcessPool:
-                log.warning("%s: %s", path, CRASHED)
+                log.warning("%s: %s", visible(path), CRASHED)
                 errors[i] = CRASHED
                 self._start_pool()
         return out, errors, 0.0

@@ -35,6 +35,7 @@ from fmnist_onnx import classify as cl
 from fmnist_onnx import images
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
+from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,22 @@ def _iter_uri(uri: str, recursive: bool, exts: frozenset[str]) -> Iterator[image
                            "file name is not UTF-8: pyarrow cannot read it (give the folder as a plain path)")
 
 
-def walk(roots: Sequence[str], recursive: bool) -> Iterator[images.Found]:
-    """Every entry under ``roots``: local paths exactly as the local engine walks them, URIs through pyarrow."""
+def walk(roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[images.Found]:
+    """Every entry under ``roots``: local paths exactly as the local engine walks them (``exclude``: the run's
+    own files, left out), URIs through pyarrow."""
     exts = images.image_extensions()
     for root in roots:
-        yield from _iter_uri(root, recursive, exts) if is_uri(root) else images.iter_files([root], recursive)
+        yield from _iter_uri(root, recursive, exts) if is_uri(root) else images.iter_files([root], recursive, exclude)
+
+
+def walk_batches(roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[images.Batch]:
+    """``walk`` as the pipeline takes it (classify.Engine.walk): an entry at a time, since the cluster, not
+    this process, sets the pace here. Also what --resume checks a journal against, before the engine starts."""
+    for f in walk(roots, recursive, exclude):
+        if f.kind == "unlistable":
+            yield images.Batch([], [], f)
+        else:
+            yield images.Batch([f.path], []) if f.kind == "file" else images.Batch([], [f.path])
 
 
 # ---------------------------------------------------------------------------------------------- the actors
@@ -167,7 +179,7 @@ class Predictor:
     stops the run with its message (a UserError, such as CUDA missing on this node, stays one clear line)."""
 
     def __init__(self, model: list, provider: str, invert: str, top_k: int, batch_size: int) -> None:
-        self.fatal: tuple[bool, str] | None = None  # (is a UserError, message)
+        self.fatal: tuple[int, str] | None = None  # (a UserError's exit code, 0 for a bug; message)
         self.invert, self.top_k, self.batch_size = invert, top_k, batch_size
         self.filesystems: dict[str, object] = {}
         try:
@@ -208,7 +220,7 @@ class Predictor:
             "scores": pa.array([list(r.scores) for r in rows] or [[]] * n, pa.list_(pa.float64())),
             "error": pa.array([r.error for r in rows] or [""] * n, pa.string()),
             "fatal": pa.array([fatal[1] if fatal else None] * n, pa.string()),
-            "fatal_is_user_error": pa.array([bool(fatal and fatal[0])] * n, pa.bool_()),
+            "fatal_exit": pa.array([fatal[0] if fatal else 0] * n, pa.int64()),
         })
 
     def _rows(self, batch) -> list[Row]:
@@ -230,14 +242,27 @@ class Predictor:
         return cl.predict_rows(self.session, paths, imgs, errors, self.top_k, self.batch_size)
 
 
-def _fatal(e: BaseException) -> tuple[bool, str]:
-    """An actor's exception as (is a UserError, message) for the driver; a bug keeps its traceback."""
+def _fatal(e: BaseException) -> tuple[int, str]:
+    """An actor's exception as (a UserError's exit code, or 0; message) for the driver; a bug keeps its
+    traceback."""
     import socket
     import traceback
 
     if isinstance(e, UserError):
-        return True, str(e)
-    return False, f"on {socket.gethostname()}: " + "".join(traceback.format_exception(e)).strip()
+        return e.exit_code, str(e)
+    return 0, f"on {socket.gethostname()}: " + "".join(traceback.format_exception(e)).strip()
+
+
+def _raise_fatal(code: int, message: str) -> None:
+    """An actor's fatal error, raised in the driver as the actor met it: a ModelRunError keeps its kind (the
+    run says where the rows are kept), another UserError its exit code."""
+    from fmnist_onnx.runtime import MODEL_FAILED, ModelRunError
+
+    if code == MODEL_FAILED:
+        raise ModelRunError(message)
+    if code:
+        raise UserError(message, exit_code=code)
+    raise RuntimeError(f"a Ray actor failed {message}")
 
 
 # ---------------------------------------------------------------------------------------------- the pool
@@ -395,12 +420,8 @@ class RayEngine:
         self.max_chunk = cl.MAX_CHUNK  # unused: Ray Data plans its own blocks
         log.info("Ray pool: %d actors, %g CPU and %g GPU each (%s)", self.workers, per_cpu, per_gpu, self.provider)
 
-    def walk(self, roots: Sequence[str], recursive: bool) -> Iterator[images.Batch]:
-        for f in walk(roots, recursive):  # an entry at a time: the cluster, not this process, sets the pace here
-            if f.kind == "unlistable":
-                yield images.Batch([], [], f)
-            else:
-                yield images.Batch([f.path], []) if f.kind == "file" else images.Batch([], [f.path])
+    def walk(self, roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[images.Batch]:
+        return walk_batches(roots, recursive, exclude)
 
     def rows(self, items: Iterator[list[str] | Row], encoding: str, observe=None) -> Iterator[cl.Rows]:
         """Every file of ``items`` to the actors at once (Ray Data plans the blocks, whatever the chunks: no
@@ -423,9 +444,7 @@ class RayEngine:
             fatal = batch["fatal"]
             if fatal.null_count < len(fatal):
                 i = next(i for i, v in enumerate(fatal.to_pylist()) if v is not None)
-                if batch["fatal_is_user_error"][i].as_py():
-                    raise UserError(fatal[i].as_py())
-                raise RuntimeError(f"a Ray actor failed {fatal[i].as_py()}")
+                _raise_fatal(batch["fatal_exit"][i].as_py(), fatal[i].as_py())
             rows = []
             for i, idx, sc, err in zip(batch["id"].to_pylist(), batch["indices"].to_pylist(),
                                        batch["scores"].to_pylist(), batch["error"].to_pylist(), strict=True):
@@ -447,7 +466,7 @@ class RayEngine:
                 yield rows_of_batch(batch)
             crashed = [Row(os.fsdecode(files[i]), error=cl.CRASHED) for i in lost if not returned[i]]
             for row in crashed:
-                log.warning("%s: %s", row.path, row.error)
+                log.warning("%s: %s", visible(row.path), row.error)
             if crashed:
                 yield cl.rows_of(crashed, encoding, top_k)
 
