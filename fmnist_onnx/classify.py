@@ -668,6 +668,8 @@ def finish_sink(sink: JournalSink | StdoutSink, output: str) -> str | Path:
             os.replace(identity_path(output), record_path(output))  # a link at the name is replaced, not followed
         except FileNotFoundError:
             pass
+        except OSError as e:  # the output is complete: only a later --resume would miss the record
+            log.warning("cannot keep the run record %s: %s", record_path(output), e.strerror)
     return final
 
 
@@ -800,8 +802,9 @@ def _after_failure(request: Request, sink, tally: Tally, e: BaseException) -> No
     if not isinstance(e, UserError) or isinstance(e, OutputError) or not isinstance(sink, JournalSink):
         return
     if not rows and not request.resume:
-        remove_own(journal_path(request.output))
-        remove_own(identity_path(request.output))
+        with contextlib.suppress(UserError):  # best effort: the error on its way out is the one to tell
+            remove_own(journal_path(request.output))
+            remove_own(identity_path(request.output))
     elif isinstance(e, ModelRunError):
         raise ModelRunError(f"{e}. The {rows:,} rows so far are kept in {sink.journal}: free some memory (or give "
                             "a smaller --batch-size) and run the same command with --resume") from None
@@ -820,7 +823,10 @@ def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: 
     if per_class is not None and output != "-":
         png = _confusion_png(tally, output, acc, replace)
     elif output != "-" and replace:
-        remove_own(confusion_png_path(output))  # an earlier run's would describe other rows
+        try:
+            remove_own(confusion_png_path(output))  # an earlier run's would describe other rows
+        except UserError as e:  # the table is written: the picture is extra
+            log.warning("%s", e)
     new = tally.classified + tally.failed - tally.resumed
     return ClassifySummary(
         output=str(final), format=fmt, provider=provider, workers=workers, decoder=decoder,

@@ -408,6 +408,17 @@ def test_walk_is_sorted_recursive_and_skips_non_images(tmp_path):
     assert [f.kind for f in named] == ["file"]
 
 
+def test_walk_leaves_out_excluded_files_however_their_folder_is_reached(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ("x.png", "preds.confusion.png", "preds.csv", "preds.csv.partial"):
+        (tmp_path / "a" / name).write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    exclude = [tmp_path / "a" / n for n in ("preds.confusion.png", "preds.csv", "preds.csv.partial", "absent.png")]
+    found = [(os.path.relpath(f.path, tmp_path), f.kind) for f in images.iter_files([tmp_path / "link"],
+                                                                                     exclude=exclude)]
+    assert found == [("link/x.png", "file")]  # neither an input nor counted as skipped
+
+
 def test_true_class_from_folder_names():
     assert images.true_class("x/test/T-shirt-top/00001.png") == 0
     assert images.true_class("x/Ankle boot/sub/1.png") == 9
