@@ -71,6 +71,7 @@ DEFAULT_BATCH = 512  # images per onnxruntime call where the model runs beside t
 CRASHED = "the decoder crashed on this file (its process died)"
 NON_FINITE = "the model gave non-finite logits (NaN or infinity) for this image"
 ENGINES = ("local", "ray")
+RECORD_MAX_BYTES = 256 << 20  # a run record names the inputs: a shell glob of 100,000 files is ~10 MB
 
 
 class Interrupted(Exception):
@@ -380,7 +381,10 @@ def _check_same_run(record: Path, identity: RunIdentity, what: Path) -> None:
         raise UserError(f"{record}: unreadable ({e.strerror}); use --overwrite to start over") from None
     try:
         with os.fdopen(fd, "rb") as f:
-            old = RunIdentity.from_json(f.read().decode("utf-8"))
+            data = f.read(RECORD_MAX_BYTES + 1)
+        if len(data) > RECORD_MAX_BYTES:
+            raise ValueError(f"more than {RECORD_MAX_BYTES:,} bytes")
+        old = RunIdentity.from_json(data.decode("utf-8"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise UserError(f"{record}: unreadable ({visible(e)}); use --overwrite to start over") from None
     diffs = identity.differences(old)

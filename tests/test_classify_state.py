@@ -180,6 +180,17 @@ def test_a_torn_last_line_is_cut_and_the_run_finishes(small, onnx_model, tmp_pat
     assert sorted(r["path"] for r in read_rows(out)) == _files(small)
 
 
+@pytest.mark.parametrize("record", ['{"inputs": [1, 2]}', "[" * 30000 + "]" * 30000, "{}", "\udcff"])
+def test_a_run_record_of_the_wrong_shape_is_one_line(record, small, onnx_model, tmp_path):
+    out = tmp_path / "preds.csv"
+    right = json.loads(RunIdentity.of(onnx_model, "auto", 1, True, [str(small)]).to_json())
+    data = _journal(out, small, onnx_model, [_row(_files(small)[0])])
+    text = json.dumps({**right, **json.loads(record)}) if record.startswith("{\"") else record
+    identity_path(out).write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert_one_line_error(_classify(small, onnx_model, out, "--resume"), 2, "unreadable")
+    assert journal_path(out).read_bytes() == data
+
+
 # ---------------------------------------------------------------------------------------------- a finished output
 
 def test_resume_of_a_finished_output_is_checked_against_its_record(small, onnx_model, tmp_path):
