@@ -69,18 +69,18 @@ sys.exit(f"Error: onnxruntime has no {p} here" if p not in o.get_available_provi
 FM=("$PY" -m fmnist_onnx)
 
 step "train (fast recipe) on $GPU"
-"${FM[@]}" train --device "$GPU" --out-dir "$RUN" --restart --quiet
+"${FM[@]}" train --device "$GPU" --out-dir "$RUN" --overwrite --quiet
 
 step "export to ONNX (verified against PyTorch on $GPU and cpu), int8 beside it"
 "${FM[@]}" export --weights "$RUN/model.pth" --output "$RUN/model.onnx" --quantize int8 \
-  --provider "$GPU" --provider cpu --json "$OUT/export.json"
+  --provider "$GPU" --provider cpu --json "$OUT/export.json" --overwrite
 
 step "verify on $GPU"
-"${FM[@]}" verify --weights "$RUN/model.pth" --model "$RUN/model.onnx" --provider "$GPU" --json "$OUT/verify.json"
+"${FM[@]}" verify --weights "$RUN/model.pth" --model "$RUN/model.onnx" --provider "$GPU" --json "$OUT/verify.json" --overwrite
 
 step "bench: $GPU and cpu"
 "${FM[@]}" bench --model "$RUN/model.onnx" --weights "$RUN/model.pth" --provider "$GPU" --provider cpu \
-  --duration "$DURATION" --json "$OUT/inference.json" --plot "$OUT/inference.png" --quiet
+  --duration "$DURATION" --json "$OUT/inference.json" --plot "$OUT/inference.png" --overwrite --quiet
 
 step "PNG files: the train split, $COPIES times over (hard links)"
 "${FM[@]}" data export-png --split train --out "$RUN/png/0" --quiet
@@ -159,7 +159,7 @@ EOF
 
 step "bench classify: worker scaling, coordinator CPU per file ($GPU, then cpu)"
 for p in "$GPU" cpu; do
-  "${FM[@]}" bench classify "$RUN/png/0" -m "$RUN/model.onnx" --provider "$p" --scaling --json "$OUT/bench_classify_$p.json" --quiet
+  "${FM[@]}" bench classify "$RUN/png/0" -m "$RUN/model.onnx" --provider "$p" --scaling --json "$OUT/bench_classify_$p.json" --overwrite --quiet
 done
 
 step "training recipes on $GPU"

@@ -2,8 +2,8 @@
 so ``fmnist-onnx --help`` stays fast and the inference commands run without torch.
 
 Exit codes: 0 success, 1 a check failed (verify), 2 usage errors and bad input, 3 some files failed
-(classify), 4 classify's output could not be written (its journal keeps the rows), 130 interrupted by Ctrl-C
-(a checkpoint was saved).
+(classify), 4 classify's output could not be written (its journal keeps the rows), 5 the model failed mid-run
+(classify: out of memory; the journal keeps the rows), 130 interrupted by Ctrl-C (a checkpoint was saved).
 """
 
 from __future__ import annotations
@@ -458,7 +458,8 @@ Examples:
 \b
 Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors,
 4 the output could not be written (a full disk: free space, run again with --resume),
-130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way: run again with --resume).
+5 the model could not be run mid-run (onnxruntime out of memory: the rows so far are kept, run again
+with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way: run again with --resume).
 """)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
@@ -526,7 +527,8 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     if report_path:
         from fmnist_onnx.report import check_destination
 
-        check_destination(report_path, output)  # before the run, not after an hour of work
+        # before the run, not after an hour of work: classify's --overwrite; never an input or another output
+        check_destination(report_path, overwrite, inputs=[model, *paths], outputs=[output])
     if engine == "local" and (ray_address or actors):
         raise click.UsageError("--ray-address and --actors are for --engine ray")
     if engine == "ray" and (workers or inference != "auto"):
@@ -547,7 +549,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     try:
         s = run(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
                 invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
-                progress=show_progress(quiet), on_provider=on_provider)
+                progress=show_progress(quiet), on_provider=on_provider, report=report_path)
     except cl.Interrupted as e:
         if e.journal is None or not e.journal.exists():
             click.echo("Interrupted.", err=True)  # before any row: nothing to resume
@@ -563,10 +565,14 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     else:
         click.echo(cl.format_summary(s), err=output == "-")
     if report_path:
+        from fmnist_onnx.files import locked
         from fmnist_onnx.report import build_report
+        from fmnist_onnx.text import visible
 
-        r = build_report(s.output, report_path, model=model, invert=invert, run=s)
-        click.echo(f"report: {r.path} ({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s)", err=as_json)
+        with locked(report_path):
+            r = build_report(s.output, report_path, model=model, invert=invert, run=s, overwrite=overwrite,
+                             what="--report")
+        click.echo(f"report: {visible(r.path)} ({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s)", err=as_json)
     sys.exit(3 if s.failed else 0)
 
 
@@ -587,22 +593,28 @@ Examples:
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path, dir_okay=False),
               help="The JSON that `classify --json` printed: adds what the table does not hold (provider, "
                    "speed, skipped files).")
-def report(predictions, output, model, invert, summary_path):
+@click.option("--overwrite", is_flag=True, help="Replace an existing report (never one of the inputs).")
+def report(predictions, output, model, invert, summary_path, overwrite):
     """Make an HTML report of a classify output (CSV, JSONL or Parquet): one self-contained file.
 
     The run's counts and model; on labelled folders (ImageFolder layout) accuracy, precision and recall, and
     the confusion matrix, whose cells show their files; the least confident predictions and the most
     confident mistakes, each drawn as the model saw it (28x28) beside the original; the failed files and
     their errors. Images are embedded: no network, no server. Samples keep it under 20 MB for any number of
-    rows; the table is read streaming.
+    rows; the table is read streaming. An existing page is replaced only with --overwrite, and never one of
+    the inputs (the table, the model, the summary, the confusion PNG, an image the table names).
     """
     from fmnist_onnx import report as rp
+    from fmnist_onnx.text import visible
 
     if model is None and (DEFAULT_DIR / "model.onnx").is_file():
         model = DEFAULT_DIR / "model.onnx"
-    run = rp.load_summary(summary_path) if summary_path else None
-    r = rp.build_report(predictions, output or rp.default_output(predictions), model=model, invert=invert, run=run)
-    click.echo(f"wrote {r.path}: {r.rows:,} rows, {r.figures:,} images drawn, {r.bytes / 1e6:.1f} MB, "
+    from fmnist_onnx.files import locked
+
+    dest = output or rp.default_output(predictions)
+    with locked(dest):
+        r = rp.build_report(predictions, dest, model=model, invert=invert, summary=summary_path, overwrite=overwrite)
+    click.echo(f"wrote {visible(r.path)}: {r.rows:,} rows, {r.figures:,} images drawn, {r.bytes / 1e6:.1f} MB, "
                f"{r.seconds:.1f} s")
 
 

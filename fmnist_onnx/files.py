@@ -81,11 +81,11 @@ def check_distinct(paths: Iterable[str | Path]) -> None:
 
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether ``a`` and ``b`` name one file: the same path once links are resolved, or the same inode."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
     try:
+        if os.path.realpath(a) == os.path.realpath(b):
+            return True
         return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
+    except (OSError, ValueError):  # one of them does not exist (yet), or holds a NUL (no file has that name)
         return False
 
 
@@ -225,6 +225,7 @@ class OutputLock:
         self.release()
 
     def acquire(self) -> None:
+        check_folder(self.output, str(self.output))  # a missing folder said as such, not as a lock file's error
         while True:  # until the file we lock is the one at the name (a releasing holder may unlink it meanwhile)
             fd = self._open()
             key = _key(os.fstat(fd))

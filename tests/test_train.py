@@ -119,3 +119,34 @@ def test_auto_device_says_which():
     assert proc.returncode == 2  # a usage error, caught before any training
     proc = run_cli("train", "--data-dir", "/nonexistent", "--out-dir", "/tmp/unused-fmnist")
     assert "device: cpu (auto)" in proc.stderr or "device: cuda (auto)" in proc.stderr
+
+
+def test_existing_outputs_are_refused_before_the_first_step(tmp_path):
+    (tmp_path / "metrics.json").write_text("mine")
+    # held at the first step, the run would fail this test by hanging: it must be refused before
+    with Held(_train_cmd(tmp_path), "train.after_step:1", stderr=subprocess.PIPE, text=True) as held:
+        _, stderr = held.proc.communicate(timeout=120)
+    assert held.proc.returncode == 2 and "metrics.json exists; use --overwrite" in stderr, stderr
+    assert (tmp_path / "metrics.json").read_text() == "mine"
+
+
+def test_resume_keeps_the_overwrite_the_run_started_with(tmp_path):
+    (tmp_path / "model.pth").write_bytes(b"old")
+    cmd = [*_train_cmd(tmp_path), "--epochs", "1", "--overwrite"]
+    with Held(cmd, "train.after_step:5", stderr=subprocess.PIPE, text=True) as held:
+        held.wait()
+        held.proc.send_signal(signal.SIGINT)
+        held.release()
+        held.proc.communicate(timeout=120)
+    assert held.proc.returncode == 130
+    assert (tmp_path / "model.pth").read_bytes() == b"old"
+    resumed = run_cli("train", "--resume", "-q", "--out-dir", tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(tmp_path / "model.pth", weights_only=True).keys()
+
+
+def test_a_second_train_on_the_same_folder_is_refused(tmp_path):
+    with Held(_train_cmd(tmp_path), "train.after_step:1") as held:
+        pid = held.wait()
+        second = run_cli(*_train_cmd(tmp_path)[3:])
+    assert_one_line_error(second, 2, f"process {pid}")

@@ -1,0 +1,121 @@
+"""files.py: the one write policy (no replace without overwrite, atomic, never through a link, never over an
+input) and the lock per output, on real files and real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmnist_onnx.errors import UserError
+from fmnist_onnx.files import OutputLock, atomic_write_text, check_distinct, check_output, lock_path
+
+HOLDER = """
+import sys
+from fmnist_onnx.files import OutputLock
+with OutputLock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin, or kills us
+"""
+
+
+def hold_lock(output: Path) -> subprocess.Popen:
+    """A real process that holds the lock on ``output`` until its stdin closes; returns once it holds it."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(output)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_atomic_write_refuses_an_existing_file_without_overwrite(tmp_path):
+    out = tmp_path / "out.json"
+    out.write_text("mine")
+    with pytest.raises(UserError, match="exists; use --overwrite"):
+        atomic_write_text(out, "new")
+    assert out.read_text() == "mine"
+    assert os.listdir(tmp_path) == ["out.json"]  # no temporary file left
+
+
+def test_atomic_write_replaces_a_link_not_its_target(tmp_path):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    link = tmp_path / "out.json"
+    link.symlink_to(victim)
+    atomic_write_text(link, "new", overwrite=True)
+    assert victim.read_text() == "precious"
+    assert not link.is_symlink() and link.read_text() == "new"
+
+
+def test_check_output_refuses_an_input_even_with_overwrite(tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"x")
+    alias = tmp_path / "alias.onnx"
+    alias.symlink_to(model)
+    for name in (model, alias, tmp_path / "." / "model.onnx"):
+        with pytest.raises(UserError, match="also an input"):
+            check_output(name, overwrite=True, inputs=[model])
+
+
+def test_check_output_refuses_a_hard_link_to_an_input(tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"x")
+    os.link(model, tmp_path / "twin.onnx")
+    with pytest.raises(UserError, match="also an input"):
+        check_output(tmp_path / "twin.onnx", overwrite=True, inputs=[model])
+
+
+def test_check_output_refuses_a_missing_folder_and_a_folder(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        check_output(tmp_path / "no" / "out.csv", overwrite=False)
+    with pytest.raises(UserError, match="is a folder"):
+        check_output(tmp_path, overwrite=True)
+
+
+def test_check_distinct_sees_two_names_for_one_file(tmp_path):
+    with pytest.raises(UserError, match="two outputs"):
+        check_distinct([tmp_path / "a.png", tmp_path / "sub" / ".." / "a.png"])
+
+
+def test_lock_refuses_a_second_holder_naming_the_first(tmp_path):
+    out = tmp_path / "out.csv"
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(UserError, match=f"process {holder.pid}"):
+            OutputLock(out).acquire()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    with OutputLock(out):  # released when the holder ended
+        pass
+    assert not lock_path(out).exists()
+
+
+def test_a_killed_holder_frees_the_lock(tmp_path):
+    out = tmp_path / "out.csv"
+    holder = hold_lock(out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert lock_path(out).exists()  # left behind by the killed process, but no longer held
+    with OutputLock(out) as lock:
+        assert lock_path(out).read_text() == f"{os.getpid()}\n"
+        assert lock.fd >= 0
+
+
+def test_lock_in_one_process_is_held_once(tmp_path):
+    out = tmp_path / "out.csv"
+    with OutputLock(out):
+        with pytest.raises(UserError, match="being written by another run"):
+            OutputLock(out).acquire()
+
+
+def test_lock_refuses_a_planted_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    lock_path(tmp_path / "out.csv").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        OutputLock(tmp_path / "out.csv").acquire()
+    assert victim.read_text() == "precious"
