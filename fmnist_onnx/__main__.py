@@ -12,9 +12,9 @@ except KeyboardInterrupt:  # Ctrl-C in the few microseconds before the handler i
 
 
 def main() -> None:
-    from fmnist_onnx.testing import pause_point
+    from fmnist_onnx.testing import MAIN_STARTED, pause_point
 
-    pause_point("main.started")  # tests hold the process here: Ctrl-C's handler is in place (testing.py)
+    pause_point(MAIN_STARTED)  # tests hold the process here: Ctrl-C's handler is in place (testing.py)
     from fmnist_onnx.cli import main as cli_main
 
     cli_main()

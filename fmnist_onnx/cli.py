@@ -1,9 +1,11 @@
 """The command line: one thin Click command per job. Heavy libraries are imported inside the commands,
 so ``fmnist-onnx --help`` stays fast and the inference commands run without torch.
 
-Exit codes: 0 success, 1 a check failed (verify), 2 usage errors and bad input, 3 some files failed
+Exit codes: 0 success, 1 a check failed (verify, export), 2 usage errors and bad input, 3 some files failed
 (classify), 4 classify's output could not be written (its journal keeps the rows), 5 the model failed mid-run
-(classify: out of memory; the journal keeps the rows), 130 interrupted by Ctrl-C (a checkpoint was saved).
+(classify: out of memory; the journal keeps the rows), 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM;
+train's checkpoint, classify's journal kept). Each is the type of the exception that ends the command
+(fmnist_onnx/errors.py), turned into its code by ``_Group.invoke`` alone.
 """
 
 from __future__ import annotations
@@ -16,26 +18,28 @@ from pathlib import Path
 import click
 
 from fmnist_onnx import __version__
-from fmnist_onnx.errors import UserError
+from fmnist_onnx.errors import CheckFailed, CommandExit, Interrupted, UserError
 from fmnist_onnx.runtime import PROVIDER_CHOICES  # the provider table: no onnxruntime import
 
 DEFAULT_DIR = Path("artifacts")
 
 
 class _Group(click.Group):
-    """Turns a UserError anywhere below into one line on stderr and its exit code, never a traceback."""
+    """The one place where an exception becomes an exit code: a CommandExit anywhere below (UserError and its
+    kinds, Interrupted) is one line on stderr and the code its type gives (errors.py), never a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except UserError as e:
-            from fmnist_onnx.text import visible
+        except KeyboardInterrupt as stop:  # a Ctrl-C that no command turned into its own (Click's: "Aborted!", 1)
+            from fmnist_onnx.signals import signum_of
 
-            click.echo(f"Error: {visible(e)}", err=True)  # names in it are the user's files': shown as they are
+            e = Interrupted(signum_of(stop))
+            click.echo(e.line(), err=True)
             ctx.exit(e.exit_code)
-        except KeyboardInterrupt:  # a Ctrl-C that no command turned into its own message (Click: "Aborted!", 1)
-            click.echo("Interrupted.", err=True)
-            ctx.exit(130)
+        except CommandExit as e:
+            click.echo(e.line(), err=True)
+            ctx.exit(e.exit_code)
 
 
 def require_train_extra(command: str, *modules: str) -> None:
@@ -118,13 +122,8 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
         why = " (auto)" if device == "auto" else ""
         click.echo(f"device: {dev}{why}", err=True)
     cfg = tr.make_config(recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=dev)
-    try:
-        result = tr.train(cfg, out_dir, data_dir=data_dir, download=download, resume=resume,
-                          overwrite=overwrite, progress=show_progress(quiet), device=dev if resume else None)
-    except tr.Interrupted as e:
-        click.echo(f"Interrupted: checkpoint saved to {e.checkpoint}; run again with --resume to continue.",
-                   err=True)
-        sys.exit(128 + e.signum)
+    result = tr.train(cfg, out_dir, data_dir=data_dir, download=download, resume=resume, overwrite=overwrite,
+                      progress=show_progress(quiet), device=dev if resume else None)  # Interrupted: exit 128+N
     click.echo(f"{out_dir / 'model.pth'}: test accuracy {result.test_accuracy:.2f}% after "
                f"{len(result.history)} epochs in {result.seconds:.1f} s "
                f"(recipe {result.config.recipe}, {result.config.device})")
@@ -218,8 +217,7 @@ def export(weights, output, opset, quantize, int8_method, no_verify, atol, rtol,
     if result.verify is not None:
         click.echo(format_report(result.verify))
     if not result.written:
-        click.echo(f"Error: parity does not hold; {output} was not written", err=True)
-        sys.exit(1)
+        raise CheckFailed(f"parity does not hold; {output} was not written")
     click.echo(f"{output}: opset {result.opset}, {'verified' if result.verify else 'NOT verified (--no-verify)'}"
                f", {result.seconds:.1f} s")
     if result.int8 is not None:
@@ -227,8 +225,7 @@ def export(weights, output, opset, quantize, int8_method, no_verify, atol, rtol,
         line = (f"int8 ({q.method}): test accuracy {q.int8_accuracy_pct:.2f}% vs fp32 {q.fp32_accuracy_pct:.2f}% "
                 f"({q.accuracy_change_points:+.2f} points), top-1 agreement {q.top1_agreement_pct:.2f}%")
         if not q.written:
-            click.echo(f"Error: {line}; refused, {q.path} not written: {'; '.join(q.failures)}", err=True)
-            sys.exit(1)
+            raise CheckFailed(f"{line}; refused, {q.path} not written: {'; '.join(q.failures)}")
         click.echo(f"{q.path}: {line}")
 
 
@@ -271,8 +268,7 @@ def verify(weights, model, atol, rtol, providers, samples, data_dir, json_path, 
             _write_json(report.to_dict(), json_path, overwrite)
     click.echo(vf.format_report(report))
     if not report.passed:
-        click.echo(f"Error: {model} does not match {weights}", err=True)
-        sys.exit(1)
+        raise CheckFailed(f"{model} does not match {weights}")
 
 
 @cli.command(epilog="""\b

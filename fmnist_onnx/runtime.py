@@ -27,8 +27,7 @@ class ModelRunError(UserError):
     wrote rows says where they are kept. Made of the message alone, so that it crosses process boundaries
     (pickled by a worker) with its exit code."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, exit_code=MODEL_FAILED)
+    exit_code = MODEL_FAILED
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,7 @@ class OutputError(UserError):
     """The output could not be written mid-run (a full disk, an I/O error): exit 4. The journal keeps the
     rows written so far; the same command with --resume finishes once the cause is fixed."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, exit_code=OUTPUT_FAILED)
+    exit_code = OUTPUT_FAILED
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Pause points: a run held at a named moment, so that a test can act on it there (kill it, interrupt it, kill
 one of its workers) without racing it. Outside tests nothing is set and a pause point returns at once.
 
-A test sets two environment variables for the process it starts (tests/conftest.py, ``Held``, is that side):
+A test sets two environment variables for the process it starts (tests/harness.py, ``Held``, is that side):
 
   FMNIST_ONNX_PAUSE=NAME[:N]   hold at the N-th pass (default 1) of the pause point NAME:
       main.started             the command line's process, Ctrl-C's handler installed, nothing imported yet
@@ -27,6 +27,13 @@ import os
 
 PAUSE_ENV = "FMNIST_ONNX_PAUSE"
 FD_ENV = "FMNIST_ONNX_PAUSE_FD"
+
+# The pause points' names, for the code that passes them and the tests that hold a run there (see above)
+MAIN_STARTED = "main.started"
+CLASSIFY_BEFORE_ENGINE = "classify.before_engine"
+CLASSIFY_ENGINE_READY = "classify.engine_ready"
+CLASSIFY_AFTER_CHUNK = "classify.after_chunk"
+TRAIN_AFTER_STEP = "train.after_step"
 
 
 def _parse(spec: str) -> tuple[str | None, int]:

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import platform
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,11 +22,12 @@ import torch
 from torch import nn
 
 from fmnist_onnx.data import load_dataset, load_split
-from fmnist_onnx.errors import UserError
+from fmnist_onnx.errors import Interrupted, UserError
 from fmnist_onnx.files import OutputLock, atomic_write, atomic_write_text, check_output, open_existing
 from fmnist_onnx.machine import library_versions
 from fmnist_onnx.model import NeuralNetwork
-from fmnist_onnx.testing import pause_point
+from fmnist_onnx.signals import StopSignals
+from fmnist_onnx.testing import TRAIN_AFTER_STEP, pause_point
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,6 @@ class TrainResult:
     @property
     def test_accuracy(self) -> float:
         return self.history[-1].test_accuracy if self.history else float("nan")
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
-
-    def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted; checkpoint saved to {checkpoint}")
-        self.signum = signum
-        self.checkpoint = checkpoint
 
 
 def make_config(recipe: str = "fast", **overrides) -> TrainConfig:
@@ -214,31 +205,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss_sum / len(y), 100.0 * correct / len(y)
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag that the loop reads between steps; a second signal aborts at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 OUTPUTS = ("model.pth", "metrics.json", "training_curves.png")
 
 
@@ -294,7 +260,8 @@ def train(
     only with ``overwrite``, which also discards an interrupted run's checkpoint), holding a lock on model.pth.
 
     With ``resume``, the config and ``overwrite`` come from the checkpoint (``device`` may still be changed).
-    Raises Interrupted (after saving a checkpoint) when stopped by SIGINT or SIGTERM.
+    Raises errors.Interrupted (after saving a checkpoint; ``saved`` is its path) when stopped by SIGINT or
+    SIGTERM.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,80 +274,109 @@ def train(
         return _train(cfg, out, state, overwrite, data_dir, download, progress)
 
 
+def _fresh() -> dict:
+    """An epoch's sums before its first step (a checkpoint's "partial")."""
+    return {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+
+
+@dataclass
+class _Loop:
+    """What the steps change (the model, the optimizer, the history) and what they read (the config, the
+    batches): one epoch at a time, and a checkpoint of it all."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    history: list[EpochRecord]
+    batches: _Batches | None = None
+
+    def run_epoch(self, epoch: int, first: int, part: dict, stop: StopSignals, progress: bool) -> int:
+        """The steps of ``epoch`` from step ``first`` to its end, or to the step after a stop signal; its loss and
+        images summed into ``part``. Returns the step reached."""
+        from tqdm import tqdm
+
+        cfg, model, optimizer = self.cfg, self.model, self.optimizer
+        steps = self.batches.steps_per_epoch()
+        amp = autocast_dtype(cfg, cfg.device)
+        dev_type = torch.device(cfg.device).type
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True)
+        # Loss is summed on the device and read once per epoch: a .item() per step would sync a GPU.
+        loss_acc = torch.zeros((), device=cfg.device)
+        step = first
+        for x, y in self.batches(epoch, first):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps + step, steps * cfg.epochs, cfg)
+            with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_acc += loss.detach() * len(y)
+            part["count"] += len(y)
+            step += 1
+            pause_point(TRAIN_AFTER_STEP)  # tests hold the run here (testing.py)
+            if progress:
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+            if stop.signum is not None:
+                break
+        bar.close()
+        part["loss_sum"] += float(loss_acc)
+        return step
+
+    def checkpoint(self, epoch: int, step: int, part: dict, overwrite: bool) -> dict:
+        """What checkpoint.pt holds for a run that goes on at ``step`` of ``epoch`` (``_restore`` reads it)."""
+        return {
+            "format": CHECKPOINT_FORMAT, "config": asdict(self.cfg), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "history": [asdict(h) for h in self.history],
+            "epoch": epoch, "step": step, "partial": part, "overwrite": overwrite,
+        }
+
+
+def _restore(cfg: TrainConfig, state: dict | None) -> tuple[_Loop, int, int, dict]:
+    """A new model and optimizer (seeded), or the checkpoint's: the loop, and where it goes on (epoch, step,
+    the epoch's partial sums)."""
+    torch.manual_seed(cfg.seed)
+    model = NeuralNetwork().to(cfg.device)
+    loop = _Loop(cfg, model, make_optimizer(model, cfg), [])
+    if state is None:
+        return loop, 0, 0, _fresh()
+    model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.history = [EpochRecord(**h) for h in state["history"]]
+    return loop, state["epoch"], state["step"], dict(state["partial"])
+
+
 def _train(cfg: TrainConfig, out: Path, state: dict | None, overwrite: bool, data_dir, download: bool,
            progress: bool) -> TrainResult:
     from tqdm import tqdm
 
     ckpt_path = out / CHECKPOINT
-    dev = cfg.device
-
-    torch.manual_seed(cfg.seed)
-    model = NeuralNetwork().to(dev)
-    optimizer = make_optimizer(model, cfg)
-    history: list[EpochRecord] = []
-    start_epoch, start_step, partial = 0, 0, {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+    loop, start_epoch, start_step, partial = _restore(cfg, state)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = [EpochRecord(**h) for h in state["history"]]
-        start_epoch, start_step, partial = state["epoch"], state["step"], dict(state["partial"])
         log.info("resuming %s at epoch %d, step %d", ckpt_path, start_epoch + 1, start_step)
-
-    batches = _Batches(cfg, dev, data_dir, download)
+    loop.batches = _Batches(cfg, cfg.device, data_dir, download)
     test = load_split(False, data_dir, download)
-    test_x, test_y = test.as_float().to(dev), test.labels.to(dev)
-    steps = batches.steps_per_epoch()
-    total_steps = steps * cfg.epochs
+    test_x, test_y = test.as_float().to(cfg.device), test.labels.to(cfg.device)
 
-    def checkpoint(epoch: int, step: int, part: dict) -> None:
-        _save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "config": asdict(cfg), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "history": [asdict(h) for h in history],
-            "epoch": epoch, "step": step, "partial": part, "overwrite": overwrite,
-        })
-
-    amp = autocast_dtype(cfg, dev)
-    dev_type = torch.device(dev).type
-    model.train()
-    with _StopFlag() as stop:
+    loop.model.train()
+    with StopSignals() as stop:
         for epoch in range(start_epoch, cfg.epochs):
-            first = start_step if epoch == start_epoch else 0
-            part = partial if epoch == start_epoch else {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+            first, part = (start_step, partial) if epoch == start_epoch else (0, _fresh())
             t0 = time.perf_counter() - part["seconds"]
-            bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                       disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True)
-            # Loss is summed on the device and read once per epoch: a .item() per step would sync a GPU.
-            loss_acc = torch.zeros((), device=dev)
-            step = first
-            for x, y in batches(epoch, first):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(epoch * steps + step, total_steps, cfg)
-                with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_acc += loss.detach() * len(y)
-                part["count"] += len(y)
-                step += 1
-                pause_point("train.after_step")  # tests hold the run here (testing.py)
-                if progress:
-                    bar.update(1)
-                    if step % 20 == 0:
-                        bar.set_postfix(loss=f"{loss.item():.4f}")
-                if stop.signum is not None:
-                    break
-            bar.close()
-            part["loss_sum"] += float(loss_acc)
+            step = loop.run_epoch(epoch, first, part, stop, progress)
             if stop.signum is not None:
                 part["seconds"] = time.perf_counter() - t0
-                checkpoint(epoch, step, part)
-                raise Interrupted(stop.signum, ckpt_path)
-            test_loss, test_acc = evaluate(model, test_x, test_y)
+                _save_checkpoint(ckpt_path, loop.checkpoint(epoch, step, part, overwrite))
+                raise Interrupted(stop.signum, ckpt_path,
+                                  f"checkpoint saved to {ckpt_path}; run again with --resume to continue.")
+            test_loss, test_acc = evaluate(loop.model, test_x, test_y)
             rec = EpochRecord(epoch + 1, part["loss_sum"] / max(1, part["count"]), test_loss, test_acc,
                               time.perf_counter() - t0)
-            history.append(rec)
-            checkpoint(epoch + 1, 0, {"loss_sum": 0.0, "count": 0, "seconds": 0.0})
+            loop.history.append(rec)
+            _save_checkpoint(ckpt_path, loop.checkpoint(epoch + 1, 0, _fresh(), overwrite))
             if progress:
                 tqdm.write(f"epoch {rec.epoch:>2}/{cfg.epochs}  train loss {rec.train_loss:.4f}  "
                            f"test loss {rec.test_loss:.4f}  test accuracy {rec.test_accuracy:.2f}%  "
@@ -388,8 +384,9 @@ def _train(cfg: TrainConfig, out: Path, state: dict | None, overwrite: bool, dat
 
     # Seconds are the sum of the epochs' own times, so an interrupted and resumed run reports its training
     # time, not the pause in between.
+    history = loop.history
     result = TrainResult(cfg, history, sum(h.seconds for h in history), out)
-    _write_outputs(result, model, overwrite)
+    _write_outputs(result, loop.model, overwrite)
     ckpt_path.unlink(missing_ok=True)
     return result
 
