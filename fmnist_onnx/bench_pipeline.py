@@ -135,6 +135,28 @@ def scaling_workers(cores: int) -> list[int]:
     return [*counts, cores]
 
 
+def _inputs(folder: Path, model: Path, provider: str) -> tuple[str, list[str]]:
+    """The provider resolved and the folder's image files, each read once (every contender then reads from a
+    warm page cache). One line for a missing folder, one without images, a missing or wrong model, or a
+    provider that is missing."""
+    from fmnist_onnx import images
+
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    # The model is opened on the CPU: CUDA started in this process would not work in the processes that classify
+    # forks from it.
+    prov = resolve_provider(provider)
+    open_session(model, "cpu")
+    paths = list(images_under(folder))
+    if not paths:
+        raise UserError(f"{folder}: no image files in it (looked for {', '.join(sorted(images.image_extensions())[:6])}"
+                        ", ...)")
+    for p in paths:
+        with contextlib.suppress(OSError):
+            Path(p).read_bytes()
+    return prov, paths
+
+
 def bench_classify(
     folder: str | Path,
     model: str | Path,
@@ -154,23 +176,10 @@ def bench_classify(
 
     UserError for a missing folder, a folder with no images, or a missing or wrong model."""
     from fmnist_onnx import classify as cl
-    from fmnist_onnx import images
     from fmnist_onnx.engines.local import default_workers
 
     folder, model = Path(folder), Path(model)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: not a folder")
-    # One line for a missing or wrong model, or a provider that is missing; the model is opened on the CPU:
-    # CUDA started in this process would not work in the processes that classify forks from it.
-    prov = resolve_provider(provider)
-    open_session(model, "cpu")
-    paths = list(images_under(folder))
-    if not paths:
-        raise UserError(f"{folder}: no image files in it (looked for {', '.join(sorted(images.image_extensions())[:6])}"
-                        ", ...)")
-    for p in paths:  # warm the page cache: every contender reads from memory
-        with contextlib.suppress(OSError):
-            Path(p).read_bytes()
+    prov, paths = _inputs(folder, model, provider)
     workers = workers or default_workers()
     n = len(paths)
     records: list[PipelineRecord] = []

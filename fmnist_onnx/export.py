@@ -209,26 +209,13 @@ def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_M
     The metadata is the fp32 model's, less its test accuracy (int8's differs), plus ``quantization``.
     """
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in INT8_METHODS:
         raise UserError(f"unknown int8 method {method!r}; choose {' or '.join(INT8_METHODS)}")
     model_path, out_path = Path(model_path), Path(out_path)
-    if not model_path.is_file():
-        raise UserError(f"model file not found: {model_path}")
-    try:
-        fp32 = onnx.load(str(model_path))
-    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, onnx its own types
-        raise UserError(f"{model_path}: not an ONNX model ({type(e).__name__})") from None
-    if is_int8(model_path):
-        raise UserError(f"{model_path}: already quantized; quantize the fp32 model")
+    fp32 = _fp32_model(model_path)
     meta = {p.key: p.value for p in fp32.metadata_props if p.key != "test_accuracy"}
     with tempfile.TemporaryDirectory(prefix="fmnist-onnx-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -240,23 +227,8 @@ def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_M
             meta["quantization"] = INT8_DESCRIPTIONS["dynamic"]
         else:
             images = calibration_images(data_dir=data_dir) if calibration is None else calibration
-            input_name = fp32.graph.input[0].name
-
-            class Reader(CalibrationDataReader):
-                def __init__(self) -> None:
-                    self.batches = iter(range(0, len(images), 500))
-
-                def get_next(self):
-                    i = next(self.batches, None)
-                    return None if i is None else {input_name: images[i:i + 500]}
-
-            in_float = logits_layer(onnx.load(str(src))) if float_logits else []
-            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=per_channel, nodes_to_exclude=in_float)
-            meta["quantization"] = INT8_DESCRIPTIONS["static"].format(
-                n=len(images), weights="per output channel" if per_channel else "per tensor",
-                logits="; the last layer in float (logits not quantized)" if in_float else "; logits quantized")
+            meta["quantization"] = _quantize_static(src, dst, images, fp32.graph.input[0].name, per_channel,
+                                                    float_logits)
         int8 = onnx.load(str(dst))
     meta["producer"] = json.dumps(library_versions())
     set_metadata(int8, meta)
@@ -265,6 +237,44 @@ def quantize_int8(model_path: Path, out_path: Path, method: str = DEFAULT_INT8_M
     onnx.checker.check_model(int8, full_check=True)
     save_model(int8, out_path, overwrite)
     return out_path
+
+
+def _fp32_model(model_path: Path):
+    """The fp32 ONNX model to quantize, loaded; one line where it is missing, not ONNX, or int8 already."""
+    import onnx
+
+    if not model_path.is_file():
+        raise UserError(f"model file not found: {model_path}")
+    try:
+        fp32 = onnx.load(str(model_path))
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, onnx its own types
+        raise UserError(f"{model_path}: not an ONNX model ({type(e).__name__})") from None
+    if is_int8(model_path):
+        raise UserError(f"{model_path}: already quantized; quantize the fp32 model")
+    return fp32
+
+
+def _quantize_static(src: Path, dst: Path, images, input_name: str, per_channel: bool, float_logits: bool) -> str:
+    """QDQ quantization of ``src`` into ``dst``, calibrated on ``images`` in batches of 500 (quantize_int8 says
+    why the logits stay in float); the description for the int8 model's metadata."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(range(0, len(images), 500))
+
+        def get_next(self):
+            i = next(self.batches, None)
+            return None if i is None else {input_name: images[i:i + 500]}
+
+    in_float = logits_layer(onnx.load(str(src))) if float_logits else []
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=per_channel, nodes_to_exclude=in_float)
+    return INT8_DESCRIPTIONS["static"].format(
+        n=len(images), weights="per output channel" if per_channel else "per tensor",
+        logits="; the last layer in float (logits not quantized)" if in_float else "; logits quantized")
 
 
 def int8_path(output: Path) -> Path:
