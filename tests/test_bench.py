@@ -5,8 +5,6 @@ the records, which peak each percentage refers to, and the bad-input contract.""
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import subprocess
 import sys
@@ -14,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx import bench, bench_pipeline, timing
-from fmnist_onnx.peak import Peak, matmul_model, matmul_peak
+from fmnist_onnx.peak import Peak
 from fmnist_onnx.spec import FLOPS_PER_IMAGE
+from harness import FakeClock, assert_one_line_error, run_cli
 
 SIZES = (1, 64)
 
@@ -65,19 +63,6 @@ def test_each_precision_is_set_against_its_own_peak(short_run):
     assert "in the row's own precision" in proc.stdout
 
 
-class FakeClock:
-    """Time that moves only when the code under test "works": a test advances it, the harness reads it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 UNIT = 1 / 1024  # durations in multiples of 2**-10 s add up exactly in binary floating point
 
 
@@ -103,13 +88,6 @@ def test_harness_reports_exactly_what_the_clock_measured():
     assert rec.images_per_s == 4096.0  # 8 images every 2 units (1/512 s) on average
     assert rec.roofline_pct == pytest.approx(50.0)
     assert rec.gflops == pytest.approx(4096 * FLOPS_PER_IMAGE / 1e9)
-
-
-def test_harness_times_at_least_min_runs_however_slow():
-    clock = FakeClock()
-    times = timing.time_calls(lambda: clock.advance(1.0), duration_s=0.1, warmup_s=0, clock=clock)
-    assert list(times) == [1.0] * timing.MIN_RUNS
-    assert clock.now == 2 + timing.MIN_RUNS  # two warm-up calls, then the timed ones, and no more
 
 
 def test_table_shows_no_percentage_without_a_peak_of_that_precision():
@@ -156,12 +134,6 @@ def test_first_run_is_kept_out_of_the_timed_calls(onnx_model):
     assert len(calls) == 1 + 2 + rec.runs
     assert rec.first_run_ms > 0 and rec.runs >= timing.MIN_RUNS
     assert all(out[0].shape == (8, 10) for out in calls)  # real logits, every call
-
-
-def test_latency_percentiles_from_known_times():
-    lat = timing.latency_ms(np.array([0.001, 0.002, 0.003, 0.004]))
-    assert (lat.min, lat.max, lat.mean) == pytest.approx((1.0, 4.0, 2.5))
-    assert lat.p50 == pytest.approx(2.5)
 
 
 def test_int8_beside_the_model_is_used(onnx_model, tmp_path):
@@ -238,42 +210,6 @@ def test_cuda_without_cuda_fails_loudly(onnx_model):
     assert_one_line_error(run_cli("bench", "--model", onnx_model, "--provider", "cuda"), 2, "CUDAExecutionProvider")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_matmul_peak_names_its_method(precision):
-    peak = matmul_peak("cpu", precision, threads=1, duration_s=0.1, sizes=(128, 256))
-    assert peak.precision == precision and peak.method in peak.by_method
-    assert peak.gflops == max(peak.by_method.values())
-    if len(os.sched_getaffinity(0)) > 1:
-        assert "numpy" not in peak.by_method  # numpy's BLAS cannot be held to 1 thread: it must not count
-    assert peak.size in (128, 256)
-    assert math.isfinite(peak.roofline_images_per_s) and peak.roofline_images_per_s > 0
-
-
-@pytest.mark.parametrize("op, types, dtypes", [
-    ("MatMul", (1, 1, 1), (np.float32, np.float32)),
-    ("MatMulInteger", (2, 3, 6), (np.uint8, np.int8)),
-])
-def test_peak_model_written_without_onnx_is_a_valid_matrix_product(op, types, dtypes):
-    """peak.py writes its one-node models with the protobuf wire format: onnx must read the same model, and
-    onnxruntime must compute the product with it."""
-    import onnx
-    import onnxruntime as ort
-
-    data = matmul_model(op, 16, *types)
-    model = onnx.load_from_string(data)
-    onnx.checker.check_model(model, full_check=True)
-    assert [n.op_type for n in model.graph.node] == [op] and model.opset_import[0].version == 13
-    rng = np.random.default_rng(0)
-    a, b = (rng.integers(0, 100, (16, 16)).astype(t) for t in dtypes)
-    (c,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"A": a, "B": b})
-    np.testing.assert_array_equal(c, a.astype(np.int64) @ b.astype(np.int64))
-
-
-def test_bad_peak_request_is_refused():
-    with pytest.raises(ValueError):
-        matmul_peak("cuda", "int8")
-
-
 # ---------------------------------------------------------------------------------------------- bench classify
 
 @pytest.fixture(scope="module")
@@ -338,3 +274,13 @@ def test_bench_classify_folder_without_images_is_one_line(onnx_model, tmp_path):
 
 def test_bench_classify_missing_folder_is_one_line(onnx_model, tmp_path):
     assert_one_line_error(run_cli("bench", "classify", tmp_path / "nope", "--model", onnx_model), 2, "not a folder")
+
+
+def test_bench_classify_measures_the_coordinator_and_the_scaling(onnx_model, test_pngs, tmp_path):
+    run_cli("bench", "classify", test_pngs / "Coat", "-m", onnx_model, "--provider", "cpu", "--workers", "2",
+            "--scaling", "--json", tmp_path / "b.json", "--quiet", check=True)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [r["processes"] for r in data["scaling"]] == [1, 2]
+    assert all(r["images"] == 1000 and r["images_per_s"] > 0 for r in data["scaling"])
+    c = data["coordinator"]
+    assert c["files"] == 1000 and 0.01 < c["startup_cpu_s"] < 30 and c["cpu_us_per_file"] >= 0

@@ -17,8 +17,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from conftest import Held, assert_one_line_error, run_cli, wait_for_exit
 from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK
+from harness import Held, assert_one_line_error, run_cli, wait_for_exit
 
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -201,7 +202,7 @@ def _start_classify(folder: Path, model: Path, out: Path, workers: int, chunks: 
     are in its journal: what the test does next lands mid-run, on a loaded machine as on a fast one."""
     cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(model), "-o", str(out),
            "--workers", str(workers), *args]
-    held = Held(cmd, f"classify.after_chunk:{chunks}", start_new_session=True, stdout=subprocess.DEVNULL,
+    held = Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:{chunks}", start_new_session=True, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, text=True)
     try:
         held.wait()

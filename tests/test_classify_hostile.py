@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, CLASSIFY_BEFORE_ENGINE, CLASSIFY_ENGINE_READY, MAIN_STARTED
+from harness import assert_one_line_error, run_cli
 
 
 def _nan_model(path: Path) -> Path:
@@ -70,14 +71,14 @@ def test_a_fixed_batch_model_gives_the_dynamic_models_rows(batch, onnx_model, te
     assert len(rows["fixed"]) == 1000 and rows["fixed"] == rows["dynamic"]
 
 
-@pytest.mark.parametrize("point", ["main.started:1", "classify.before_engine:1", "classify.engine_ready:1",
-                                   "classify.after_chunk:1"])
+@pytest.mark.parametrize("point", [f"{MAIN_STARTED}:1", f"{CLASSIFY_BEFORE_ENGINE}:1", f"{CLASSIFY_ENGINE_READY}:1",
+                                   f"{CLASSIFY_AFTER_CHUNK}:1"])
 def test_ctrl_c_at_any_moment_is_exit_130_and_one_line(point, onnx_model, test_pngs, tmp_path):
     """Held at each stage of its start (before the imports, before the workers and onnxruntime, before the
     journal) and in the run, a Ctrl-C gives 130, one line and no traceback; a journal only once it has rows."""
     import os
 
-    from conftest import Held
+    from harness import Held
 
     out = tmp_path / "preds.csv"
     cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
@@ -90,7 +91,7 @@ def test_ctrl_c_at_any_moment_is_exit_130_and_one_line(point, onnx_model, test_p
     assert "Traceback" not in stderr and "Aborted" not in stderr and "Error" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("Interrupted"), stderr
     assert not out.exists()
-    assert journal_path(out).exists() == point.startswith("classify.after_chunk")
+    assert journal_path(out).exists() == point.startswith(CLASSIFY_AFTER_CHUNK)
     if journal_path(out).exists():
         assert "--resume" in stderr
 
@@ -98,12 +99,12 @@ def test_ctrl_c_at_any_moment_is_exit_130_and_one_line(point, onnx_model, test_p
 @pytest.fixture(scope="module")
 def killed_run(onnx_model, test_pngs, tmp_path_factory) -> dict:
     """A classify run over the 10,000 test PNGs, SIGKILLed once its first chunk is in the journal."""
-    from conftest import Held
+    from harness import Held
 
     out = tmp_path_factory.mktemp("killed") / "preds.csv"
     cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(test_pngs), "-m", str(onnx_model), "-o", str(out),
            "--workers", "1", "--quiet"]
-    with Held(cmd, "classify.after_chunk:1", start_new_session=True, stdout=subprocess.DEVNULL,
+    with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", start_new_session=True, stdout=subprocess.DEVNULL,
               stderr=subprocess.PIPE) as held:
         import os
 

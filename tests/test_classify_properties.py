@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx.classify import RunIdentity, identity_path
 from fmnist_onnx.sinks import journal_path, read_rows
 from fmnist_onnx.spec import CLASSES
+from harness import assert_one_line_error, run_cli
 
 N = 20
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Held, assert_one_line_error, run_cli
 from fmnist_onnx.classify import RunIdentity, confusion_png_path, identity_path, record_path
 from fmnist_onnx.files import lock_path
 from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.testing import CLASSIFY_ENGINE_READY
+from harness import Held, assert_one_line_error, run_cli
 
 N = 20
 
@@ -73,7 +74,7 @@ def test_a_second_run_on_a_held_output_is_refused_naming_the_first_and_a_kill_fr
     out = tmp_path / "preds.csv"
     cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(small), "-m", str(onnx_model), "-o", str(out),
            "--workers", "1", "-q"]
-    with Held(cmd, "classify.engine_ready:1", start_new_session=True, stdout=subprocess.DEVNULL,
+    with Held(cmd, f"{CLASSIFY_ENGINE_READY}:1", start_new_session=True, stdout=subprocess.DEVNULL,
               stderr=subprocess.DEVNULL) as held:
         pid = held.wait()
         for args in ([], ["--overwrite"], ["--resume"]):

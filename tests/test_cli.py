@@ -1,4 +1,4 @@
-"""The command line as a whole: help, speed of --help, the README/CI contract."""
+"""The command line as a whole: help, speed of --help, the README/CI contract, the --provider choice lists."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from conftest import REPO, run_cli
+from fmnist_onnx.runtime import PROVIDER_CHOICES, PROVIDER_TABLE
+from harness import REPO, run_cli
 
 
 def _commands(group: click.Group, prefix: list[str]):
@@ -79,3 +80,22 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
                 if line and not line.startswith(("#", "set ", "cd ", "export "))]
     assert ci_lines and all(line in readme for line in ci_lines), ci_lines
+
+
+def test_every_provider_choice_list_is_the_tables():
+    import click
+
+    from fmnist_onnx.cli import cli
+
+    def options(cmd, path=()):
+        for p in cmd.params:
+            if isinstance(p, click.Option) and "--provider" in p.opts:
+                yield (*path, cmd.name), p
+        for sub in getattr(cmd, "commands", {}).values():
+            yield from options(sub, (*path, cmd.name))
+
+    found = list(options(cli))
+    assert {"/".join(where[1:]) for where, _ in found} >= {"verify", "export", "classify", "bench", "bench/classify"}
+    for where, opt in found:
+        assert tuple(opt.type.choices) == PROVIDER_CHOICES, where
+    assert PROVIDER_CHOICES == ("auto", *PROVIDER_TABLE)

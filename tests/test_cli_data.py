@@ -7,9 +7,9 @@ import gzip
 import numpy as np
 from PIL import Image
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx.data import DEBIAN_DIR
 from fmnist_onnx.spec import CLASSES, class_folder_name
+from harness import assert_one_line_error, run_cli
 
 
 def idx(name: str, offset: int) -> np.ndarray:

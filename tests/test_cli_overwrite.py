@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from harness import assert_one_line_error, run_cli
 
 # (name, the output the row writes, the command's arguments once the files are in place: {d} is the folder)
 COMMANDS = [

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx import data
 from fmnist_onnx.errors import UserError
+from harness import assert_one_line_error, run_cli
 
 
 def test_debian_package_is_found():

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Held, assert_one_line_error, run_cli, wait_for_exit
+from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK
+from harness import Held, assert_one_line_error, run_cli, wait_for_exit
 
 pytest.importorskip("ray", reason='the Ray engine needs the [ray] extra: pip install -e ".[ray]"')
 
@@ -265,7 +266,7 @@ def test_ctrl_c_stops_the_runtime_and_resume_finishes(test_pngs, model, ray_env,
     journal = tmp_path / "preds.csv.partial"
     try:
         # held (fmnist_onnx/testing.py) once the first block's rows are in the journal: Ctrl-C lands mid-run
-        with Held(cmd, "classify.after_chunk:1", env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+        with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                   stderr=subprocess.PIPE, text=True) as held:
             held.wait()
             written = journal_rows(journal)
@@ -310,7 +311,7 @@ def test_cluster_resume_writes_each_file_once(cluster, folder, model, local_rows
     # a local run killed (SIGKILL) once its first chunk is in the journal...
     cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(model), "-o", str(out), "-k",
            TOP_K, "--workers", "1"]
-    with Held(cmd, "classify.after_chunk:1", start_new_session=True, stdout=subprocess.DEVNULL,
+    with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", start_new_session=True, stdout=subprocess.DEVNULL,
               stderr=subprocess.DEVNULL) as held:
         held.wait()
         os.killpg(held.proc.pid, signal.SIGKILL)

@@ -13,11 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx import spec
 from fmnist_onnx.export import export_onnx, quantize_int8, sha256_file, write_int8
 from fmnist_onnx.model import NeuralNetwork, load_model
 from fmnist_onnx.verify import verify
+from harness import assert_one_line_error, run_cli
 
 
 def _dims(value) -> list:

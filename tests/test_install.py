@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error
 from fmnist_onnx import __version__
 from fmnist_onnx.runtime import BOTH_RUNTIMES_FIX
+from harness import REPO, assert_one_line_error
 
 # pip resolves a dry run from metadata alone since 25.3 (before, it downloaded every wheel it resolved: 1.6 GB
 # for [gpu]); fast-deps reads a wheel's metadata with HTTP range requests where the index does not serve it

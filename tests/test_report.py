@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx import images
 from fmnist_onnx.report import CELL_IMAGES, FAILED_LISTED, GALLERY_IMAGES, MAX_BYTES, THUMB_SIDE, draw
 from fmnist_onnx.sinks import read_rows
 from fmnist_onnx.spec import CLASSES
+from harness import assert_one_line_error, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_browser = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at "

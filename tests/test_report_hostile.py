@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import _foreign_model, assert_one_line_error, run_cli
 from fmnist_onnx.spec import CLASSES
+from harness import assert_one_line_error, foreign_model, run_cli
 
 SCRIPT = "<script>alert(1)</script>"
 IMG_ATTR = '"><img src=x onerror=alert(1)>'
@@ -229,7 +229,7 @@ def test_rows_naming_one_huge_original_decode_it_once(tmp_path):
 @pytest.fixture
 def model(tmp_path) -> Path:
     """A valid Fashion-MNIST-shaped ONNX classifier (zero weights), made without training."""
-    return _foreign_model(tmp_path / "model.onnx", ["batch", 1, 28, 28], 1, 10)
+    return foreign_model(tmp_path / "model.onnx", ["batch", 1, 28, 28], 1, 10)
 
 
 def test_report_onto_its_model_is_refused_even_with_overwrite(folder, model):
@@ -310,7 +310,7 @@ def crafted_model(path: Path) -> Path:
     """The small model, with script in its metadata keys and values."""
     import onnx
 
-    _foreign_model(path, ["batch", 1, 28, 28], 1, 10)
+    foreign_model(path, ["batch", 1, 28, 28], 1, 10)
     m = onnx.load(str(path))
     for key, value in ((SCRIPT, IMG_ATTR), ("classes", json.dumps([SCRIPT, IMG_ATTR])), ("test_accuracy", SCRIPT),
                        ("note\u202e", "\x1b]0;title\x07")):

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx.classify import identity_path
 from fmnist_onnx.runtime import MODEL_FAILED, machine_memory
 from fmnist_onnx.sinks import JournalScan, journal_path
+from harness import assert_one_line_error, run_cli
 
 HUGE = 2**40
 

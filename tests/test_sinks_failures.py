@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx.sinks import OUTPUT_FAILED, JournalScan, JournalSink, OutputError, Row, journal_path, read_rows
 from fmnist_onnx.spec import CLASSES
+from harness import assert_one_line_error, run_cli
 
 # Names a CSV writer must quote (a CR too) and one that is not UTF-8: they sort before and after the digits,
 # so each class folder has some in the rows written before the disk fills and some after.

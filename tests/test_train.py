@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
-from conftest import Held, assert_one_line_error, run_cli
+from fmnist_onnx.testing import TRAIN_AFTER_STEP
 from fmnist_onnx.train import lr_at, make_config, train
+from harness import Held, assert_one_line_error, run_cli
 
 
 def test_short_run_learns(trained_dir):
@@ -74,7 +75,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path):
 
     steps = math.ceil(60_000 / make_config("fast").batch_size)  # an epoch of the training set
     # held (fmnist_onnx/testing.py) 30 steps into epoch 2; Ctrl-C then, and the loop sees it once released
-    with Held(_train_cmd(tmp_path / "cut"), f"train.after_step:{steps + 30}", stdout=subprocess.PIPE,
+    with Held(_train_cmd(tmp_path / "cut"), f"{TRAIN_AFTER_STEP}:{steps + 30}", stdout=subprocess.PIPE,
               stderr=subprocess.PIPE, text=True) as held:
         held.wait()
         held.proc.send_signal(signal.SIGINT)
@@ -124,7 +125,7 @@ def test_auto_device_says_which():
 def test_existing_outputs_are_refused_before_the_first_step(tmp_path):
     (tmp_path / "metrics.json").write_text("mine")
     # held at the first step, the run would fail this test by hanging: it must be refused before
-    with Held(_train_cmd(tmp_path), "train.after_step:1", stderr=subprocess.PIPE, text=True) as held:
+    with Held(_train_cmd(tmp_path), f"{TRAIN_AFTER_STEP}:1", stderr=subprocess.PIPE, text=True) as held:
         _, stderr = held.proc.communicate(timeout=120)
     assert held.proc.returncode == 2 and "metrics.json exists; use --overwrite" in stderr, stderr
     assert (tmp_path / "metrics.json").read_text() == "mine"
@@ -133,7 +134,7 @@ def test_existing_outputs_are_refused_before_the_first_step(tmp_path):
 def test_resume_keeps_the_overwrite_the_run_started_with(tmp_path):
     (tmp_path / "model.pth").write_bytes(b"old")
     cmd = [*_train_cmd(tmp_path), "--epochs", "1", "--overwrite"]
-    with Held(cmd, "train.after_step:5", stderr=subprocess.PIPE, text=True) as held:
+    with Held(cmd, f"{TRAIN_AFTER_STEP}:5", stderr=subprocess.PIPE, text=True) as held:
         held.wait()
         held.proc.send_signal(signal.SIGINT)
         held.release()
@@ -146,7 +147,7 @@ def test_resume_keeps_the_overwrite_the_run_started_with(tmp_path):
 
 
 def test_a_second_train_on_the_same_folder_is_refused(tmp_path):
-    with Held(_train_cmd(tmp_path), "train.after_step:1") as held:
+    with Held(_train_cmd(tmp_path), f"{TRAIN_AFTER_STEP}:1") as held:
         pid = held.wait()
         second = run_cli(*_train_cmd(tmp_path)[3:])
     assert_one_line_error(second, 2, f"process {pid}")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx.verify import compare_logits, top1_ties, verify
+from harness import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
