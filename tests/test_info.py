@@ -1,4 +1,4 @@
-"""`fmnist-onnx info`: what a model is, shown without torch; bad models refused in one line."""
+"""info.py and `fmnist-onnx info`: what a model is, shown without torch; bad models refused in one line."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import onnxruntime as ort
 import pytest
 
-from conftest import assert_one_line_error, run_cli
 from fmnist_onnx import spec
+from harness import assert_one_line_error, run_cli
 
 # Runs the CLI where importing torch (or torchvision) fails, as on a machine with only the inference packages.
 NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
