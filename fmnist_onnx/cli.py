@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from fmnist_onnx import __version__
+from fmnist_onnx.classify.engines import ENGINE_NAMES, ENGINES  # the registry: no engine imported
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.runtime import PROVIDER_CHOICES  # the provider table: no onnxruntime import
 
@@ -487,10 +488,9 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or interrupted run.")
 @click.option("--no-recursive", is_flag=True, help="Only the files directly inside each folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with -o -).")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: worker processes on this machine. ray: Ray Data on a cluster (pip install "
-                   "\"fmnist-onnx[ray]\"); same rows, in the order they are done. On one 2-core machine Ray was "
-                   "10-18x slower than local on 10,000 PNGs (5-8x on 60,000): it is for clusters, never the "
+@click.option("--engine", type=click.Choice(ENGINE_NAMES), default="local", show_default=True,
+              help=". ".join(f"{name}: {e.summary}" for name, e in ENGINES.items()) + ". On one 2-core machine Ray "
+                   "was 10-18x slower than local on 10,000 PNGs (5-8x on 60,000): it is for clusters, never the "
                    "default.")
 @click.option("--ray-address", help="With --engine ray: the cluster ('auto', HOST:PORT, ray://HOST:10001) "
                                     "[default: $RAY_ADDRESS, else a local Ray runtime, stopped at the end].")
@@ -514,42 +514,23 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     Rows go to <output>.partial as they are made and the output gets its name only when complete: a
     killed run continues with --resume. An existing output is never replaced without --overwrite.
     """
-    import json as jsonlib
-    from dataclasses import asdict
-    from functools import partial
-
     from fmnist_onnx import classify as cl
 
-    if as_json and output == "-":
-        raise click.UsageError("--json prints the summary on stdout, where -o - writes the table: use -o FILE")
-    if report_path and output == "-":
-        raise click.UsageError("--report is made from the output table: use -o FILE")
-    if report_path:
-        from fmnist_onnx.report import check_destination
-
-        # before the run, not after an hour of work: classify's --overwrite; never an input or another output
-        check_destination(report_path, overwrite, inputs=[model, *paths], outputs=[output])
-    if engine == "local" and (ray_address or actors):
-        raise click.UsageError("--ray-address and --actors are for --engine ray")
-    if engine == "ray" and (workers or inference != "auto"):
-        raise click.UsageError("--workers and --inference are for --engine local; with --engine ray, use --actors")
-    talk = not quiet
+    _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine,
+                            ray_address or actors, workers or inference != "auto")
 
     def on_provider(name: str) -> None:
-        if talk:
+        if not quiet:
             why = " (auto)" if provider == "auto" else ""
             click.echo(f"provider: {name}{why}", err=True)
 
-    if engine == "ray":
-        from fmnist_onnx.engines.ray import classify_ray  # Ray is imported only here: not on the default install
-
-        run = partial(classify_ray, address=ray_address, actors=actors)
-    else:
-        run = partial(cl.classify, workers=workers, inference=inference)
+    options = {"address": ray_address, "actors": actors} if engine == "ray" else \
+        {"workers": workers, "inference": inference}
     try:
-        s = run(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
-                invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
-                progress=show_progress(quiet), on_provider=on_provider, report=report_path)
+        s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
+                        invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
+                        progress=show_progress(quiet), on_provider=on_provider, report=report_path, engine=engine,
+                        **options)
     except cl.Interrupted as e:
         if e.journal is None or not e.journal.exists():
             click.echo("Interrupted.", err=True)  # before any row: nothing to resume
@@ -560,10 +541,39 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+    _show_run(s, output, as_json, report_path, model, invert, overwrite)
+    sys.exit(3 if s.failed else 0)
+
+
+def _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine, ray_options,
+                            local_options) -> None:
+    """classify's usage errors, and the --report page's place, before the run (not after an hour of work)."""
+    if as_json and output == "-":
+        raise click.UsageError("--json prints the summary on stdout, where -o - writes the table: use -o FILE")
+    if report_path and output == "-":
+        raise click.UsageError("--report is made from the output table: use -o FILE")
+    if report_path:
+        from fmnist_onnx.report import check_destination
+
+        # classify's --overwrite; never an input or another output
+        check_destination(report_path, overwrite, inputs=[model, *paths], outputs=[output])
+    if engine == "local" and ray_options:
+        raise click.UsageError("--ray-address and --actors are for --engine ray")
+    if engine == "ray" and local_options:
+        raise click.UsageError("--workers and --inference are for --engine local; with --engine ray, use --actors")
+
+
+def _show_run(s, output, as_json, report_path, model, invert, overwrite) -> None:
+    """The summary (text, or JSON on stdout), then the --report page, written under its lock."""
+    import json
+    from dataclasses import asdict
+
+    from fmnist_onnx.classify import format_summary
+
     if as_json:
-        click.echo(jsonlib.dumps(asdict(s), indent=2))
+        click.echo(json.dumps(asdict(s), indent=2))
     else:
-        click.echo(cl.format_summary(s), err=output == "-")
+        click.echo(format_summary(s), err=output == "-")
     if report_path:
         from fmnist_onnx.files import locked
         from fmnist_onnx.report import build_report
@@ -573,7 +583,6 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
             r = build_report(s.output, report_path, model=model, invert=invert, run=s, overwrite=overwrite,
                              what="--report")
         click.echo(f"report: {visible(r.path)} ({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s)", err=as_json)
-    sys.exit(3 if s.failed else 0)
 
 
 @cli.command(epilog="""\b
