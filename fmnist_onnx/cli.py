@@ -16,9 +16,12 @@ from pathlib import Path
 import click
 
 from fmnist_onnx import __version__
+from fmnist_onnx.classify.contract import BATCHED_MAX_CHUNK, DEFAULT_BATCH, INFERENCE_MODES, MAX_TOP_K
 from fmnist_onnx.classify.engines import ENGINE_NAMES, ENGINES  # the registry: no engine imported
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.runtime import PROVIDER_CHOICES  # the provider table: no onnxruntime import
+from fmnist_onnx.sinks import FORMATS
+from fmnist_onnx.spec import INVERT_MODES
 
 DEFAULT_DIR = Path("artifacts")
 
@@ -467,21 +470,21 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
               show_default=True, help="The ONNX model (from `fmnist-onnx export`).")
 @click.option("-o", "--output", default="-", show_default=True,
               help="Table to write: .csv, .jsonl or .parquet; '-' writes CSV to stdout.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]),
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="Table format, when the --output suffix does not say it.")
-@click.option("-k", "--top-k", type=click.IntRange(1, 10), default=1, show_default=True,
+@click.option("-k", "--top-k", type=click.IntRange(1, MAX_TOP_K), default=1, show_default=True,
               help="Also write the next K-1 classes and their scores.")
 @click.option("--batch-size", type=click.IntRange(min=1),
-              help="Images per onnxruntime call [512 where the decoding processes run the model (the CPU); the "
-                   "whole chunk, up to 8192, in the batched stage (CUDA)].")
+              help=f"Images per onnxruntime call [{DEFAULT_BATCH} where the decoding processes run the model (the "
+                   f"CPU); the whole chunk, up to {BATCHED_MAX_CHUNK}, in the batched stage (CUDA)].")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime has it, else the CPU. An explicit cuda that is missing is an error.")
-@click.option("--inference", type=click.Choice(["auto", "workers", "batched"]), default="auto", show_default=True,
+@click.option("--inference", type=click.Choice(INFERENCE_MODES), default="auto", show_default=True,
               help="Where the model runs: in the decoding processes (the CPU's way), or in inference processes "
                    "after them, on whole chunks (CUDA's way; with --provider cpu too, e.g. to test it). auto: the "
                    "provider's way.")
-@click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+@click.option("--invert", type=click.Choice(INVERT_MODES), default="auto", show_default=True,
               help="auto: invert images with a light border (dark object on a light background, like a product "
                    "photo) to Fashion-MNIST's light-on-dark.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run's output (<output>.partial).")
@@ -597,7 +600,7 @@ Examples:
               help="The HTML file to write [PREDICTIONS' name with .report.html].")
 @click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False),
               help="The ONNX model of the run, for its metadata [artifacts/model.onnx when it exists].")
-@click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+@click.option("--invert", type=click.Choice(INVERT_MODES), default="auto", show_default=True,
               help="The run's --invert: the images are drawn as the model saw them.")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path, dir_okay=False),
               help="The JSON that `classify --json` printed: adds what the table does not hold (provider, "

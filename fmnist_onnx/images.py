@@ -43,7 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_onnx.spec import CLASSES, IMAGE_SIZE, class_folder_name
+from fmnist_onnx.spec import (
+    CLASSES,
+    IMAGE_SIZE,
+    class_folder_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,6 @@ log = logging.getLogger(__name__)
 # huge file is an error row, not an out-of-memory kill. 64 Mpx covers 48 Mpx phone photos.
 MAX_PIXELS = 64_000_000
 MAX_FILE_BYTES = 256 << 20
-INVERT_MODES = ("auto", "yes", "no")
 # Pillow formats that it can name but not decode here (stubs, or external programs such as Ghostscript).
 _UNDECODABLE = {"BUFR", "GRIB", "HDF5", "MPEG", "WMF", "EPS"}
 _CLASS_INDEX = {class_folder_name(c): i for i, c in enumerate(CLASSES)}

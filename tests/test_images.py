@@ -16,6 +16,7 @@ from PIL import Image
 
 from fmnist_onnx import images
 from fmnist_onnx.data import DEBIAN_DIR
+from fmnist_onnx.spec import INVERT_MODES
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_fast_png_path_equals_pillow_and_the_dataset(test_images, monkeypatch):
 def test_batch_equals_one_by_one(test_images):
     odd = [png_bytes(Image.fromarray(test_images[0])), png_bytes(Image.fromarray(255 - test_images[1])),
            png_bytes(product_photo(test_images[2])), b"not an image", png_bytes(Image.fromarray(test_images[3]))]
-    for invert in images.INVERT_MODES:
+    for invert in INVERT_MODES:
         batch, errors = images.preprocess_batch(odd, invert)
         for i, data in enumerate(odd):
             x, err = images.preprocess(data, invert)

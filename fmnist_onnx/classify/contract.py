@@ -18,13 +18,14 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from fmnist_onnx.sinks import Row
 from fmnist_onnx.spec import NUM_CLASSES
 from fmnist_onnx.text import visible
+
+if TYPE_CHECKING:  # numpy only in annotations: the CLI reads this module's constants for its help, fast
+    import numpy as np
 
 FIRST_CHUNK = 64
 MAX_CHUNK = 2048  # files a chunk holds at most where the decoding processes run the model
@@ -35,6 +36,7 @@ CRASHED = "the decoder crashed on this file (its process died)"
 NON_FINITE = "the model gave non-finite logits (NaN or infinity) for this image"
 RECORD_MAX_BYTES = 256 << 20  # a run record names the inputs: a shell glob of 100,000 files is ~10 MB
 MAX_TOP_K = NUM_CLASSES  # --top-k at most: every class
+INFERENCE_MODES = ("auto", "workers", "batched")  # where the local engine runs the model (--inference)
 
 
 class Interrupted(Exception):

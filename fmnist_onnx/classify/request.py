@@ -8,13 +8,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fmnist_onnx import images
 from fmnist_onnx.classify import engines, sources
 from fmnist_onnx.classify.contract import MAX_TOP_K, Request, RunIdentity
 from fmnist_onnx.classify.outputs import confusion_png_path, run_files
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import same_file
 from fmnist_onnx.sinks import JournalSink, format_for
+from fmnist_onnx.spec import INVERT_MODES
 from fmnist_onnx.text import visible
 
 
@@ -45,8 +45,8 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
         raise UserError(f"--top-k must be between 1 and {MAX_TOP_K}")
     if batch_size is not None and batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    if invert not in images.INVERT_MODES:
-        raise UserError(f"--invert must be one of {', '.join(images.INVERT_MODES)}")
+    if invert not in INVERT_MODES:
+        raise UserError(f"--invert must be one of {', '.join(INVERT_MODES)}")
     if provider not in PROVIDER_CHOICES:
         raise UserError(f"unknown provider {provider!r}; choose {', '.join(PROVIDER_CHOICES)}")
     if output == "-" and resume:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fmnist_onnx import images
-from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, Request, Rows
+from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, INFERENCE_MODES, Request, Rows
 from fmnist_onnx.classify.predict import decoder_name, make_rows, rows_of
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
@@ -47,7 +47,6 @@ STAGE_DEPTH = 2  # chunks queued per inference process: it never waits for the p
 # Decoding workers per inference process. On the H100 with 16 workers, 1, 2 and 4 inference processes ran at
 # 188k, 214k and 207k images/s (600,000 PNGs, best of two).
 WORKERS_PER_STAGE = 8
-INFERENCE_CHOICES = ("auto", "workers", "batched")
 
 
 def default_workers() -> int:
@@ -224,8 +223,8 @@ class LocalEngine:
         from fmnist_onnx.runtime import PROVIDER_TABLE, resolve_provider
 
         self.provider = resolve_provider(request.provider)  # cheap: no session, no CUDA initialisation here
-        if inference not in INFERENCE_CHOICES:
-            raise UserError(f"--inference must be one of {', '.join(INFERENCE_CHOICES)}")
+        if inference not in INFERENCE_MODES:
+            raise UserError(f"--inference must be one of {', '.join(INFERENCE_MODES)}")
         in_workers = PROVIDER_TABLE[self.provider].model_in_workers if inference == "auto" else inference == "workers"
         if in_workers and self.provider != "cpu":
             raise UserError(f"--inference workers runs the model in the decoding processes, on the CPU only; "
