@@ -112,8 +112,9 @@ s = open_session(sys.argv[1], sys.argv[2], threads=1); print(f"{sys.argv[2]} ses
 import json, resource, sys, time
 from pathlib import Path
 import fmnist_onnx.classify as cl
+from fmnist_onnx.classify import contract  # the chunk caps, read by the engine at each run
 from fmnist_onnx.bench_pipeline import _decode_chunks, images_under
-from fmnist_onnx.engines.local import default_workers
+from fmnist_onnx.classify.engines.local import default_workers
 folder, model, out, csv, gpu = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 paths = list(images_under(folder))
 w = default_workers()
@@ -125,16 +126,16 @@ print(res[-1], flush=True)
 def cpu(who):
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
-defaults = {"MAX_CHUNK": cl.MAX_CHUNK, "BATCHED_MAX_CHUNK": cl.BATCHED_MAX_CHUNK}
+defaults = {"MAX_CHUNK": contract.MAX_CHUNK, "BATCHED_MAX_CHUNK": contract.BATCHED_MAX_CHUNK}
 for provider, workers, stages, max_chunk, switch in (
         (gpu, w, 2, None, None), ("cpu", w, None, None, None), (gpu, w, 1, None, None), (gpu, w, 4, None, None),
         (gpu, max(1, w - 2), 2, None, None), (gpu, w, 2, 2048, None), ("cpu", w, None, 8192, None),
         (gpu, w, 2, None, 0.0005), ("cpu", w, None, None, 0.0005)):
     # the cap of the path under test (read by the chunk sizing and the slots at each run); the other's default
     for name, value in defaults.items():
-        setattr(cl, name, value)
+        setattr(contract, name, value)
     if max_chunk:
-        setattr(cl, "BATCHED_MAX_CHUNK" if stages else "MAX_CHUNK", max_chunk)
+        setattr(contract, "BATCHED_MAX_CHUNK" if stages else "MAX_CHUNK", max_chunk)
     old_switch = sys.getswitchinterval()
     sys.setswitchinterval(switch or old_switch)
     best = None

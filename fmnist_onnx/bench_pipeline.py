@@ -120,9 +120,9 @@ def coordinator_cpu(folder: Path, model: Path, workers: int, provider: str, batc
 
 
 def images_under(folder: Path):
-    from fmnist_onnx import images
+    from fmnist_onnx.classify.sources.folder import walk_batches
 
-    for batch in images.iter_batches([folder]):
+    for batch in walk_batches([str(folder)], True):
         yield from batch.files
 
 
@@ -176,7 +176,7 @@ def bench_classify(
 
     UserError for a missing folder, a folder with no images, or a missing or wrong model."""
     from fmnist_onnx import classify as cl
-    from fmnist_onnx.engines.local import default_workers
+    from fmnist_onnx.classify.engines.local import default_workers
 
     folder, model = Path(folder), Path(model)
     prov, paths = _inputs(folder, model, provider)

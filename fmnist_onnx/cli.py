@@ -18,8 +18,12 @@ from pathlib import Path
 import click
 
 from fmnist_onnx import __version__
+from fmnist_onnx.classify.contract import BATCHED_MAX_CHUNK, DEFAULT_BATCH, INFERENCE_MODES, MAX_TOP_K
+from fmnist_onnx.classify.engines import ENGINE_NAMES, ENGINES  # the registry: no engine imported
 from fmnist_onnx.errors import CheckFailed, CommandExit, Interrupted, UserError
 from fmnist_onnx.runtime import PROVIDER_CHOICES  # the provider table: no onnxruntime import
+from fmnist_onnx.sinks import FORMATS
+from fmnist_onnx.spec import INVERT_MODES
 
 DEFAULT_DIR = Path("artifacts")
 
@@ -462,31 +466,30 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
               show_default=True, help="The ONNX model (from `fmnist-onnx export`).")
 @click.option("-o", "--output", default="-", show_default=True,
               help="Table to write: .csv, .jsonl or .parquet; '-' writes CSV to stdout.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]),
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="Table format, when the --output suffix does not say it.")
-@click.option("-k", "--top-k", type=click.IntRange(1, 10), default=1, show_default=True,
+@click.option("-k", "--top-k", type=click.IntRange(1, MAX_TOP_K), default=1, show_default=True,
               help="Also write the next K-1 classes and their scores.")
 @click.option("--batch-size", type=click.IntRange(min=1),
-              help="Images per onnxruntime call [512 where the decoding processes run the model (the CPU); the "
-                   "whole chunk, up to 8192, in the batched stage (CUDA)].")
+              help=f"Images per onnxruntime call [{DEFAULT_BATCH} where the decoding processes run the model (the "
+                   f"CPU); the whole chunk, up to {BATCHED_MAX_CHUNK}, in the batched stage (CUDA)].")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime has it, else the CPU. An explicit cuda that is missing is an error.")
-@click.option("--inference", type=click.Choice(["auto", "workers", "batched"]), default="auto", show_default=True,
+@click.option("--inference", type=click.Choice(INFERENCE_MODES), default="auto", show_default=True,
               help="Where the model runs: in the decoding processes (the CPU's way), or in inference processes "
                    "after them, on whole chunks (CUDA's way; with --provider cpu too, e.g. to test it). auto: the "
                    "provider's way.")
-@click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+@click.option("--invert", type=click.Choice(INVERT_MODES), default="auto", show_default=True,
               help="auto: invert images with a light border (dark object on a light background, like a product "
                    "photo) to Fashion-MNIST's light-on-dark.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run's output (<output>.partial).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or interrupted run.")
 @click.option("--no-recursive", is_flag=True, help="Only the files directly inside each folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with -o -).")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: worker processes on this machine. ray: Ray Data on a cluster (pip install "
-                   "\"fmnist-onnx[ray]\"); same rows, in the order they are done. On one 2-core machine Ray was "
-                   "10-18x slower than local on 10,000 PNGs (5-8x on 60,000): it is for clusters, never the "
+@click.option("--engine", type=click.Choice(ENGINE_NAMES), default="local", show_default=True,
+              help=". ".join(f"{name}: {e.summary}" for name, e in ENGINES.items()) + ". On one 2-core machine Ray "
+                   "was 10-18x slower than local on 10,000 PNGs (5-8x on 60,000): it is for clusters, never the "
                    "default.")
 @click.option("--ray-address", help="With --engine ray: the cluster ('auto', HOST:PORT, ray://HOST:10001) "
                                     "[default: $RAY_ADDRESS, else a local Ray runtime, stopped at the end].")
@@ -510,12 +513,33 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     Rows go to <output>.partial as they are made and the output gets its name only when complete: a
     killed run continues with --resume. An existing output is never replaced without --overwrite.
     """
-    import json as jsonlib
-    from dataclasses import asdict
-    from functools import partial
-
     from fmnist_onnx import classify as cl
 
+    _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine,
+                            ray_address or actors, workers or inference != "auto")
+
+    def on_provider(name: str) -> None:
+        if not quiet:
+            why = " (auto)" if provider == "auto" else ""
+            click.echo(f"provider: {name}{why}", err=True)
+
+    options = {"address": ray_address, "actors": actors} if engine == "ray" else \
+        {"workers": workers, "inference": inference}
+    try:
+        s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
+                        invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
+                        progress=show_progress(quiet), on_provider=on_provider, report=report_path, engine=engine,
+                        **options)
+    except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        click.get_current_context().exit(141)
+    _show_run(s, output, as_json, report_path, model, invert, overwrite)
+    click.get_current_context().exit(3 if s.failed else 0)  # 3: some files failed (their rows say why)
+
+
+def _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine, ray_options,
+                            local_options) -> None:
+    """classify's usage errors, and the --report page's place, before the run (not after an hour of work)."""
     if as_json and output == "-":
         raise click.UsageError("--json prints the summary on stdout, where -o - writes the table: use -o FILE")
     if report_path and output == "-":
@@ -523,43 +547,25 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     if report_path:
         from fmnist_onnx.report import check_destination
 
-        # before the run, not after an hour of work: classify's --overwrite; never an input or another output
+        # classify's --overwrite; never an input or another output
         check_destination(report_path, overwrite, inputs=[model, *paths], outputs=[output])
-    if engine == "local" and (ray_address or actors):
+    if engine == "local" and ray_options:
         raise click.UsageError("--ray-address and --actors are for --engine ray")
-    if engine == "ray" and (workers or inference != "auto"):
+    if engine == "ray" and local_options:
         raise click.UsageError("--workers and --inference are for --engine local; with --engine ray, use --actors")
-    talk = not quiet
 
-    def on_provider(name: str) -> None:
-        if talk:
-            why = " (auto)" if provider == "auto" else ""
-            click.echo(f"provider: {name}{why}", err=True)
 
-    if engine == "ray":
-        from fmnist_onnx.engines.ray import classify_ray  # Ray is imported only here: not on the default install
+def _show_run(s, output, as_json, report_path, model, invert, overwrite) -> None:
+    """The summary (text, or JSON on stdout), then the --report page, written under its lock."""
+    import json
+    from dataclasses import asdict
 
-        run = partial(classify_ray, address=ray_address, actors=actors)
-    else:
-        run = partial(cl.classify, workers=workers, inference=inference)
-    try:
-        s = run(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
-                invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
-                progress=show_progress(quiet), on_provider=on_provider, report=report_path)
-    except cl.Interrupted as e:
-        if e.journal is None or not e.journal.exists():
-            click.echo("Interrupted.", err=True)  # before any row: nothing to resume
-        else:
-            click.echo(f"Interrupted: rows so far are in {e.journal}; run the same command with --resume to finish.",
-                       err=True)
-        sys.exit(128 + e.signum)
-    except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+    from fmnist_onnx.classify import format_summary
+
     if as_json:
-        click.echo(jsonlib.dumps(asdict(s), indent=2))
+        click.echo(json.dumps(asdict(s), indent=2))
     else:
-        click.echo(cl.format_summary(s), err=output == "-")
+        click.echo(format_summary(s), err=output == "-")
     if report_path:
         from fmnist_onnx.files import locked
         from fmnist_onnx.report import build_report
@@ -569,7 +575,6 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
             r = build_report(s.output, report_path, model=model, invert=invert, run=s, overwrite=overwrite,
                              what="--report")
         click.echo(f"report: {visible(r.path)} ({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s)", err=as_json)
-    sys.exit(3 if s.failed else 0)
 
 
 @cli.command(epilog="""\b
@@ -584,7 +589,7 @@ Examples:
               help="The HTML file to write [PREDICTIONS' name with .report.html].")
 @click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False),
               help="The ONNX model of the run, for its metadata [artifacts/model.onnx when it exists].")
-@click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+@click.option("--invert", type=click.Choice(INVERT_MODES), default="auto", show_default=True,
               help="The run's --invert: the images are drawn as the model saw them.")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path, dir_okay=False),
               help="The JSON that `classify --json` printed: adds what the table does not hold (provider, "

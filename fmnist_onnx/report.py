@@ -50,7 +50,7 @@ from fmnist_onnx.classify import Tally, confusion_png_path, identity_path
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import atomic_write_bytes, check_distinct, check_output
 from fmnist_onnx.sinks import JOURNAL_SUFFIX, journal_path, read_rows
-from fmnist_onnx.spec import CLASSES, IMAGE_SIZE, NUM_CLASSES
+from fmnist_onnx.spec import CLASSES, IMAGE_SIZE, INVERT_MODES, NUM_CLASSES
 from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)
@@ -751,8 +751,8 @@ def _check_inputs(predictions: str, model: str | Path | None, invert: str) -> No
                         "`classify --resume` first")
     if not os.path.isfile(predictions):
         raise UserError(f"{visible(predictions)}: no such file")
-    if invert not in images.INVERT_MODES:
-        raise UserError(f"--invert must be one of {', '.join(images.INVERT_MODES)}")
+    if invert not in INVERT_MODES:
+        raise UserError(f"--invert must be one of {', '.join(INVERT_MODES)}")
     if model is not None and not Path(model).is_file():
         raise UserError(f"model file not found: {visible(model)}")
 

@@ -24,6 +24,8 @@ INPUT_NAME = "input"
 INPUT_SHAPE = ("batch", 1, IMAGE_SIZE, IMAGE_SIZE)
 OUTPUT_NAME = "logits"
 OUTPUT_SHAPE = ("batch", NUM_CLASSES)
+# --invert: whether an image is made light-on-dark first (auto: when its border is light, like a product photo)
+INVERT_MODES = ("auto", "yes", "no")
 PREPROCESSING = (
     "grayscale 28x28 (aspect kept, padded), float32 scaled to [0, 1], "
     "light garment on dark background (Fashion-MNIST polarity)"

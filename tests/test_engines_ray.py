@@ -1,6 +1,6 @@
-"""`classify --engine ray` (fmnist_onnx/engines/ray.py) on real Ray runtimes, as users run it: a local runtime that
-the CLI starts and stops itself, and a 2-CPU cluster started with `ray start` that the CLI joins. Real PNG files
-from `data export-png`, real broken files, and the local engine's output as the reference."""
+"""`classify --engine ray` (fmnist_onnx/classify/engines/ray.py) on real Ray runtimes, as users run it: a local
+runtime that the CLI starts and stops itself, and a 2-CPU cluster started with `ray start` that the CLI joins.
+Real PNG files from `data export-png`, real broken files, and the local engine's output as the reference."""
 
 from __future__ import annotations
 
@@ -379,7 +379,7 @@ def test_gpu_actors_classify_as_the_cpu_does(cluster, folder, model, local_rows,
     ({"CPU": 16, "GPU": 2}, "cuda", 8, ("cuda", 8, 1.0, 0.25)),  # more decoding processes than GPUs
 ])
 def test_pool_leaves_cpu_for_ray_data(resources, provider, actors, want):
-    from fmnist_onnx.engines.ray import plan_pool
+    from fmnist_onnx.classify.engines.ray import plan_pool
 
     assert plan_pool(resources, provider, actors) == pytest.approx(want)
 
@@ -389,7 +389,7 @@ def test_pool_leaves_cpu_for_ray_data(resources, provider, actors, want):
     ({"CPU": 0.5}, "cpu", None, "too few"),
 ])
 def test_pool_that_cannot_be_is_one_clear_error(resources, provider, actors, contains):
-    from fmnist_onnx.engines.ray import plan_pool
+    from fmnist_onnx.classify.engines.ray import plan_pool
     from fmnist_onnx.errors import UserError
 
     with pytest.raises(UserError, match=contains):

@@ -16,6 +16,7 @@ from PIL import Image
 
 from fmnist_onnx import images
 from fmnist_onnx.data import DEBIAN_DIR
+from fmnist_onnx.spec import INVERT_MODES
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_fast_png_path_equals_pillow_and_the_dataset(test_images, monkeypatch):
 def test_batch_equals_one_by_one(test_images):
     odd = [png_bytes(Image.fromarray(test_images[0])), png_bytes(Image.fromarray(255 - test_images[1])),
            png_bytes(product_photo(test_images[2])), b"not an image", png_bytes(Image.fromarray(test_images[3]))]
-    for invert in images.INVERT_MODES:
+    for invert in INVERT_MODES:
         batch, errors = images.preprocess_batch(odd, invert)
         for i, data in enumerate(odd):
             x, err = images.preprocess(data, invert)
@@ -389,34 +390,6 @@ def test_permission_denied_is_an_error(nobody, test_images):
     assert proc.returncode == 0, proc.stderr
     opened, secret = json.loads(proc.stdout)
     assert opened == "" and "Permission denied" in secret
-
-
-def test_walk_is_sorted_recursive_and_skips_non_images(tmp_path):
-    for rel in ("b/2.png", "b/1.PNG", "a/z/3.jpg", "a/notes.txt", "c.webp", "d.csv"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"x")
-    os.symlink(tmp_path / "a", tmp_path / "b" / "loop")  # a folder reached twice is walked once
-    found = list(images.iter_files([tmp_path]))
-    files = [os.path.relpath(f.path, tmp_path) for f in found if f.kind == "file"]
-    skipped = [os.path.relpath(f.path, tmp_path) for f in found if f.kind == "skip"]
-    assert files == ["a/z/3.jpg", "b/1.PNG", "b/2.png", "c.webp"]
-    assert sorted(skipped) == ["a/notes.txt", "d.csv"]
-    flat = [os.path.relpath(f.path, tmp_path) for f in images.iter_files([tmp_path], recursive=False)
-            if f.kind == "file"]
-    assert flat == ["c.webp"]
-    named = list(images.iter_files([tmp_path / "d.csv"]))  # a file named on the command line is an input
-    assert [f.kind for f in named] == ["file"]
-
-
-def test_walk_leaves_out_excluded_files_however_their_folder_is_reached(tmp_path):
-    (tmp_path / "a").mkdir()
-    for name in ("x.png", "preds.confusion.png", "preds.csv", "preds.csv.partial"):
-        (tmp_path / "a" / name).write_bytes(b"x")
-    (tmp_path / "link").symlink_to(tmp_path / "a")
-    exclude = [tmp_path / "a" / n for n in ("preds.confusion.png", "preds.csv", "preds.csv.partial", "absent.png")]
-    found = [(os.path.relpath(f.path, tmp_path), f.kind) for f in images.iter_files([tmp_path / "link"],
-                                                                                     exclude=exclude)]
-    assert found == [("link/x.png", "file")]  # neither an input nor counted as skipped
 
 
 def test_true_class_from_folder_names():

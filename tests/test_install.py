@@ -86,7 +86,7 @@ def test_build_makes_a_wheel_and_an_sdist(dist):
     with zipfile.ZipFile(dist["wheel"]) as z:
         names = set(z.namelist())
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert {"fmnist_onnx/cli.py", "fmnist_onnx/runtime.py", "fmnist_onnx/engines/ray.py"} <= names
+    assert {"fmnist_onnx/cli.py", "fmnist_onnx/runtime.py", "fmnist_onnx/classify/engines/ray.py"} <= names
     assert not any(n.startswith("tests/") for n in names)
     assert re.search(r"^fmnist-onnx = fmnist_onnx\.", entry_points, re.M), entry_points
     with tarfile.open(dist["sdist"]) as t:

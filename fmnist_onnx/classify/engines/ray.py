@@ -1,10 +1,10 @@
 """classify on Ray Data (``classify --engine ray``): the local engine's rows, made by a pool of actors on a cluster.
 
-The driver (this process) walks the inputs with the local engine's discovery function (images.iter_files;
-pyarrow's file systems for URIs such as s3://bucket/photos/) and gives Ray Data the list of paths, in blocks.
+The driver (this process) walks the inputs through the sources (sources/folder.py; sources/uri.py, pyarrow's
+file systems, for URIs such as s3://bucket/photos/) and gives Ray Data the list of paths, in blocks.
 A pool of callable-class actors, each with one onnxruntime session, reads each block's files as bytes,
 decodes and preprocesses them with the local engine's function (images.preprocess_batch) and makes the rows
-with the local engine's predict_rows; the rows stream back to the driver, which writes them through the
+with predict.predict_rows; the rows stream back to the driver, which writes them through the
 same journaled sinks (CSV, JSONL, Parquet) and counts them with the same Tally. So: exactly one row per
 file, the same columns, scores and summary, errors as rows, --resume, and the same exit codes.
 
@@ -31,8 +31,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from fmnist_onnx import classify as cl
 from fmnist_onnx import images
+from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, MAX_CHUNK, Request, Rows
+from fmnist_onnx.classify.predict import decoder_name, predict_rows, rows_of
+from fmnist_onnx.classify.sources import is_uri
+from fmnist_onnx.classify.sources.uri import _first_line, _uri_fs, read_uri
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
 from fmnist_onnx.text import visible
@@ -57,118 +60,10 @@ def _import_ray():
     return ray
 
 
-def is_uri(path: str) -> bool:
-    """'s3://bucket/x', 'gs://...', 'file:///...': read through pyarrow's file systems."""
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and scheme.isascii() and scheme.replace("+", "").replace("-", "").isalnum() and len(scheme) > 1
-
-
 # ---------------------------------------------------------------------------------------------- inputs
-
-def _uri_fs(uri: str):
-    """(pyarrow file system, path inside it) for a URI, or UserError."""
-    import pyarrow as pa
-    from pyarrow import fs as pafs
-
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise UserError(f"{uri}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
-
-def check_inputs(paths: Sequence[str | Path]) -> list[str]:
-    """Local paths as the local engine checks them; URIs must exist. UserError otherwise."""
-    from pyarrow import fs as pafs
-
-    paths = [os.fspath(p) for p in paths]
-    local = [p for p in paths if not is_uri(p)]
-    if not paths or local:
-        cl.check_inputs(local)  # also: "no PATH given"
-    for uri in paths:
-        if is_uri(uri):
-            filesystem, base = _uri_fs(uri)
-            try:
-                info = filesystem.get_file_info(base)
-            except OSError as e:
-                raise UserError(f"{uri}: {_first_line(e)}") from None
-            if info.type == pafs.FileType.NotFound:
-                raise UserError(f"{uri}: no such file or folder")
-    return paths
-
-
-def _iter_uri(uri: str, recursive: bool, exts: frozenset[str]) -> Iterator[images.Found]:
-    """images.iter_files for one URI: the named file, or the files under the named folder (sorted)."""
-    from pyarrow import fs as pafs
-
-    filesystem, base = _uri_fs(uri)
-    prefix = uri.partition("://")[0] + "://"
-    info = filesystem.get_file_info(base)
-    if info.type != pafs.FileType.Directory:
-        yield images.Found(prefix + base, "file")  # named explicitly: an input, whatever its suffix
-        return
-    try:
-        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=recursive))
-    except OSError as e:
-        yield images.Found(uri, "unlistable", f"cannot list folder: {_first_line(e)}")
-        return
-    named, unnamed = [], 0
-    for i in infos:
-        if i.type == pafs.FileType.Directory:
-            continue
-        try:
-            named.append(i.path)
-        except UnicodeDecodeError:  # a local file name that is not UTF-8: pyarrow cannot give it
-            unnamed += 1
-    for path in sorted(named):
-        kind = "file" if os.path.splitext(path)[1].lower() in exts else "skip"
-        yield images.Found(prefix + path, kind)
-    for n in range(unnamed):
-        yield images.Found(f"{uri.rstrip('/')}/<file name {n + 1} that is not UTF-8>", "unlistable",
-                           "file name is not UTF-8: pyarrow cannot read it (give the folder as a plain path)")
-
-
-def walk(roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[images.Found]:
-    """Every entry under ``roots``: local paths exactly as the local engine walks them (``exclude``: the run's
-    own files, left out), URIs through pyarrow."""
-    exts = images.image_extensions()
-    for root in roots:
-        yield from _iter_uri(root, recursive, exts) if is_uri(root) else images.iter_files([root], recursive, exclude)
-
-
-def walk_batches(roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[images.Batch]:
-    """``walk`` as the pipeline takes it (classify.Engine.walk): an entry at a time, since the cluster, not
-    this process, sets the pace here. Also what --resume checks a journal against, before the engine starts."""
-    for f in walk(roots, recursive, exclude):
-        if f.kind == "unlistable":
-            yield images.Batch([], [], f)
-        else:
-            yield images.Batch([f.path], []) if f.kind == "file" else images.Batch([], [f.path])
 
 
 # ---------------------------------------------------------------------------------------------- the actors
-
-def _read_uri(filesystem, path: str) -> bytes:
-    """images.read_file for a path in a pyarrow file system."""
-    try:
-        with filesystem.open_input_file(path) as f:
-            size = f.size()
-            if size > images.MAX_FILE_BYTES:
-                raise images.ImageError(f"file too large ({size} bytes, limit {images.MAX_FILE_BYTES})")
-            data = f.read()
-    except images.ImageError:
-        raise
-    except FileNotFoundError:
-        raise images.ImageError("file not found") from None
-    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError and ArrowException subclasses
-        raise images.ImageError(f"cannot read: {_first_line(e)}") from None
-    if not data:
-        raise images.ImageError("empty file")
-    return data
 
 
 class Predictor:
@@ -202,7 +97,7 @@ class Predictor:
         key = f"{scheme}://{rest.split('/', 1)[0]}/"  # the authority alone: a file's name may not parse as a URI
         if key not in self.filesystems:
             self.filesystems[key] = _uri_fs(key)[0]
-        return _read_uri(self.filesystems[key], rest)
+        return read_uri(self.filesystems[key], rest)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -239,7 +134,7 @@ class Predictor:
         imgs, errors = images.preprocess_batch(sources, self.invert)
         for i, e in read_errors.items():
             errors[i] = e
-        return cl.predict_rows(self.session, paths, imgs, errors, self.top_k, self.batch_size)
+        return predict_rows(self.session, paths, imgs, errors, self.top_k, self.batch_size)
 
 
 def _fatal(e: BaseException) -> tuple[int, str]:
@@ -393,7 +288,7 @@ class RayEngine:
     """The pipeline's engine on Ray Data (classify.Engine): connects (or starts a local runtime), plans the actor
     pool, and turns the walk's chunks into Rows. Rows come in the order they are done."""
 
-    def __init__(self, request: cl.Request, address: str | None = None, actors: int | None = None) -> None:
+    def __init__(self, request: Request, address: str | None = None, actors: int | None = None) -> None:
         if actors is not None and actors < 1:
             raise UserError("--actors must be at least 1")
         self.ray = _import_ray()
@@ -416,31 +311,28 @@ class RayEngine:
             self.close()
             raise
         self.pool = (self.workers, per_cpu, per_gpu)
-        self.decoder = f"{cl.decoder_name()} in Ray actors"
-        self.max_chunk = cl.MAX_CHUNK  # unused: Ray Data plans its own blocks
+        self.decoder = f"{decoder_name()} in Ray actors"
+        self.max_chunk = MAX_CHUNK  # unused: Ray Data plans its own blocks
         log.info("Ray pool: %d actors, %g CPU and %g GPU each (%s)", self.workers, per_cpu, per_gpu, self.provider)
 
-    def walk(self, roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[images.Batch]:
-        return walk_batches(roots, recursive, exclude)
-
-    def rows(self, items: Iterator[list[str] | Row], encoding: str, observe=None) -> Iterator[cl.Rows]:
+    def rows(self, items: Iterator[list[str] | Row], encoding: str, observe=None) -> Iterator[Rows]:
         """Every file of ``items`` to the actors at once (Ray Data plans the blocks, whatever the chunks: no
         ``observe``), rows as they are done."""
         top_k = self.request.top_k
         files: list[bytes] = []
         for item in items:
             if isinstance(item, Row):  # a folder that cannot be listed: its row at once
-                yield cl.rows_of([item], encoding, top_k)
+                yield rows_of([item], encoding, top_k)
             else:
                 files.extend(os.fsencode(p) for p in item)
         if not files:
             return
         predictor = {"model": [self.ray.put(self.model_bytes)], "provider": self.provider,
                      "invert": self.request.invert, "top_k": top_k,
-                     "batch_size": self.request.batch_size or cl.DEFAULT_BATCH}
+                     "batch_size": self.request.batch_size or DEFAULT_BATCH}
         returned = bytearray(len(files))
 
-        def rows_of_batch(batch) -> cl.Rows:
+        def rows_of_batch(batch) -> Rows:
             fatal = batch["fatal"]
             if fatal.null_count < len(fatal):
                 i = next(i for i, v in enumerate(fatal.to_pylist()) if v is not None)
@@ -452,7 +344,7 @@ class RayEngine:
                     continue  # a block that Ray ran twice (a retry after its actor died): rows once
                 returned[i] = 1
                 rows.append(Row(os.fsdecode(files[i]), idx or (), sc or (), err or ""))
-            return cl.rows_of(rows, encoding, top_k)
+            return rows_of(rows, encoding, top_k)
 
         ids = range(len(files))
         for batch in _run(self.ray, ids, files, block_size(len(files), self.workers), self.pool, predictor):
@@ -464,11 +356,11 @@ class RayEngine:
             log.warning("%d files were in blocks that failed; trying them one by one", len(lost))
             for batch in _run(self.ray, lost, [files[i] for i in lost], 1, self.pool, predictor):
                 yield rows_of_batch(batch)
-            crashed = [Row(os.fsdecode(files[i]), error=cl.CRASHED) for i in lost if not returned[i]]
+            crashed = [Row(os.fsdecode(files[i]), error=CRASHED) for i in lost if not returned[i]]
             for row in crashed:
                 log.warning("%s: %s", visible(row.path), row.error)
             if crashed:
-                yield cl.rows_of(crashed, encoding, top_k)
+                yield rows_of(crashed, encoding, top_k)
 
     def close(self) -> None:
         if self.settings is not None:
@@ -477,12 +369,3 @@ class RayEngine:
         if self.started:
             self.ray.shutdown()
             self.started = False
-
-
-def classify_ray(paths: Sequence[str | Path], model: str | Path, output: str | Path = "-", *,
-                 address: str | None = None, actors: int | None = None, **options) -> cl.ClassifySummary:
-    """classify.classify on Ray Data (see the module doc). ``address``: a Ray cluster ('auto', 'host:port',
-    'ray://host:10001'); None: $RAY_ADDRESS, else a local runtime that is stopped at the end. A runtime
-    that the caller connected already is used and left running."""
-    return cl.classify(paths, model, output, engine="ray", check_inputs=check_inputs, address=address, actors=actors,
-                       **options)

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fmnist_onnx import images
-from fmnist_onnx.classify import CRASHED, DEFAULT_BATCH, Request, Rows, decoder_name, make_rows, rows_of
+from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, INFERENCE_MODES, Request, Rows
+from fmnist_onnx.classify.predict import decoder_name, make_rows, rows_of
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
 from fmnist_onnx.spec import IMAGE_SIZE
@@ -46,7 +47,6 @@ STAGE_DEPTH = 2  # chunks queued per inference process: it never waits for the p
 # Decoding workers per inference process. On the H100 with 16 workers, 1, 2 and 4 inference processes ran at
 # 188k, 214k and 207k images/s (600,000 PNGs, best of two).
 WORKERS_PER_STAGE = 8
-INFERENCE_CHOICES = ("auto", "workers", "batched")
 
 
 def default_workers() -> int:
@@ -219,12 +219,12 @@ class LocalEngine:
 
     def __init__(self, request: Request, workers: int | None = None, inference: str = "auto",
                  stages: int | None = None) -> None:
-        from fmnist_onnx.classify import BATCHED_MAX_CHUNK, MAX_CHUNK
+        from fmnist_onnx.classify import contract  # its caps read at each run: benchmarks/gpu.sh sets them
         from fmnist_onnx.runtime import PROVIDER_TABLE, resolve_provider
 
         self.provider = resolve_provider(request.provider)  # cheap: no session, no CUDA initialisation here
-        if inference not in INFERENCE_CHOICES:
-            raise UserError(f"--inference must be one of {', '.join(INFERENCE_CHOICES)}")
+        if inference not in INFERENCE_MODES:
+            raise UserError(f"--inference must be one of {', '.join(INFERENCE_MODES)}")
         in_workers = PROVIDER_TABLE[self.provider].model_in_workers if inference == "auto" else inference == "workers"
         if in_workers and self.provider != "cpu":
             raise UserError(f"--inference workers runs the model in the decoding processes, on the CPU only; "
@@ -241,7 +241,7 @@ class LocalEngine:
         self.decoder = decoder_name() + (", then a batched inference stage" if self.batched else "")
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: milliseconds
         self.ctx = multiprocessing.get_context(method)
-        self.max_chunk = BATCHED_MAX_CHUNK if self.batched else MAX_CHUNK
+        self.max_chunk = contract.BATCHED_MAX_CHUNK if self.batched else contract.MAX_CHUNK
         # fork only: spawned processes would not share the mapping (they get the pixels pickled instead). Pages
         # are only used as slots are: the chunks in flight, 6.4 MB each at most.
         self.slots = Slots(self.depth + self.stage_depth + self.startup_depth, self.max_chunk) \
@@ -273,9 +273,6 @@ class LocalEngine:
         self.pool = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_worker_init,
                                         initargs=(os.getpid(), self.slots, self._foreign(self.stage)))
         self.pool.submit(os.getpid).result()  # all workers exist from here on
-
-    def walk(self, roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[images.Batch]:
-        return images.iter_batches(roots, recursive, exclude)
 
     def _submit(self, paths: list[str], encoding: str, slot: int | None) -> Future:
         """A future of the chunk's Rows (the workers' path), or of its decoding (the batched path: errors and
@@ -367,16 +364,7 @@ class LocalEngine:
             try:
                 res = fut.result()
             except BrokenProcessPool:
-                log.warning("a worker process died; decoding its chunk file by file")
-                self._start_pool()
-                res = self._isolate(paths)
-                if slot is not None:  # the isolated images go where the chunk's worker would have put them
-                    slots.view(slot, len(paths))[:] = res[0]
-                    res = res[1:]
-                decoding = deque((p, self._submit(p, encoding, s) if p is not None else f, s)
-                                 for p, f, s in decoding)
-                if not self.batched:  # the workers' path: classify here what was decoded there
-                    res = self.pool.submit(_classify_decoded, paths, *res, self.job, encoding).result()
+                res, decoding = self._after_worker_died(paths, slot, encoding, decoding)
             observe(res.seconds if isinstance(res, Rows) else res[-1], len(paths))
             feed()  # keep the workers busy while this chunk is written
             if isinstance(res, Rows):
@@ -385,6 +373,20 @@ class LocalEngine:
                 yield res
             else:
                 staged.append((paths, self._stage_submit(paths, encoding, slot, res), slot))
+
+    def _after_worker_died(self, paths: list[str], slot: int | None, encoding: str, decoding: deque):
+        """A worker died (the OOM killer, a decoder crash): a new pool, this chunk decoded file by file (a file
+        that kills its worker gets an error row), and the chunks in flight submitted again."""
+        log.warning("a worker process died; decoding its chunk file by file")
+        self._start_pool()
+        res = self._isolate(paths)
+        if slot is not None:  # the isolated images go where the chunk's worker would have put them
+            self.slots.view(slot, len(paths))[:] = res[0]
+            res = res[1:]
+        decoding = deque((p, self._submit(p, encoding, s) if p is not None else f, s) for p, f, s in decoding)
+        if not self.batched:  # the workers' path: classify here what was decoded there
+            res = self.pool.submit(_classify_decoded, paths, *res, self.job, encoding).result()
+        return res, decoding
 
     def close(self) -> None:
         for ex in (self.pool, self.stage):

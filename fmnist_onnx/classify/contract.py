@@ -1,0 +1,213 @@
+"""The classify package's contract: the records and interfaces every other part of it shares, and nothing
+above them. A request (``Request``, with the ``RunIdentity`` that decides its rows), the walk's units
+(``Found``, ``Batch``), what an engine gives back (``Rows``), the summary, and the two seams that plug-ins fill:
+``Source`` (where images come from: sources/) and ``Engine`` (where the model runs: engines/).
+
+This module imports no other part of the package, and no engine or source: they import it.
+
+Chunks adapt to the images: small at first (first rows come at once), then about a quarter second of work
+each, at most the engine's ``max_chunk`` files (2048; 8192 where a batched stage runs the model: on the H100,
+CUDA's path ran 1.18x faster with them, the CPU's 0.88x): big photos are journaled often, tiny PNGs go in big
+chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from fmnist_onnx.sinks import Row
+from fmnist_onnx.spec import NUM_CLASSES
+from fmnist_onnx.text import visible
+
+if TYPE_CHECKING:  # numpy only in annotations: the CLI reads this module's constants for its help, fast
+    import numpy as np
+
+FIRST_CHUNK = 64
+MAX_CHUNK = 2048  # files a chunk holds at most where the decoding processes run the model
+BATCHED_MAX_CHUNK = 8192  # ... where a batched stage does (fewer, bigger round trips through the parent)
+CHUNK_SECONDS = 0.25
+DEFAULT_BATCH = 512  # images per onnxruntime call where the model runs beside the decoder (the CPU)
+CRASHED = "the decoder crashed on this file (its process died)"
+NON_FINITE = "the model gave non-finite logits (NaN or infinity) for this image"
+RECORD_MAX_BYTES = 256 << 20  # a run record names the inputs: a shell glob of 100,000 files is ~10 MB
+MAX_TOP_K = NUM_CLASSES  # --top-k at most: every class
+INFERENCE_MODES = ("auto", "workers", "batched")  # where the local engine runs the model (--inference)
+
+
+@dataclass
+class ClassMetrics:
+    label: str
+    precision: float | None  # None: no file was predicted as this class
+    recall: float | None  # None: no file of this class
+    support: int
+
+
+@dataclass
+class ClassifySummary:
+    output: str
+    format: str
+    provider: str
+    workers: int
+    decoder: str
+    files: int  # rows in the output: classified + failed
+    classified: int
+    failed: int
+    skipped: int  # files in the folders that are not images (no row)
+    resumed: int  # rows written by an earlier, interrupted run
+    seconds: float
+    images_per_s: float  # files of this run per second, wall clock, walking and writing included
+    accuracy_pct: float | None = None  # ImageFolder layout only
+    per_class: list[ClassMetrics] | None = None
+    confusion_png: str | None = None
+    failures: list[dict] = field(default_factory=list)  # the first few {path, error}
+    already_complete: bool = False
+
+
+class Found(NamedTuple):
+    """One entry of the walk: an input file (kind 'file'), a file skipped as not an image ('skip'), or a
+    folder that could not be listed ('unlistable': it gets an error row, since its files would be lost).
+    A NamedTuple: made once per file, it must be cheap."""
+
+    path: str
+    kind: str
+    error: str = ""
+
+
+class Batch(NamedTuple):
+    """A run of the walk within one folder: its input files in walk order, the files skipped as not images, or
+    the folder itself when it cannot be listed. The walk's unit: the process that walks makes no object per
+    file (at a million files, a microsecond per file is a second)."""
+
+    files: list[str]
+    skipped: list[str]
+    unlistable: Found | None = None
+
+
+@dataclass
+class Rows:
+    """A chunk of rows as an engine gives them back: encoded for the sink, plus what the summary counts, as
+    arrays (the parent never makes a Python object per file)."""
+
+    data: bytes  # the rows, as the sink's text format (CSV without header, or JSONL)
+    indices: np.ndarray  # int16 [n]: top-1 class, -1 for a failed file
+    truth: np.ndarray  # int16 [n]: class from the folder names (ImageFolder layout), -1 where none
+    errors: list[str]  # "" where the file was classified
+    seconds: float = 0.0  # decoding time of the chunk (chunk sizing)
+    paths: Sequence[str] | None = None  # set by the engine in the parent (not sent back by workers)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked classify request: what every engine is given."""
+
+    roots: list[str]
+    model: str
+    output: str
+    fmt: str
+    top_k: int
+    batch_size: int | None  # None: the engine's choice (DEFAULT_BATCH beside the decoder, whole chunks on a GPU)
+    invert: str
+    recursive: bool
+    resume: bool
+    overwrite: bool
+    provider: str  # as asked: auto, or a name in runtime.PROVIDER_TABLE
+    identity: RunIdentity | None  # None for stdout, which cannot be resumed
+    own_files: tuple[str, ...] = ()  # what the run writes (run_files): the walk leaves them out
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What decides an output's rows: ``--resume`` continues only the run that wrote the journal.
+
+    Kept beside the journal as ``<output>.partial.run.json``, written before the journal exists, and beside
+    the finished output as ``<output>.run.json`` (so that --resume on a finished output is checked too).
+    Options that do not change a row (workers, batch size, provider, engine) are not part of it."""
+
+    model_sha256: str
+    invert: str
+    top_k: int
+    recursive: bool
+    inputs: tuple[str, ...]  # as named on the command line: rows hold the paths the walk made of them
+    cwd: str | None  # where relative inputs were named from (None when all are absolute)
+
+    @classmethod
+    def of(cls, model: str | Path, invert: str, top_k: int, recursive: bool, roots: Sequence[str]) -> RunIdentity:
+        from fmnist_onnx.files import sha256_file
+
+        relative = any(not os.path.isabs(r) for r in roots)
+        return cls(sha256_file(model), invert, top_k, recursive, tuple(roots), os.getcwd() if relative else None)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunIdentity:
+        """The record as written by ``to_json``; ValueError naming what is wrong with it otherwise."""
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deep") from None
+        types = {"model_sha256": str, "invert": str, "top_k": int, "recursive": bool, "inputs": list,
+                 "cwd": (str, type(None))}
+        if type(raw) is not dict or set(raw) != set(types):
+            raise ValueError(f"expected the fields {', '.join(types)}")
+        for name, kind in types.items():
+            if not isinstance(raw[name], kind) or (kind is int and type(raw[name]) is bool):
+                raise ValueError(f"{name} is {type(raw[name]).__name__}")
+        if not all(type(i) is str for i in raw["inputs"]):
+            raise ValueError("inputs are not all text")
+        return cls(**{**raw, "inputs": tuple(raw["inputs"])})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    def differences(self, old: RunIdentity) -> list[str]:
+        """What differs from the run that wrote the journal, in words."""
+        diffs = []
+        if self.model_sha256 != old.model_sha256:
+            diffs.append(f"the model file (sha256 {old.model_sha256[:12]}... then, {self.model_sha256[:12]}... now)")
+        if self.invert != old.invert:
+            diffs.append(f"--invert ({old.invert} then, {self.invert} now)")
+        if self.top_k != old.top_k:
+            diffs.append(f"--top-k ({old.top_k} then, {self.top_k} now)")
+        if self.recursive != old.recursive:
+            diffs.append(f"--no-recursive ({'off' if old.recursive else 'on'} then, "
+                         f"{'off' if self.recursive else 'on'} now)")
+        if self.inputs != old.inputs:
+            diffs.append(f"the inputs ({' '.join(old.inputs)} then, {' '.join(self.inputs)} now)")
+        elif self.cwd != old.cwd:
+            diffs.append(f"the folder relative inputs are named from ({old.cwd} then, {self.cwd} now)")
+        return [visible(d) for d in diffs]
+
+
+class Engine(Protocol):
+    """What the pipeline needs of an engine (engines/local.py, engines/ray.py)."""
+
+    provider: str  # the provider that runs the model (a name in runtime.PROVIDER_TABLE)
+    workers: int  # decoding processes, or Ray actors
+    decoder: str  # in words, for the summary
+    max_chunk: int  # files a chunk of work_items holds at most
+
+    def rows(self, items: Iterator[list[str] | Row], encoding: str,
+             observe: Callable[[float, int], None]) -> Iterator[Rows]:
+        """Rows for the work items, encoded for the sink; ``observe(seconds, files)`` after each chunk decoded
+        (it sizes the chunks to come)."""
+
+    def close(self) -> None: ...
+
+
+class Source(Protocol):
+    """Where images come from (sources/): a module per kind of input, found by ``sources.source_of``. A source
+    checks the inputs it is given before any work and walks them in a fixed order, as Batches of work units (a
+    path today; a member of an archive or a row group of a table with the sources to come)."""
+
+    def check(self, inputs: Sequence[str]) -> list[str]:
+        """The inputs as they will be walked; UserError (one line) for one that does not exist."""
+
+    def walk_batches(self, inputs: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[Batch]:
+        """Every unit under ``inputs``, in a deterministic order; ``exclude``: the run's own files, left out."""

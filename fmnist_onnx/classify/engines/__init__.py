@@ -1,0 +1,45 @@
+"""The engines' registry: the one place engine names live. An engine runs the model on the chunks the pipeline
+gives it (contract.Engine) somewhere: ``local`` in worker processes on this machine (the default), ``ray`` on a
+Ray cluster. Each is imported only when chosen, so that the default install never imports Ray.
+
+Adding an engine: a module here with a class that takes ``(request, **options)`` and fills contract.Engine, and
+an entry below naming it and the sources it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+
+from fmnist_onnx.errors import UserError
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    module: str  # imported when the engine is chosen
+    cls: str
+    sources: tuple[str, ...]  # the sources (sources.SOURCES) whose inputs it reads
+    summary: str  # for --help
+
+
+ENGINES: dict[str, EngineEntry] = {
+    "local": EngineEntry("fmnist_onnx.classify.engines.local", "LocalEngine", ("folder",),
+                         "worker processes on this machine"),
+    "ray": EngineEntry("fmnist_onnx.classify.engines.ray", "RayEngine", ("folder", "uri"),
+                       "Ray Data on a cluster (pip install \"fmnist-onnx[ray]\"); same rows, in the order they are "
+                       "done"),
+}
+ENGINE_NAMES = tuple(ENGINES)
+
+
+def entry(name: str) -> EngineEntry:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise UserError(f"unknown engine {name!r}; choose {', '.join(ENGINES)}") from None
+
+
+def open_engine(name: str, request, **options):
+    """The engine ``name`` for ``request`` (contract.Engine); its framework is imported only here."""
+    e = entry(name)
+    return getattr(import_module(e.module), e.cls)(request, **options)

@@ -1,0 +1,79 @@
+"""The request's checks, once, for every engine: options, inputs (by their sources), model, output, and the
+files the run will write, each a one-line UserError before any work. The output's state (a journal, a finished
+output) is checked under its lock, by ``check_fresh`` here or resume.py."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from fmnist_onnx.classify import engines, sources
+from fmnist_onnx.classify.contract import MAX_TOP_K, Request, RunIdentity
+from fmnist_onnx.classify.outputs import confusion_png_path, run_files
+from fmnist_onnx.errors import UserError
+from fmnist_onnx.files import same_file
+from fmnist_onnx.sinks import JournalSink, format_for
+from fmnist_onnx.spec import INVERT_MODES
+from fmnist_onnx.text import visible
+
+
+def _check_not_inputs(own: Sequence[str], roots: Sequence[str], model: str) -> None:
+    """No file the run writes may be the model or a file named as an input, even with --overwrite (files
+    inside input folders are left out of the walk instead)."""
+    named = [r for r in roots if not os.path.isdir(r)]
+    if len(named) > 1000:  # a shell glob: compare real paths, not a stat per pair
+        real = {os.path.realpath(r): r for r in named}
+        named = [real[r] for r in (os.path.realpath(o) for o in own) if r in real]
+    for out in own:
+        for i in [model, *named]:
+            if same_file(out, i):
+                raise UserError(f"{visible(out)} would be written by this run but is also one of its inputs "
+                                f"({visible(i)}); write the output elsewhere")
+
+
+def check_request(paths: Sequence[str | Path], model: str | Path, output: str | Path = "-", fmt: str | None = None,
+                  top_k: int = 1, batch_size: int | None = None, invert: str = "auto", recursive: bool = True,
+                  resume: bool = False, overwrite: bool = False, provider: str = "auto",
+                  report: str | Path | None = None, engine: str = "local") -> Request:
+    """The checks every engine makes before any work, each a one-line UserError. The state of the output
+    (a journal, a finished output) is checked under the output's lock: ``check_fresh``, ``resume_state``."""
+    from fmnist_onnx.runtime import PROVIDER_CHOICES
+
+    output = os.fspath(output)
+    fmt = format_for(output, fmt)
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise UserError(f"--top-k must be between 1 and {MAX_TOP_K}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if invert not in INVERT_MODES:
+        raise UserError(f"--invert must be one of {', '.join(INVERT_MODES)}")
+    if provider not in PROVIDER_CHOICES:
+        raise UserError(f"unknown provider {provider!r}; choose {', '.join(PROVIDER_CHOICES)}")
+    if output == "-" and resume:
+        raise UserError("--resume needs an --output file (stdout cannot be resumed)")
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    roots = sources.check_inputs(paths, engines.entry(engine).sources, engine)
+    if not Path(model).is_file():
+        raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
+    own = run_files(output, report)
+    _check_not_inputs(own, roots, os.fspath(model))
+    if output != "-":
+        JournalSink.check_writable(output)  # a read-only folder, a device: refused before any work
+    # the model's hash only where there is a journal to resume
+    identity = RunIdentity.of(model, invert, top_k, recursive, roots) if output != "-" else None
+    return Request(roots, os.fspath(model), output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
+                   provider, identity, own)
+
+
+def check_fresh(request: Request) -> None:
+    """A run without --resume or --overwrite: nothing it would write may exist (the output, an interrupted
+    run's journal, the confusion PNG). Under the output's lock, before any work."""
+    if request.output == "-" or request.overwrite:
+        return
+    JournalSink.check_free(request.output)
+    png = confusion_png_path(request.output)
+    if os.path.lexists(png):
+        raise UserError(f"{png} exists (this run would write its confusion matrix there); use --overwrite to "
+                        "replace it")

@@ -1,0 +1,146 @@
+"""Counting a run: files classified and failed, the confusion matrix in the ImageFolder layout, accuracy and
+per-class precision and recall, the summary and its text (``format_summary``), and the confusion-matrix PNG."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fmnist_onnx.classify.contract import ClassifySummary, ClassMetrics, Rows
+from fmnist_onnx.classify.outputs import confusion_png_path
+from fmnist_onnx.classify.predict import true_classes
+from fmnist_onnx.errors import UserError
+from fmnist_onnx.sinks import remove_own
+from fmnist_onnx.spec import CLASSES, NUM_CLASSES
+from fmnist_onnx.text import visible
+
+log = logging.getLogger(__name__)
+
+
+class Tally:
+    """Counts, and a confusion matrix for files in the ImageFolder layout."""
+
+    def __init__(self) -> None:
+        self.classified = self.failed = self.skipped = self.resumed = 0
+        self.unlabelled = 0
+        self.confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)  # [true, predicted]
+        self.failures: list[dict] = []
+
+    def add_rows(self, rows: Rows) -> None:
+        """A chunk, with array operations: the cost per file stays well under a microsecond."""
+        ok = rows.indices >= 0
+        n_ok = int(ok.sum())
+        self.classified += n_ok
+        self.failed += len(rows) - n_ok
+        if n_ok < len(rows) and len(self.failures) < 10:
+            for i in np.flatnonzero(~ok)[:10 - len(self.failures)].tolist():
+                self.failures.append({"path": rows.paths[i], "error": rows.errors[i]})
+        truth, pred = rows.truth[ok], rows.indices[ok]
+        labelled = truth >= 0
+        self.unlabelled += int(len(truth) - labelled.sum())
+        np.add.at(self.confusion, (truth[labelled], pred[labelled]), 1)
+
+    def add_row(self, row: dict) -> None:
+        """One row of a finished output or a journal (a dict, as sinks.read_rows gives it)."""
+        if row.get("error"):
+            self.failed += 1
+            if len(self.failures) < 10:
+                self.failures.append({"path": row["path"], "error": row["error"]})
+            return
+        self.classified += 1
+        truth = int(true_classes([row["path"]])[0])
+        if truth < 0:
+            self.unlabelled += 1
+        else:
+            self.confusion[truth, row["index"]] += 1
+
+    def metrics(self) -> tuple[float | None, list[ClassMetrics] | None]:
+        """Accuracy and per-class precision/recall, when every classified file has a class folder."""
+        labelled = int(self.confusion.sum())
+        if not labelled or self.unlabelled:
+            return None, None
+        cm = self.confusion
+        diag = np.diag(cm)
+        per_class = []
+        for i, name in enumerate(CLASSES):
+            predicted, actual = int(cm[:, i].sum()), int(cm[i].sum())
+            per_class.append(ClassMetrics(name, round(diag[i] / predicted, 4) if predicted else None,
+                                          round(diag[i] / actual, 4) if actual else None, actual))
+        return round(100.0 * diag.sum() / labelled, 2), per_class
+
+
+def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: str, workers: int, decoder: str,
+              seconds: float, replace: bool = False) -> ClassifySummary:
+    """The summary of a finished run (any engine), with the confusion-matrix PNG in the ImageFolder layout.
+    ``replace``: the run may replace an existing PNG (--overwrite, or the --resume of a run that could)."""
+    acc, per_class = tally.metrics()
+    png = None
+    if per_class is not None and output != "-":
+        png = _confusion_png(tally, output, acc, replace)
+    elif output != "-" and replace:
+        try:
+            remove_own(confusion_png_path(output))  # an earlier run's would describe other rows
+        except UserError as e:  # the table is written: the picture is extra
+            log.warning("%s", e)
+    new = tally.classified + tally.failed - tally.resumed
+    return ClassifySummary(
+        output=str(final), format=fmt, provider=provider, workers=workers, decoder=decoder,
+        files=tally.classified + tally.failed, classified=tally.classified, failed=tally.failed,
+        skipped=tally.skipped, resumed=tally.resumed, seconds=round(seconds, 3),
+        images_per_s=round(new / seconds, 1) if seconds > 0 else 0.0, accuracy_pct=acc, per_class=per_class,
+        confusion_png=str(png) if png else None, failures=tally.failures,
+    )
+
+
+def _confusion_png(tally: Tally, output: str, acc: float | None, replace: bool) -> Path | None:
+    """The confusion matrix beside the output, written atomically (files.atomic_write: a link at its name is
+    replaced, never followed), replacing a file there only where the run may."""
+    from fmnist_onnx.plots import confusion_matrix  # Pillow only: works on the inference-only install too
+
+    path = confusion_png_path(output)
+    try:
+        confusion_matrix(tally.confusion, CLASSES, path, title=f"{Path(output).name}: accuracy {acc:.2f}%",
+                         overwrite=replace)
+    except (OSError, UserError) as e:  # a full disk, or a file put there meanwhile: the table is written, the
+        log.warning("cannot write %s: %s", path, getattr(e, "strerror", None) or e)  # picture is extra
+        return None
+    return path
+
+
+def format_summary(s: ClassifySummary) -> str:
+    """The summary as a person reads it. Names and errors come from outside: shown with control and
+    bidirectional characters as visible escapes (text.visible), never raw on a terminal."""
+    lines = []
+    output = visible(s.output)
+    if s.already_complete:
+        lines.append(f"{output} is complete already: {s.files} rows.")
+    else:
+        skipped = f", {s.skipped} other files skipped" if s.skipped else ""
+        resumed = f", {s.resumed} of them from the interrupted run" if s.resumed else ""
+        lines.append(f"{s.classified} of {s.files} files classified, {s.failed} failed{skipped}{resumed}.")
+        if not s.files:
+            lines.append("No image files found (inputs are the suffixes Pillow reads: .png, .jpg, .bmp, .webp, ...).")
+        lines.append(f"{s.seconds:.2f} s, {s.images_per_s:,.0f} images/s ({s.provider}, {s.workers} decoding "
+                     f"processes, {s.decoder}); wrote {output}")
+    if s.accuracy_pct is not None:
+        lines.append(f"accuracy {s.accuracy_pct:.2f}% (ImageFolder layout: true class from the folder names)")
+        lines.append(f"  {'class':<12} {'precision':>9} {'recall':>7} {'files':>7}")
+        for m in s.per_class or []:
+            p = f"{m.precision:.3f}" if m.precision is not None else "-"
+            r = f"{m.recall:.3f}" if m.recall is not None else "-"
+            lines.append(f"  {m.label:<12} {p:>9} {r:>7} {m.support:>7}")
+    if s.confusion_png:
+        lines.append(f"confusion matrix: {visible(s.confusion_png)}")
+    if s.failed:
+        lines.append(f"failed files ({'first ' + str(len(s.failures)) if s.failed > len(s.failures) else 'all'}):")
+        lines += [f"  {visible(f['path'])}: {visible(f['error'])}" for f in s.failures]
+    return "\n".join(lines)
+
+
+def summary_of_finished(output: Path, fmt: str, tally: Tally) -> ClassifySummary:
+    acc, per_class = tally.metrics()
+    return ClassifySummary(str(output), fmt, "", 0, "", tally.classified + tally.failed, tally.classified,
+                           tally.failed, 0, tally.classified + tally.failed, 0.0, 0.0, acc, per_class, None,
+                           tally.failures, already_complete=True)

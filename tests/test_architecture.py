@@ -1,0 +1,31 @@
+"""The house's shape (docs/architecture.md): the import layers in pyproject.toml, held by import-linter, and
+functions short enough to read in one sitting."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import REPO
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_imports_follow_the_layers():
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert "0 broken" in proc.stdout
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in sorted((REPO / "fmnist_onnx").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "\n".join(long)
