@@ -60,6 +60,21 @@ def foreign_model(path: Path, input_shape: list, outputs: int, classes: int) -> 
     return path
 
 
+def save_classifier(path: Path, name: str, nodes: list, initializers: list) -> Path:
+    """An ONNX model of this project's signature (``input`` [batch, 1, 28, 28] -> ``logits`` [batch, 10]) made of
+    ``nodes``: a model that misbehaves on purpose (NaN logits, a huge allocation)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, name,
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
 
 class FakeClock:
     """Time that moves only when the code under test "works": a test advances it, the harness reads it."""

@@ -14,26 +14,18 @@ import pytest
 
 from fmnist_onnx.sinks import journal_path, read_rows
 from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, CLASSIFY_BEFORE_ENGINE, CLASSIFY_ENGINE_READY, MAIN_STARTED
-from harness import assert_one_line_error, run_cli
+from harness import assert_one_line_error, run_cli, save_classifier
 
 
 def _nan_model(path: Path) -> Path:
     """A valid [N,1,28,28] -> [N,10] model whose logits are NaN: 0 / 0."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     zeros = numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")
     zero = numpy_helper.from_array(np.zeros((1,), np.float32), "zero")
     nodes = [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["mm"]),
              helper.make_node("Div", ["mm", "zero"], ["logits"])]
-    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                             ["batch", 1, 28, 28])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-                              initializer=[zeros, zero])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save_model(model, str(path))
-    return path
+    return save_classifier(path, "nan", nodes, [zeros, zero])
 
 
 def _fixed_batch_model(src: Path, dest: Path, batch: int) -> Path:

@@ -13,7 +13,7 @@ import pytest
 from fmnist_onnx.classify import identity_path
 from fmnist_onnx.runtime import MODEL_FAILED, machine_memory
 from fmnist_onnx.sinks import JournalScan, journal_path
-from harness import assert_one_line_error, run_cli
+from harness import assert_one_line_error, run_cli, save_classifier
 
 HUGE = 2**40
 
@@ -35,7 +35,6 @@ def _declared(src: Path, dest: Path, input_batch: int | None, output_batch: int 
 def alloc_model(path: Path, scale: float = float(2**44)) -> Path:
     """A valid [N,1,28,28] -> [N,10] model that also makes ``scale * max(pixel)`` floats at run time: an
     all-black batch costs nothing, any other batch terabytes (onnxruntime's allocation fails)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(784, 10)).astype(np.float32), "w")
@@ -47,14 +46,7 @@ def alloc_model(path: Path, scale: float = float(2**44)) -> Path:
              helper.make_node("ConstantOfShape", ["n"], ["big"], value=zero),
              helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
              helper.make_node("Add", ["mm", "s"], ["logits"])]
-    graph = helper.make_graph(nodes, "alloc",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-                              initializer=[w, k])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save_model(model, str(path))
-    return path
+    return save_classifier(path, "alloc", nodes, [w, k])
 
 
 def black_then_garments(folder: Path, test_pngs: Path, black: int = 70, garments: int = 5) -> Path:
