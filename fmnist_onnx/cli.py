@@ -19,7 +19,8 @@ import click
 
 from fmnist_onnx import __version__
 from fmnist_onnx.classify.contract import BATCHED_MAX_CHUNK, DEFAULT_BATCH, INFERENCE_MODES, MAX_TOP_K
-from fmnist_onnx.classify.engines import ENGINE_NAMES, ENGINES  # the registry: no engine imported
+from fmnist_onnx.classify.engines import ENGINE_NAMES  # the registry: no engine imported
+from fmnist_onnx.classify.engines import summary as engine_summary
 from fmnist_onnx.errors import CheckFailed, CommandExit, Interrupted, UserError
 from fmnist_onnx.runtime import PROVIDER_CHOICES  # the provider table: no onnxruntime import
 from fmnist_onnx.sinks import FORMATS
@@ -488,7 +489,7 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
 @click.option("--no-recursive", is_flag=True, help="Only the files directly inside each folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with -o -).")
 @click.option("--engine", type=click.Choice(ENGINE_NAMES), default="local", show_default=True,
-              help=". ".join(f"{name}: {e.summary}" for name, e in ENGINES.items()) + ". On one 2-core machine Ray "
+              help=". ".join(map(engine_summary, ENGINE_NAMES)) + ". On one 2-core machine Ray "
                    "was 10-18x slower than local on 10,000 PNGs (5-8x on 60,000): it is for clusters, never the "
                    "default.")
 @click.option("--ray-address", help="With --engine ray: the cluster ('auto', HOST:PORT, ray://HOST:10001) "

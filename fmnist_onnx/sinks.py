@@ -79,6 +79,11 @@ def columns(top_k: int) -> list[str]:
     return ["path", "label", "index", "score", *extra, "error"]
 
 
+def journal_format(fmt: str) -> str:
+    """The journal's text format for an output format: its own, but JSONL for Parquet (written at the end)."""
+    return "jsonl" if fmt == "parquet" else fmt
+
+
 def journal_path(output: str | Path) -> Path:
     output = Path(output)
     return output.with_name(output.name + JOURNAL_SUFFIX)
@@ -495,7 +500,7 @@ class JournalSink:
 
     def __init__(self, output: Path, fmt: str, top_k: int, fd: int, size: int, replace: bool = True) -> None:
         self.output, self.fmt, self.top_k = output, fmt, top_k
-        self.encoding = "jsonl" if fmt == "parquet" else fmt  # the journal's text format
+        self.encoding = journal_format(fmt)
         self.journal = journal_path(output)
         self.fd = fd  # open for reading too: the Parquet output is written from it
         self.size = size  # bytes of complete chunks in the journal: a write that fails is cut back to it
@@ -562,7 +567,7 @@ class JournalSink:
               on_previous_row: Callable[[dict], None] | None) -> tuple[int, list | None]:
         """(bytes of complete rows, columns) of the journal open at ``fd``, its rows checked."""
         expected = columns(top_k)
-        scan = JournalScan(fd, "jsonl" if fmt == "parquet" else fmt, hint="use --overwrite to start over")
+        scan = JournalScan(fd, journal_format(fmt), hint="use --overwrite to start over")
         scan.name = str(journal)
         for row in scan:
             if scan.columns != expected:

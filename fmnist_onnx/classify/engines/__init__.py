@@ -20,14 +20,15 @@ class EngineEntry:
     cls: str
     sources: tuple[str, ...]  # the sources (sources.SOURCES) whose inputs it reads
     summary: str  # for --help
+    install: str = ""  # what to install where its framework is missing
 
 
 ENGINES: dict[str, EngineEntry] = {
     "local": EngineEntry("fmnist_onnx.classify.engines.local", "LocalEngine", ("folder",),
                          "worker processes on this machine"),
     "ray": EngineEntry("fmnist_onnx.classify.engines.ray", "RayEngine", ("folder", "uri"),
-                       "Ray Data on a cluster (pip install \"fmnist-onnx[ray]\"); same rows, in the order they are "
-                       "done"),
+                       "Ray Data on a cluster; same rows, in the order they are "
+                       "done", install='pip install "fmnist-onnx[ray]"'),
 }
 ENGINE_NAMES = tuple(ENGINES)
 
@@ -43,3 +44,9 @@ def open_engine(name: str, request, **options):
     """The engine ``name`` for ``request`` (contract.Engine); its framework is imported only here."""
     e = entry(name)
     return getattr(import_module(e.module), e.cls)(request, **options)
+
+
+def summary(name: str) -> str:
+    """The engine in a few words, with what to install for it: the CLI's help."""
+    e = ENGINES[name]
+    return f"{name}: {e.summary}" + (f" ({e.install})" if e.install else "")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from fmnist_onnx import images
 from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, MAX_CHUNK, Request, Rows
+from fmnist_onnx.classify.engines import ENGINES
 from fmnist_onnx.classify.predict import decoder_name, predict_rows, rows_of
 from fmnist_onnx.classify.sources import is_uri
 from fmnist_onnx.classify.sources.uri import _first_line, _uri_fs, read_uri
@@ -48,7 +49,7 @@ BLOCKS_PER_ACTOR = 4  # at least: every actor gets work, and the last blocks fin
 MIN_RESERVE_CPU = 0.5  # CPUs no actor claims, so that Ray Data's own tasks can run (ray-project/ray#44687)
 RESERVE_CPU_SHARE = 0.05
 TASK_RETRIES = 2  # tries of a block after its actor died, before its files are tried one by one
-INSTALL_HINT = 'pip install "fmnist-onnx[ray]"'
+INSTALL_HINT = ENGINES["ray"].install
 
 
 def _import_ray():
