@@ -462,8 +462,6 @@ def _check_place(output: Path) -> None:
     symbolic link is replaced itself, never followed)."""
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name")
-    if not output.parent.is_dir():
-        raise UserError(f"--output {output}: folder {output.parent} does not exist")
     for path in (output, journal_path(output)):
         try:
             mode = os.lstat(path).st_mode
@@ -473,10 +471,7 @@ def _check_place(output: Path) -> None:
             kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
             raise UserError(f"--output {output}: {path} is {kind}; only regular files are written or replaced "
                             "(for stdout, use -o -)")
-    if not os.access(output.parent, os.W_OK | os.X_OK):
-        read_only = os.statvfs(output.parent).f_flag & os.ST_RDONLY
-        raise UserError(f"--output {output}: folder {output.parent} cannot be written "
-                        f"({'read-only file system' if read_only else 'permission denied'})")
+    files.check_folder(output, f"--output {output}")  # exists, and can be written
 
 
 def remove_own(path: Path) -> None:
