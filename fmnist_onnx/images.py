@@ -506,8 +506,10 @@ def preprocess(source: bytes | str | Path, invert: str = "auto") -> tuple[np.nda
         return None, str(e)
 
 
-def preprocess_batch(sources: Iterable[bytes | str | Path], invert: str = "auto") -> tuple[np.ndarray, list[str]]:
-    """Many images (bytes or paths) -> (uint8 [N, 28, 28], errors): errors[i] is "" where image i is good,
+def preprocess_batch(sources: Iterable[bytes | str | Path | ImageError],
+                     invert: str = "auto") -> tuple[np.ndarray, list[str]]:
+    """Many images (bytes, paths, or the ImageError of one that could not be read) -> (uint8 [N, 28, 28],
+    errors): errors[i] is "" where image i is good,
     else its message (and image i is zeros). Same result as ``preprocess`` image by image, faster: the
     common case (a 28x28 8-bit grayscale PNG) skips the per-image numpy work, and the invert decision
     is taken for all such images at once. uint8, not float32, to ship 4x fewer bytes between processes."""
@@ -517,6 +519,8 @@ def preprocess_batch(sources: Iterable[bytes | str | Path], invert: str = "auto"
     plain = []  # 28x28 images whose invert decision is still to take
     for i, src in enumerate(sources):
         try:
+            if isinstance(src, ImageError):  # a source could not read this image: its error row
+                raise src
             if isinstance(src, bytes | bytearray):
                 gray = decode_gray(bytes(src), f"image {i}")
             else:

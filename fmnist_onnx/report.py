@@ -124,6 +124,8 @@ def _row_problem(row: object) -> str | None:
         return f"path must be a file name as text, not {_shown_value(path)}"
     if error is not None and not isinstance(error, str):
         return f"error must be text or empty, not {_shown_value(error)}"
+    if row.get("true_label") is not None and row["true_label"] not in CLASSES:
+        return f"true_label must be a class name or empty, not {_shown_value(row['true_label'])}"
     if error:
         given = [k for k, v in row.items() if k.startswith(("label", "index", "score")) and v is not None]
         return f"is a failed file's row but has a {given[0]}" if given else None
@@ -356,11 +358,23 @@ class Collected:
             self.error_kinds[None] += 1
 
 
+def true_class_of(row: dict, by_folder: dict[str, int | None]) -> int | None:
+    """A row's true class: its true_label column (classify writes it: the class its source knows), or, in a
+    table of an earlier version without it, the ImageFolder layout of its path (looked up once per folder)."""
+    if "true_label" in row:
+        return None if row["true_label"] is None else CLASSES.index(row["true_label"])
+    path = row["path"]
+    folder = path[:max(path.rfind("/"), path.rfind(os.sep))]
+    if folder not in by_folder:
+        by_folder[folder] = images.true_class(path)
+    return by_folder[folder]
+
+
 def collect(rows: Iterable[dict]) -> Collected:
     """Counts, matrix and samples from rows as ``checked_rows`` gives them (their types already checked)."""
     c = Collected()
     cells, unsure, wrong, counts = c.cells, c.unsure, c.wrong, c.counts
-    truth_of: dict[str, int | None] = {}  # files of a folder share their class: look it up once per folder
+    truth_of: dict[str, int | None] = {}
     for n, row in enumerate(rows):
         if n == 0:
             c.top_k = 1 + sum(1 for k in row if k.startswith("label_"))
@@ -372,10 +386,7 @@ def collect(rows: Iterable[dict]) -> Collected:
         score, key = row["score"], _key(path)
         c.predicted[pred] += 1
         unsure.offer((-score, key), n, row)
-        folder = path[:max(path.rfind("/"), path.rfind(os.sep))]
-        truth = truth_of.get(folder, -1)
-        if truth == -1:
-            truth = truth_of[folder] = images.true_class(path)
+        truth = true_class_of(row, truth_of)
         if truth is None:
             c.unlabelled += 1
             continue
@@ -467,8 +478,10 @@ def draw(path: str, invert: str) -> Drawn:
     classify's own bounded decoding (a big JPEG at a reduced scale, a pixel limit before any decoding)."""
     from PIL import Image
 
+    from fmnist_onnx.classify.sources import read_path
+
     try:
-        data = images.read_file(path)
+        data = read_path(path)
         gray = images.decode_gray(data, path)
         seen = images.preprocess_gray(gray, invert)
     except images.ImageError as e:
@@ -544,16 +557,10 @@ class _Figures:
         self.drawer, self.top_k = drawer, top_k
         self._truth: dict[str, int | None] = {}
 
-    def truth(self, path: str) -> int | None:
-        folder = path[:max(path.rfind("/"), path.rfind(os.sep))]
-        if folder not in self._truth:
-            self._truth[folder] = images.true_class(path)
-        return self._truth[folder]
-
     def __call__(self, row: dict) -> dict:
         path = row["path"]
         d = self.drawer(path)
-        truth = self.truth(path)
+        truth = true_class_of(row, self._truth)
         top = [(row["label"], f"{row['score']:.3f}")]
         top += [(row[f"label_{i}"], f"{row[f'score_{i}']:.3f}") for i in range(2, self.top_k + 1)
                 if row.get(f"label_{i}") is not None and row.get(f"score_{i}") is not None]

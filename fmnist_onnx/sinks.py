@@ -5,7 +5,9 @@ at most once a second). Only a complete run turns the journal into ``<output>``,
 by writing the Parquet file from it then renaming: an output with its final name is always complete, and a
 killed run leaves a journal that ``--resume`` continues. The journal of a Parquet output is JSONL.
 
-Columns: path, label, index, score, then label_2, score_2 ... label_K, score_K for --top-k K, and error.
+Columns: path, label, index, score, then label_2, score_2 ... label_K, score_K for --top-k K, error, and
+true_label: the class the source knows for the image (its ImageFolder folder, a ``.cls`` sidecar, a Parquet label
+column), empty where none. Tables without true_label (written before it existed) are read too.
 CSV leaves missing values empty and quotes a field with a comma, a quote, a CR or a LF (RFC 4180); JSONL
 and Parquet write null (error is null on success).
 
@@ -72,11 +74,12 @@ class Row:
     indices: Sequence[int] = ()
     scores: Sequence[float] = ()
     error: str = ""
+    truth: int = -1  # the true class the source knows, -1 where none
 
 
 def columns(top_k: int) -> list[str]:
     extra = [c for k in range(2, top_k + 1) for c in (f"label_{k}", f"score_{k}")]
-    return ["path", "label", "index", "score", *extra, "error"]
+    return ["path", "label", "index", "score", *extra, "error", "true_label"]
 
 
 def journal_format(fmt: str) -> str:
@@ -161,6 +164,7 @@ def _csv_line(row: Row, top_k: int) -> str:
         for i, s in zip(row.indices[1:top_k], row.scores[1:top_k], strict=True):
             rec += [CLASSES[i], f"{s:.6g}"]
     rec.append(_csv_text(row.error))
+    rec.append(CLASSES[row.truth] if row.truth >= 0 else "")
     return ",".join(rec) + "\n"
 
 
@@ -174,6 +178,7 @@ def _json_record(row: Row, top_k: int) -> dict:
         rec[f"label_{k}"] = CLASSES[row.indices[k - 1]] if ok else None
         rec[f"score_{k}"] = _score(row.scores[k - 1]) if ok else None
     rec["error"] = escape_text(row.error) if row.error else None
+    rec["true_label"] = CLASSES[row.truth] if row.truth >= 0 else None
     return rec
 
 
@@ -181,7 +186,7 @@ def encode(rows: Sequence[Row], fmt: str, top_k: int) -> bytes:
     """Rows as the text of a CSV (no header) or JSONL file: UTF-8, whatever the file names."""
     if fmt == "csv":
         if top_k == 1:  # the common case, without a function call per row; paths that need more go through one
-            lines = [f"{r.path},{CLASSES[r.indices[0]]},{r.indices[0]},{r.scores[0]:.6g},\n"
+            lines = [f"{r.path},{CLASSES[r.indices[0]]},{r.indices[0]},{r.scores[0]:.6g},,{_TRUE[r.truth]}\n"
                      if not r.error and not _CSV_SPECIAL.search(r.path) else _csv_line(r, 1) for r in rows]
         else:
             lines = [_csv_line(r, top_k) for r in rows]
@@ -190,13 +195,18 @@ def encode(rows: Sequence[Row], fmt: str, top_k: int) -> bytes:
     return "".join(line + "\n" for line in lines).encode()
 
 
-def encode_csv_top1(paths: Sequence[str], indices: Sequence[int], scores: Sequence[float]) -> bytes | None:
+def encode_csv_top1(paths: Sequence[str], indices: Sequence[int], scores: Sequence[float],
+                    truth: Sequence[int]) -> bytes | None:
     """``encode(rows, "csv", 1)`` for rows that were all classified, from plain lists (no Row per file), or
     None where a path needs quoting or escaping (then ``encode`` it is)."""
     if any(map(_CSV_SPECIAL.search, paths)):
         return None
-    lines = [f"{p},{CLASSES[k]},{k},{s:.6g},\n" for p, k, s in zip(paths, indices, scores, strict=True)]
+    lines = [f"{p},{CLASSES[k]},{k},{s:.6g},,{_TRUE[t]}\n" for p, k, s, t in zip(paths, indices, scores, truth,
+                                                                                 strict=True)]
     return "".join(lines).encode()
+
+
+_TRUE = {-1: "", **dict(enumerate(CLASSES))}  # a true class as the CSV writes it
 
 
 def csv_header(top_k: int) -> bytes:
@@ -248,10 +258,13 @@ def _unescape_row(row: dict) -> dict:
 
 
 def top_k_of(cols: Sequence[object]) -> int | None:
-    """The --top-k of a table with these columns, or None where they are not a classify table's."""
+    """The --top-k of a table with these columns (with true_label, or without: an earlier version's), or None
+    where they are not a classify table's."""
     cols = list(cols)
+    if cols and cols[-1] == "true_label":
+        cols = cols[:-1]
     k = (len(cols) - 3) // 2
-    return k if 1 <= k <= NUM_CLASSES and cols == columns(k) else None
+    return k if 1 <= k <= NUM_CLASSES and cols == columns(k)[:-1] else None
 
 
 def _shown(value: object) -> str:
@@ -272,6 +285,8 @@ def row_problem(row: dict, top_k: int) -> str | None:
     path, error = row["path"], row["error"]
     if type(path) is not str or not path:
         return f"has path {_shown(path)}, not a file name"
+    if row.get("true_label") is not None and row["true_label"] not in CLASSES:
+        return f"has true_label {_shown(row['true_label'])}, not a class name"
     if error is not None and type(error) is not str:
         return f"has error {_shown(error)}, not a text"
     values = ["label", "index", "score", *(c for k in range(2, top_k + 1) for c in (f"label_{k}", f"score_{k}"))]

@@ -273,7 +273,7 @@ def test_stdout_gets_the_csv_and_stderr_the_rest(onnx_model, test_pngs):
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(rows) == 1000 and list(rows[0]) == ["path", "label", "index", "score", "label_2", "score_2",
-                                                  "label_3", "score_3", "error"]
+                                                  "label_3", "score_3", "error", "true_label"]
     from fmnist_onnx.runtime import resolve_provider
 
     provider = resolve_provider("auto")  # cuda where onnxruntime has it

@@ -42,14 +42,15 @@ def journal(draw, paths: list[str], fmt: str) -> bytes:
     for _ in range(draw(st.integers(0, 8))):
         index = draw(st.integers(0, 9))
         row = {"path": draw(st.sampled_from(paths)), "label": CLASSES[index], "index": index,
-               "score": draw(st.floats(0, 1)), "error": None}
+               "score": draw(st.floats(0, 1)), "error": None, "true_label": "Bag"}
         kind = draw(st.integers(0, 9))
         if kind == 0:
             row["path"] = draw(st.sampled_from(["/elsewhere.png", paths[0] + "x", ""]))
         elif kind == 1:
             row[draw(st.sampled_from(list(row)))] = draw(junk)
         elif kind == 2:
-            row = {**row, "label": None, "index": None, "score": None, "error": draw(st.text(min_size=1, max_size=9))}
+            row = {**row, "label": None, "index": None, "score": None, "error": draw(st.text(min_size=1, max_size=9)),
+               "true_label": "Bag"}
         if kind == 3:
             lines.append(draw(st.binary(max_size=30)).replace(b"\n", b" ") + b"\n")
         elif fmt == "csv":
@@ -58,7 +59,7 @@ def journal(draw, paths: list[str], fmt: str) -> bytes:
                 "utf-8", "surrogatepass"))
         else:
             lines.append((json.dumps(row) + "\n").encode())
-    head = b"path,label,index,score,error\n" if fmt == "csv" and draw(st.booleans()) else b""
+    head = b"path,label,index,score,error,true_label\n" if fmt == "csv" and draw(st.booleans()) else b""
     return head + b"".join(lines) + draw(st.sampled_from([b"", b'{"pa', b"Bag,1"]))
 
 

@@ -57,7 +57,7 @@ def tree(folder: Path) -> dict[str, tuple[str, str]]:
 
 def _journal(out: Path, small: Path, model: Path, lines: list[str], fmt: str = "csv") -> bytes:
     """An interrupted run's journal of ``lines`` (CSV rows after the header, or JSONL rows) and its record."""
-    head = "path,label,index,score,error\n" if fmt == "csv" else ""
+    head = "path,label,index,score,error,true_label\n" if fmt == "csv" else ""
     data = (head + "".join(line + "\n" for line in lines)).encode()
     journal_path(out).write_bytes(data)
     identity_path(out).write_text(RunIdentity.of(model, "auto", 1, True, [str(small)]).to_json())
@@ -144,7 +144,7 @@ def test_a_link_at_the_lock_is_refused(small, onnx_model, tmp_path, victim):
 def _row(path: str, index: int = 8) -> str:
     from fmnist_onnx.spec import CLASSES
 
-    return f"{path},{CLASSES[index]},{index},0.5,"
+    return f"{path},{CLASSES[index]},{index},0.5,,Bag"
 
 
 @pytest.mark.parametrize(("case", "line"), [("foreign path", 3), ("twice", 4), ("index 99", 3), ("index eight", 3)])
@@ -163,7 +163,7 @@ def test_resume_refuses_a_row_it_would_not_write_naming_its_line(case, line, sma
 def test_a_parquet_journal_with_a_wrong_row_is_refused_at_resume_not_at_conversion(small, onnx_model, tmp_path):
     out = tmp_path / "preds.parquet"
     first = _files(small)[0]
-    row = {"path": first, "label": "Bag", "index": "8", "score": 0.5, "error": None}
+    row = {"path": first, "label": "Bag", "index": "8", "score": 0.5, "error": None, "true_label": "Bag"}
     data = _journal(out, small, onnx_model, [json.dumps(row)], fmt="jsonl")
     proc = _classify(small, onnx_model, out, "--resume")
     assert_one_line_error(proc, 2, "line 1 has index '8'")

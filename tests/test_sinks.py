@@ -132,10 +132,12 @@ def test_jsonl_nulls_and_csv_empties(tmp_path):
         sink.write(rows)
         sink.finish()
     assert (tmp_path / "p.csv").read_text().splitlines() == [
-        "path,label,index,score,error", "a.png,Trouser,1,0.5,", "b.png,,,,empty file"]
+        "path,label,index,score,error,true_label", "a.png,Trouser,1,0.5,,", "b.png,,,,empty file,"]
     lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert lines[0] == {"path": "a.png", "label": "Trouser", "index": 1, "score": 0.5, "error": None}
-    assert lines[1] == {"path": "b.png", "label": None, "index": None, "score": None, "error": "empty file"}
+    assert lines[0] == {"path": "a.png", "label": "Trouser", "index": 1, "score": 0.5, "error": None,
+                        "true_label": None}
+    assert lines[1] == {"path": "b.png", "label": None, "index": None, "score": None, "error": "empty file",
+                        "true_label": None}
 
 
 # ---------------------------------------------------------------------------------------------- hostile names

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -78,14 +78,51 @@ class Found(NamedTuple):
     error: str = ""
 
 
+@dataclass(frozen=True)
+class Members:
+    """Images inside one container (an archive, a Parquet file) that a worker reads by position: the rows'
+    paths (``<container>::<member>``, ``<container>::row/<N>``), what the source's ``read`` needs per image
+    (``keys``: offsets, indices, row numbers, or the bytes themselves for a compressed stream) and the true
+    classes the container knows (a ``.cls`` sidecar, a label column; -1 where none). Sliced, never copied per
+    image, into the chunks of work."""
+
+    kind: str  # the source that reads it (a name in sources.SOURCES)
+    container: str
+    units: list[str]
+    keys: Sequence
+    truth: Sequence[int]
+    sizes: Sequence[int] = ()  # tar: the members' declared sizes, beside their offsets
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def take(self, start: int, stop: int) -> Members:
+        return replace(self, units=self.units[start:stop], keys=self.keys[start:stop], truth=self.truth[start:stop],
+                       sizes=self.sizes[start:stop])
+
+    def keep(self, flags: Sequence[bool]) -> Members:
+        """The images whose flag is true (--resume: those not done yet)."""
+        pick = [i for i, f in enumerate(flags) if f]
+        return replace(self, units=[self.units[i] for i in pick], keys=[self.keys[i] for i in pick],
+                       truth=[self.truth[i] for i in pick],
+                       sizes=[self.sizes[i] for i in pick] if len(self.sizes) else ())
+
+
 class Batch(NamedTuple):
     """A run of the walk within one folder: its input files in walk order, the files skipped as not images, or
-    the folder itself when it cannot be listed. The walk's unit: the process that walks makes no object per
-    file (at a million files, a microsecond per file is a second)."""
+    the folder itself when it cannot be listed; or images inside a container (``members``, whose units are
+    also ``files``). The walk's unit: the process that walks makes no object per file (at a million files, a
+    microsecond per file is a second)."""
 
     files: list[str]
     skipped: list[str]
     unlistable: Found | None = None
+    members: Members | None = None
+
+
+def units_of(item: list[str] | Members) -> list[str]:
+    """The rows' paths of a chunk of work: loose files' paths, or a container's units."""
+    return item.units if isinstance(item, Members) else item
 
 
 @dataclass
@@ -95,7 +132,7 @@ class Rows:
 
     data: bytes  # the rows, as the sink's text format (CSV without header, or JSONL)
     indices: np.ndarray  # int16 [n]: top-1 class, -1 for a failed file
-    truth: np.ndarray  # int16 [n]: class from the folder names (ImageFolder layout), -1 where none
+    truth: np.ndarray  # int16 [n]: the true class the source knows (folder names, a sidecar, a label), -1 where none
     errors: list[str]  # "" where the file was classified
     seconds: float = 0.0  # decoding time of the chunk (chunk sizing)
     paths: Sequence[str] | None = None  # set by the engine in the parent (not sent back by workers)
@@ -193,7 +230,7 @@ class Engine(Protocol):
     decoder: str  # in words, for the summary
     max_chunk: int  # files a chunk of work_items holds at most
 
-    def rows(self, items: Iterator[list[str] | Row], encoding: str,
+    def rows(self, items: Iterator[list[str] | Members | Row], encoding: str,
              observe: Callable[[float, int], None]) -> Iterator[Rows]:
         """Rows for the work items, encoded for the sink; ``observe(seconds, files)`` after each chunk decoded
         (it sizes the chunks to come)."""
@@ -202,12 +239,15 @@ class Engine(Protocol):
 
 
 class Source(Protocol):
-    """Where images come from (sources/): a module per kind of input, found by ``sources.source_of``. A source
-    checks the inputs it is given before any work and walks them in a fixed order, as Batches of work units (a
-    path today; a member of an archive or a row group of a table with the sources to come)."""
+    """Where images come from (sources/): a module per kind of input, found by ``sources.kind_of``. A source
+    checks the inputs it is given before any work and walks them in a fixed order, as Batches of work units: a
+    path (folders, URIs), or ``Members`` of a container (tar, zip, Parquet), which its ``read`` turns into
+    bytes in the worker that decodes them."""
 
     def check(self, inputs: Sequence[str]) -> list[str]:
         """The inputs as they will be walked; UserError (one line) for one that does not exist."""
 
     def walk_batches(self, inputs: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[Batch]:
         """Every unit under ``inputs``, in a deterministic order; ``exclude``: the run's own files, left out."""
+
+    # Sources of Members also have: read(members: Members) -> list[bytes | images.ImageError], in a worker.

@@ -32,6 +32,7 @@ from fmnist_onnx.classify.contract import (
     Batch,
     ClassifySummary,
     Engine,
+    Members,
     Request,
 )
 from fmnist_onnx.classify.outputs import finish_sink, identity_path, open_sink
@@ -60,18 +61,23 @@ class ChunkSizer:
 
 
 def work_items(batches: Iterator[Batch], done: Done | None, tally: Tally,
-               sizer: ChunkSizer) -> Iterator[list[str] | Row]:
-    """Chunks of paths to decode (list) and rows known without decoding (Row: an unlistable folder), in
-    walk order. ``sizer.size`` is read at each chunk, so the engine can adapt it. List operations per
-    folder, not Python statements per file: this runs in the process that walks and writes."""
+               sizer: ChunkSizer) -> Iterator[list[str] | Members | Row]:
+    """Chunks of paths to decode (list), of a container's images (Members: never mixed with loose files), and
+    rows known without decoding (Row: an unlistable folder, a damaged archive), in walk order. ``sizer.size``
+    is read at each chunk, so the engine can adapt it. List operations per folder, not Python statements per
+    file: this runs in the process that walks and writes."""
     chunk: list[str] = []
     for batch in batches:
         tally.skipped += len(batch.skipped)
+        if chunk and (batch.unlistable is not None or batch.members is not None):
+            yield chunk
+            chunk = []
+        if batch.members is not None:
+            yield from _member_chunks(batch.members, done, sizer)
         if batch.unlistable is not None:
-            if chunk:
-                yield chunk
-                chunk = []
             yield Row(batch.unlistable.path, error=batch.unlistable.error)
+        if batch.members is not None:
+            continue
         files = batch.files if done is None else [p for p in batch.files if p not in done]
         start = 0
         while start < len(files):
@@ -83,6 +89,16 @@ def work_items(batches: Iterator[Batch], done: Done | None, tally: Tally,
                 chunk = []
     if chunk:
         yield chunk
+
+
+def _member_chunks(members: Members, done: Done | None, sizer: ChunkSizer) -> Iterator[Members]:
+    if done is not None:
+        members = members.keep([u not in done for u in members.units])
+    start = 0
+    while start < len(members):
+        stop = start + sizer.size
+        yield members.take(start, stop)
+        start = stop
 
 
 def classify(

@@ -29,23 +29,29 @@ def true_classes(paths: Sequence[str]) -> np.ndarray:
 
 
 def make_rows(session, paths: Sequence[str], imgs: np.ndarray | None, errors: Sequence[str], top_k: int,
-              batch_size: int, encoding: str, io_binding: bool = False) -> Rows:
-    """The model on a decoded chunk -> its Rows (``session`` may be None when every file failed). The common
-    case (CSV, top-1) is encoded straight from the arrays, without a Row object per file."""
+              batch_size: int, encoding: str, io_binding: bool = False, truth: Sequence[int] | None = None) -> Rows:
+    """The model on a decoded chunk -> its Rows (``session`` may be None when every file failed). ``truth``:
+    the true classes the source knows (None: from the paths, the ImageFolder layout). The common case (CSV,
+    top-1) is encoded straight from the arrays, without a Row object per file."""
     errors, ok, order, scores = _top_k(session, paths, imgs, errors, top_k, batch_size, io_binding)
+    truth = true_classes(paths) if truth is None else np.asarray(truth, np.int16)
     data = None
     if encoding == "csv" and top_k == 1 and len(ok) == len(paths):
-        data = encode_csv_top1(paths, order[:, 0].tolist(), scores[:, 0].tolist())
+        data = encode_csv_top1(paths, order[:, 0].tolist(), scores[:, 0].tolist(), truth.tolist())
     if data is None:  # JSONL, top-k, error rows, or paths that need quoting or escaping: row by row
-        return rows_of(_as_rows(paths, errors, ok, order, scores), encoding, top_k)
-    return Rows(data, order[:, 0].astype(np.int16), true_classes(paths), errors, paths=paths)
+        return rows_of(_as_rows(paths, errors, ok, order, scores), encoding, top_k, truth)
+    return Rows(data, order[:, 0].astype(np.int16), truth, errors, paths=paths)
 
 
-def rows_of(rows: Sequence[Row], encoding: str, top_k: int) -> Rows:
-    """Rows made elsewhere (an engine's own, or an unlistable folder's) as a Rows chunk."""
+def rows_of(rows: Sequence[Row], encoding: str, top_k: int, truth: Sequence[int] | None = None) -> Rows:
+    """Rows made elsewhere (an engine's own, or an unlistable folder's) as a Rows chunk; ``truth`` as for
+    ``make_rows``."""
     indices = np.array([r.indices[0] if not r.error else -1 for r in rows], np.int16)
     paths = [r.path for r in rows]
-    return Rows(encode(rows, encoding, top_k), indices, true_classes(paths), [r.error for r in rows], paths=paths)
+    truth = true_classes(paths) if truth is None else np.asarray(truth, np.int16)
+    for r, t in zip(rows, truth.tolist(), strict=True):
+        r.truth = t
+    return Rows(encode(rows, encoding, top_k), indices, truth, [r.error for r in rows], paths=paths)
 
 
 def _top_k(session, paths: Sequence[str], imgs: np.ndarray | None, errors: Sequence[str], top_k: int,

@@ -50,7 +50,10 @@ class Tally:
                 self.failures.append({"path": row["path"], "error": row["error"]})
             return
         self.classified += 1
-        truth = int(true_classes([row["path"]])[0])
+        if "true_label" in row:  # the source's own word; an earlier version's table: the folder names
+            truth = CLASSES.index(row["true_label"]) if row["true_label"] is not None else -1
+        else:
+            truth = int(true_classes([row["path"]])[0])
         if truth < 0:
             self.unlabelled += 1
         else:
@@ -125,7 +128,8 @@ def format_summary(s: ClassifySummary) -> str:
         lines.append(f"{s.seconds:.2f} s, {s.images_per_s:,.0f} images/s ({s.provider}, {s.workers} decoding "
                      f"processes, {s.decoder}); wrote {output}")
     if s.accuracy_pct is not None:
-        lines.append(f"accuracy {s.accuracy_pct:.2f}% (ImageFolder layout: true class from the folder names)")
+        lines.append(f"accuracy {s.accuracy_pct:.2f}% (true classes from the inputs: class folders, .cls sidecars "
+                     "or a label column)")
         lines.append(f"  {'class':<12} {'precision':>9} {'recall':>7} {'files':>7}")
         for m in s.per_class or []:
             p = f"{m.precision:.3f}" if m.precision is not None else "-"

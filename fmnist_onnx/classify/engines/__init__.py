@@ -24,9 +24,11 @@ class EngineEntry:
 
 
 ENGINES: dict[str, EngineEntry] = {
-    "local": EngineEntry("fmnist_onnx.classify.engines.local", "LocalEngine", ("folder",),
+    "local": EngineEntry("fmnist_onnx.classify.engines.local", "LocalEngine",
+                         ("folder", "tar", "zip", "parquet"),
                          "worker processes on this machine"),
-    "ray": EngineEntry("fmnist_onnx.classify.engines.ray", "RayEngine", ("folder", "uri"),
+    "ray": EngineEntry("fmnist_onnx.classify.engines.ray", "RayEngine",
+                       ("folder", "uri", "tar", "zip", "parquet"),
                        "Ray Data on a cluster; same rows, in the order they are "
                        "done", install='pip install "fmnist-onnx[ray]"'),
 }

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fmnist_onnx import images
-from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, INFERENCE_MODES, Request, Rows
+from fmnist_onnx.classify import sources
+from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, INFERENCE_MODES, Members, Request, Rows, units_of
 from fmnist_onnx.classify.predict import decoder_name, make_rows, rows_of
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
@@ -169,39 +170,42 @@ def _stage_init(parent: int, slots: Slots | None, foreign: Sequence[int], model:
         pass
 
 
-def _decode(paths: Sequence[str], invert: str) -> tuple[np.ndarray, list[str], float]:
+def _decode(item: Sequence[str] | Members, invert: str) -> tuple[np.ndarray, list[str], float]:
+    """A chunk of loose files (paths: read here) or of a container's images (read by their source)."""
     t0 = time.perf_counter()
-    imgs, errors = images.preprocess_batch(paths, invert)
+    imgs, errors = images.preprocess_batch(sources.read(item) if isinstance(item, Members) else item, invert)
     return imgs, errors, time.perf_counter() - t0
 
 
-def _classify_decoded(paths: Sequence[str], imgs: np.ndarray, errors: list[str], seconds: float, job: _Job,
-                      encoding: str) -> Rows:
+def _classify_decoded(item: Sequence[str] | Members, imgs: np.ndarray, errors: list[str], seconds: float,
+                      job: _Job, encoding: str) -> Rows:
     """The model on a decoded chunk: in a decoding worker (batches of DEFAULT_BATCH), or in the batched stage
     (the whole chunk in one call, with IO binding). The paths stay in the parent, which has them."""
+    paths = units_of(item)
+    truth = item.truth if isinstance(item, Members) else None
     batch = job.batch_size or (max(1, len(paths)) if job.batched else DEFAULT_BATCH)
     session = None if all(errors) else _session(job.model, job.provider)
-    rows = make_rows(session, paths, imgs, errors, job.top_k, batch, encoding, io_binding=job.batched)
+    rows = make_rows(session, paths, imgs, errors, job.top_k, batch, encoding, io_binding=job.batched, truth=truth)
     rows.seconds, rows.paths = seconds, None
     return rows
 
 
-def _decode_into(paths: Sequence[str], invert: str, slot: int) -> tuple[list[str], float]:
+def _decode_into(item: Sequence[str] | Members, invert: str, slot: int) -> tuple[list[str], float]:
     """A worker's job on the batched path: decode the chunk into its slot of shared memory."""
-    imgs, errors, seconds = _decode(paths, invert)
-    _slots.view(slot, len(paths))[:] = imgs
+    imgs, errors, seconds = _decode(item, invert)
+    _slots.view(slot, len(imgs))[:] = imgs
     return errors, seconds
 
 
-def _classify_slot(paths: Sequence[str], slot: int, errors: list[str], seconds: float, job: _Job,
+def _classify_slot(item: Sequence[str] | Members, slot: int, errors: list[str], seconds: float, job: _Job,
                    encoding: str) -> Rows:
     """An inference process's job: the model on the chunk decoded into ``slot``."""
-    return _classify_decoded(paths, _slots.view(slot, len(paths)), errors, seconds, job, encoding)
+    return _classify_decoded(item, _slots.view(slot, len(errors)), errors, seconds, job, encoding)
 
 
-def _decode_and_classify(paths: Sequence[str], job: _Job, encoding: str) -> Rows:
+def _decode_and_classify(item: Sequence[str] | Members, job: _Job, encoding: str) -> Rows:
     """A worker's whole job on the CPU: decode the chunk, run the model on one thread, encode the rows."""
-    return _classify_decoded(paths, *_decode(paths, job.invert), job, encoding)
+    return _classify_decoded(item, *_decode(item, job.invert), job, encoding)
 
 
 # ---------------------------------------------------------------------------------------------- the engine
@@ -287,14 +291,15 @@ class LocalEngine:
         except BrokenProcessPool as e:
             return _failed(e)
 
-    def _isolate(self, paths: list[str]) -> tuple[np.ndarray, list[str], float]:
+    def _isolate(self, item: list[str] | Members) -> tuple[np.ndarray, list[str], float]:
         """Decode a chunk that was in a dying pool file by file, each alone in the pool, so that a file that
         kills its worker is named and the others are decoded."""
-        out = np.zeros((len(paths), images.IMAGE_SIZE, images.IMAGE_SIZE), dtype=np.uint8)
-        errors = [""] * len(paths)
-        for i, path in enumerate(paths):
+        out = np.zeros((len(item), images.IMAGE_SIZE, images.IMAGE_SIZE), dtype=np.uint8)
+        errors = [""] * len(item)
+        for i, path in enumerate(units_of(item)):
+            one = item.take(i, i + 1) if isinstance(item, Members) else [path]
             try:
-                imgs, errs, _ = self.pool.submit(_decode, [path], self.job.invert).result()
+                imgs, errs, _ = self.pool.submit(_decode, one, self.job.invert).result()
                 out[i], errors[i] = imgs[0], errs[0]
             except BrokenProcessPool:
                 log.warning("%s: %s", visible(path), CRASHED)
@@ -321,7 +326,7 @@ class LocalEngine:
             kept = "; the rows so far are kept: run the same command with --resume" if written else ""
             raise UserError(f"an inference process died (out of memory, or a crash in onnxruntime){kept}") from None
 
-    def rows(self, items: Iterator[list[str] | Row], encoding: str,
+    def rows(self, items: Iterator[list[str] | Members | Row], encoding: str,
              observe: Callable[[float, int], None]) -> Iterator[Rows]:
         """Rows for each work item (a chunk of paths, or a row known already), in walk order."""
         slots = self.slots
@@ -351,7 +356,7 @@ class LocalEngine:
                 rows = self._stage_result(fut, written)
                 if slot is not None:
                     slots.free.append(slot)
-                rows.paths = paths
+                rows.paths = units_of(paths)
                 written = True
                 yield rows
                 continue
@@ -368,7 +373,7 @@ class LocalEngine:
             observe(res.seconds if isinstance(res, Rows) else res[-1], len(paths))
             feed()  # keep the workers busy while this chunk is written
             if isinstance(res, Rows):
-                res.paths = paths
+                res.paths = units_of(paths)
                 written = True
                 yield res
             else:

@@ -32,7 +32,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from fmnist_onnx import images
-from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, MAX_CHUNK, Request, Rows
+from fmnist_onnx.classify import sources
+from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, MAX_CHUNK, Members, Request, Rows
 from fmnist_onnx.classify.engines import ENGINES
 from fmnist_onnx.classify.predict import decoder_name, predict_rows, rows_of
 from fmnist_onnx.classify.sources import is_uri
@@ -121,21 +122,36 @@ class Predictor:
 
     def _rows(self, batch) -> list[Row]:
         paths = [os.fsdecode(p) for p in batch["path"].to_pylist()]
-        sources: list[str | bytes] = []
-        read_errors: dict[int, str] = {}
+        data: list = list(paths)  # a local path: preprocess_batch reads it (images.read_file)
         for i, path in enumerate(paths):
-            if not is_uri(path):
-                sources.append(path)  # a local path: preprocess_batch reads it (images.read_file)
-                continue
-            try:
-                sources.append(self._read(path))
-            except (images.ImageError, UserError) as e:
-                read_errors[i] = str(e)
-                sources.append(b"")
-        imgs, errors = images.preprocess_batch(sources, self.invert)
-        for i, e in read_errors.items():
-            errors[i] = e
+            if is_uri(path):
+                try:
+                    data[i] = self._read(path)
+                except (images.ImageError, UserError) as e:
+                    data[i] = images.ImageError(str(e))
+        for start, stop, members in _members_of(batch, paths):  # images inside containers: read by their source
+            data[start:stop] = sources.read(members)
+        imgs, errors = images.preprocess_batch(data, self.invert)
         return predict_rows(self.session, paths, imgs, errors, self.top_k, self.batch_size)
+
+
+def _members_of(batch, paths: list[str]) -> Iterator[tuple[int, int, Members]]:
+    """The block's runs of images from one container, as (start, stop, Members)."""
+    kinds, containers = batch["kind"].to_pylist(), batch["container"].to_pylist()
+    keys, sizes, inline = batch["key"].to_pylist(), batch["size"].to_pylist(), batch["inline"].to_pylist()
+    i = 0
+    while i < len(paths):
+        if kinds[i] is None:
+            i += 1
+            continue
+        j = i
+        while j < len(paths) and kinds[j] == kinds[i] and containers[j] == containers[i]:
+            j += 1
+        carried = inline[i] is not None
+        members = Members(kinds[i], os.fsdecode(containers[i]), paths[i:j], inline[i:j] if carried else keys[i:j],
+                          [-1] * (j - i), () if carried or sizes[i] < 0 else sizes[i:j])
+        yield i, j, members
+        i = j
 
 
 def _fatal(e: BaseException) -> tuple[int, str]:
@@ -194,12 +210,62 @@ def plan_pool(resources: dict[str, float], provider: str, actors: int | None,
     return provider, n, per_cpu, per_gpu
 
 
-def _block_tables(ids: Sequence[int], paths: Sequence[bytes], size: int):
-    """The file list as Arrow tables of ``size`` files, one per block (one actor call)."""
-    import pyarrow as pa
+class _Work:
+    """The files of a run as the driver sends them: per file its path (bytes: any name), and for an image in
+    a container, what its source reads it by (kind, container, key, size; or its bytes, ``inline``); the true
+    class where the source knows it (None: from the path)."""
 
-    return [pa.table({"id": pa.array(ids[i:i + size], pa.int64()), "path": pa.array(paths[i:i + size], pa.binary())})
-            for i in range(0, len(ids), size)]
+    TYPES = {"path": "binary", "kind": "string", "container": "binary", "key": "int64", "size": "int64",
+             "inline": "binary"}
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {name: [] for name in self.TYPES}
+        self.truth: list[int | None] = []
+
+    def add_files(self, paths: Sequence[str]) -> None:
+        n = len(paths)
+        self._extend(path=[os.fsencode(p) for p in paths], kind=[None] * n, container=[None] * n, key=[0] * n,
+                     size=[-1] * n, inline=[None] * n)
+        self.truth += [None] * n
+
+    def add_members(self, m: Members) -> None:
+        n, carried = len(m), not len(m.sizes)
+        self._extend(path=[os.fsencode(u) for u in m.units], kind=[m.kind] * n,
+                     container=[os.fsencode(m.container)] * n, key=[0] * n if carried else list(m.keys),
+                     size=list(m.sizes) or [-1] * n, inline=list(m.keys) if carried else [None] * n)
+        self.truth += list(m.truth)
+
+    def _extend(self, **values: list) -> None:
+        for name, v in values.items():
+            self.columns[name] += v
+
+    def __len__(self) -> int:
+        return len(self.truth)
+
+    def path(self, i: int) -> str:
+        return os.fsdecode(self.columns["path"][i])
+
+    def tables(self, ids: Sequence[int], size: int):
+        """The files ``ids`` as Arrow tables of ``size`` files, one per block (one actor call)."""
+        import pyarrow as pa
+
+        out = []
+        for start in range(0, len(ids), size):
+            part = ids[start:start + size]
+            cols = {"id": pa.array(part, pa.int64())}
+            for name, kind in self.TYPES.items():
+                cols[name] = pa.array([self.columns[name][i] for i in part], getattr(pa, kind)())
+            out.append(pa.table(cols))
+        return out
+
+
+def _truth(rows: Sequence[Row], truth: Sequence[int | None]) -> list[int] | None:
+    """The true classes of rows, where their sources know them; None where every one comes from its path."""
+    from fmnist_onnx.classify.predict import true_classes
+
+    if all(t is None for t in truth):
+        return None
+    return [true_classes([r.path])[0] if t is None else t for r, t in zip(rows, truth, strict=True)]
 
 
 def block_size(files: int, actors: int) -> int:
@@ -209,7 +275,7 @@ def block_size(files: int, actors: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- the driver
 
-def _run(ray, ids: Sequence[int], paths: Sequence[bytes], size: int,
+def _run(ray, ids: Sequence[int], work: _Work, size: int,
          pool: tuple[int, float, float], predictor: dict) -> Iterator:
     """Ray Data over the files: blocks of paths -> the actor pool -> Arrow batches of rows (id, indices, scores,
     error), streamed as they are done. A block whose actor dies is retried a few times on a restarted actor,
@@ -217,7 +283,7 @@ def _run(ray, ids: Sequence[int], paths: Sequence[bytes], size: int,
     for ever or failing the whole run."""
     n, per_cpu, per_gpu = pool
     remote = {"num_gpus": per_gpu} if per_gpu else {}
-    ds = ray.data.from_arrow(_block_tables(ids, paths, size))
+    ds = ray.data.from_arrow(work.tables(ids, size))
     # One block at a time per actor when isolating (size 1): a crash then takes down its own file only, not
     # the other blocks queued on the same actor.
     strategy = {"max_tasks_in_flight_per_actor": 1} if size == 1 else {}
@@ -316,17 +382,24 @@ class RayEngine:
         self.max_chunk = MAX_CHUNK  # unused: Ray Data plans its own blocks
         log.info("Ray pool: %d actors, %g CPU and %g GPU each (%s)", self.workers, per_cpu, per_gpu, self.provider)
 
-    def rows(self, items: Iterator[list[str] | Row], encoding: str, observe=None) -> Iterator[Rows]:
+    def rows(self, items: Iterator[list[str] | Members | Row], encoding: str, observe=None) -> Iterator[Rows]:
         """Every file of ``items`` to the actors at once (Ray Data plans the blocks, whatever the chunks: no
         ``observe``), rows as they are done."""
         top_k = self.request.top_k
-        files: list[bytes] = []
+        files = _Work()
         for item in items:
-            if isinstance(item, Row):  # a folder that cannot be listed: its row at once
+            if isinstance(item, Row):  # a folder that cannot be listed, a damaged archive: its row at once
                 yield rows_of([item], encoding, top_k)
+            elif isinstance(item, Members):
+                early = [i for i, k in enumerate(item.keys) if isinstance(k, images.ImageError)]
+                if early:  # a member a compressed tar could not give (too large): its row at once
+                    yield rows_of([Row(item.units[i], error=str(item.keys[i])) for i in early], encoding, top_k,
+                                  [item.truth[i] for i in early])
+                    item = item.keep([not isinstance(k, images.ImageError) for k in item.keys])
+                files.add_members(item)
             else:
-                files.extend(os.fsencode(p) for p in item)
-        if not files:
+                files.add_files(item)
+        if not len(files):
             return
         predictor = {"model": [self.ray.put(self.model_bytes)], "provider": self.provider,
                      "invert": self.request.invert, "top_k": top_k,
@@ -338,14 +411,15 @@ class RayEngine:
             if fatal.null_count < len(fatal):
                 i = next(i for i, v in enumerate(fatal.to_pylist()) if v is not None)
                 _raise_fatal(batch["fatal_exit"][i].as_py(), fatal[i].as_py())
-            rows = []
+            rows, truth = [], []
             for i, idx, sc, err in zip(batch["id"].to_pylist(), batch["indices"].to_pylist(),
                                        batch["scores"].to_pylist(), batch["error"].to_pylist(), strict=True):
                 if returned[i]:
                     continue  # a block that Ray ran twice (a retry after its actor died): rows once
                 returned[i] = 1
-                rows.append(Row(os.fsdecode(files[i]), idx or (), sc or (), err or ""))
-            return rows_of(rows, encoding, top_k)
+                rows.append(Row(files.path(i), idx or (), sc or (), err or ""))
+                truth.append(files.truth[i])
+            return rows_of(rows, encoding, top_k, _truth(rows, truth))
 
         ids = range(len(files))
         for batch in _run(self.ray, ids, files, block_size(len(files), self.workers), self.pool, predictor):
@@ -355,13 +429,14 @@ class RayEngine:
             # Blocks whose actor died on every try (a file that crashes the decoder, or the OOM killer):
             # again file by file, so that only the culprits get an error row, as in the local engine.
             log.warning("%d files were in blocks that failed; trying them one by one", len(lost))
-            for batch in _run(self.ray, lost, [files[i] for i in lost], 1, self.pool, predictor):
+            for batch in _run(self.ray, lost, files, 1, self.pool, predictor):
                 yield rows_of_batch(batch)
-            crashed = [Row(os.fsdecode(files[i]), error=CRASHED) for i in lost if not returned[i]]
-            for row in crashed:
+            crashed = [i for i in lost if not returned[i]]
+            rows = [Row(files.path(i), error=CRASHED) for i in crashed]
+            for row in rows:
                 log.warning("%s: %s", visible(row.path), row.error)
-            if crashed:
-                yield rows_of(crashed, encoding, top_k)
+            if rows:
+                yield rows_of(rows, encoding, top_k, _truth(rows, [files.truth[i] for i in crashed]))
 
     def close(self) -> None:
         if self.settings is not None:

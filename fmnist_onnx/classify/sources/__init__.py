@@ -1,10 +1,16 @@
 """The sources' registry: where images come from, a module per kind of input (contract.Source), imported only
-when an input of its kind is named. A source is chosen by what the input is: ``uri`` for ``scheme://...``,
-``folder`` for local files and folders.
+when an input of its kind is named. A source is chosen by what the input is: ``uri`` for ``scheme://...``;
+``tar`` for a file named .tar, .tar.gz, .tgz, .tar.bz2 or .tar.xz; ``zip`` for .zip; ``parquet`` for .parquet;
+``folder`` for other local files and folders (a folder is a folder whatever its name).
 
-Adding a source: a module here with ``check`` and ``walk_batches`` (contract.Source), an entry in SOURCES, a
-test in ``kind_of`` for its inputs, and its name in the sources of each engine that reads it
-(engines/__init__.py).
+The images inside a container are named in the rows as ``<container>::<member>`` (tar, zip) or
+``<container>::row/<N>`` (Parquet, N counted from 0), the container as named on the command line: ``::`` after
+an input that is a container. A loose file whose name holds ``::`` is a loose file: it is not under a
+container input (``check_inputs`` refuses a folder or file input named ``<container input>::...``).
+
+Adding a source: a module here with ``check`` and ``walk_batches`` (contract.Source; and ``read``, for
+Members), an entry in SOURCES, a test in ``kind_of`` for its inputs, and its name in the sources of each engine
+that reads it (engines/__init__.py).
 """
 
 from __future__ import annotations
@@ -14,14 +20,20 @@ from collections.abc import Iterator, Sequence
 from importlib import import_module
 from itertools import groupby
 
-from fmnist_onnx.classify.contract import Batch
+from fmnist_onnx.classify.contract import Batch, Members
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.text import visible
 
 SOURCES: dict[str, str] = {
     "folder": "fmnist_onnx.classify.sources.folder",
     "uri": "fmnist_onnx.classify.sources.uri",
+    "tar": "fmnist_onnx.classify.sources.tar",
+    "zip": "fmnist_onnx.classify.sources.zip",
+    "parquet": "fmnist_onnx.classify.sources.parquet",
 }
+SEPARATOR = "::"  # between a container and its member in a row's path
+_SUFFIXES = {".tar": "tar", ".tgz": "tar", ".tar.gz": "tar", ".tar.bz2": "tar", ".tar.xz": "tar", ".zip": "zip",
+             ".parquet": "parquet"}
 
 
 def is_uri(path: str) -> bool:
@@ -30,14 +42,54 @@ def is_uri(path: str) -> bool:
     return bool(sep) and scheme.isascii() and scheme.replace("+", "").replace("-", "").isalnum() and len(scheme) > 1
 
 
+def container_kind(path: str) -> str | None:
+    """'tar', 'zip' or 'parquet' by the name's suffix (any case), else None."""
+    name = path.lower()
+    for suffix, kind in _SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
 def kind_of(path: str) -> str:
     """The source that reads ``path``."""
-    return "uri" if is_uri(path) else "folder"
+    if is_uri(path):
+        return "uri"
+    kind = container_kind(path)
+    return kind if kind is not None and not os.path.isdir(path) else "folder"
 
 
 def source(kind: str):
     """The module of source ``kind`` (contract.Source)."""
     return import_module(SOURCES[kind])
+
+
+def read(members: Members) -> list:
+    """The bytes of each image of ``members`` (or its images.ImageError), in a worker: its source's ``read``."""
+    return source(members.kind).read(members)
+
+
+def read_path(path: str) -> bytes:
+    """The bytes of a row's image, read again (the report): a loose file, or ``<container>::<member>``, the
+    container being the first prefix before a ``::`` that is an existing container file; images.ImageError
+    where it cannot be read."""
+    from fmnist_onnx import images
+
+    if os.path.lexists(path) or SEPARATOR not in path:
+        return images.read_file(path)
+    at = path.find(SEPARATOR)
+    while at >= 0:
+        container, member = path[:at], path[at + len(SEPARATOR):]
+        kind = container_kind(container)
+        if kind is not None and os.path.isfile(container):
+            try:
+                return source(kind).read_one(container, member)
+            except images.ImageError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a damaged archive, an Arrow error: the figure's note
+                raise images.ImageError(f"cannot read it from {container}: {e}") from None
+        at = path.find(SEPARATOR, at + 1)
+    return images.read_file(path)  # its own error: file not found
 
 
 def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str) -> list[str]:
@@ -49,10 +101,17 @@ def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str) -> 
     for p in paths:
         kind = kind_of(p)
         if kind not in readable:
-            raise UserError(f"{visible(p)}: no such file or folder (a {kind} input: --engine {engine} reads "
-                            f"{' and '.join(readable)} inputs; --engine ray reads URIs)")
-    for kind in dict.fromkeys(map(kind_of, paths)):
-        source(kind).check([p for p in paths if kind_of(p) == kind])
+            raise UserError(f"{visible(p)}: a {kind} input, which --engine {engine} cannot read (it reads "
+                            f"{', '.join(readable)}){'; --engine ray reads URIs' if kind == 'uri' else ''}")
+    kinds = [kind_of(p) for p in paths]
+    containers = [p + SEPARATOR for p, k in zip(paths, kinds, strict=True) if k in ("tar", "zip", "parquet")]
+    for p in paths:
+        inside = next((c for c in containers if p.startswith(c)), None)
+        if inside is not None:
+            raise UserError(f"{visible(p)}: its name starts with the input {visible(inside[:-2])} and '::', which "
+                            f"would make its rows read as that container's; rename it, or classify it apart")
+    for kind in dict.fromkeys(kinds):
+        source(kind).check([p for p, k in zip(paths, kinds, strict=True) if k == kind])
     return list(paths)
 
 

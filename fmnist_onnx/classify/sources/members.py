@@ -1,0 +1,117 @@
+"""What the container sources (tar, zip) share: which members are images, and their true classes, from a
+WebDataset sidecar (``00012.cls`` beside ``00012.png``, holding the class index) or else from the ImageFolder
+layout inside the archive (``Bag/00012.png``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from fmnist_onnx import images
+from fmnist_onnx.classify.contract import Batch, Found, Members
+from fmnist_onnx.spec import CLASSES, NUM_CLASSES
+
+SIDECAR = ".cls"
+MAX_SIDECAR_BYTES = 64  # a class index or name: anything longer is not one
+
+
+def sample_key(name: str) -> str:
+    """WebDataset's key of a member: its name up to the first dot of its base name (``a/00012.png`` ->
+    ``a/00012``)."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return name if dot < 0 else name[:dot]
+
+
+def class_of_sidecar(data: bytes) -> int:
+    """A ``.cls`` sidecar's class: an index 0-9, or a class name; -1 for anything else."""
+    text = data[:MAX_SIDECAR_BYTES].strip().decode("utf-8", "replace")
+    if text.isdigit() and int(text) < NUM_CLASSES:
+        return int(text)
+    return CLASSES.index(text) if text in CLASSES else -1
+
+
+def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
+    """Indices of the image members, of the sidecars, and of the other members (skipped), by name."""
+    exts = images.image_extensions()
+    pics, cls, other = [], [], []
+    for i, name in enumerate(names):
+        base = name[name.rfind("/") + 1:]
+        dot = base.rfind(".")
+        suffix = base[dot:].lower() if dot > 0 else ""
+        (pics if suffix in exts else cls if suffix == SIDECAR else other).append(i)
+    return pics, cls, other
+
+
+def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes: Sequence[int],
+          read_sidecars: Callable[[list[int]], list[bytes | Exception]], damage: str | None = None) -> Batch:
+    """The walk's Batch of a container's members (``keys``/``sizes``: what the source reads them by), with
+    an error row for the damage that ended its listing, if any."""
+    pics, cls, other = split(names)
+    labels = {sample_key(names[i]): data for i, data in zip(cls, read_sidecars(cls), strict=True)
+              if isinstance(data, bytes)}
+    truth = []
+    for i in pics:
+        data = labels.get(sample_key(names[i]))
+        if data is not None:
+            truth.append(class_of_sidecar(data))
+        else:
+            c = images.true_class(names[i])
+            truth.append(-1 if c is None else c)
+    prefix = container + "::"
+    units = [prefix + names[i] for i in pics]
+    members = Members(kind, container, units, [keys[i] for i in pics], truth,
+                      [sizes[i] for i in pics] if len(sizes) else ())
+    broken = Found(prefix, "unlistable", damage) if damage else None
+    return Batch(units, [prefix + names[i] for i in other], broken, members)
+
+
+def check_files(paths: Sequence[str], what: str) -> list[str]:
+    """Container inputs: each an existing regular file (or a link to one), named once; else one line."""
+    import os
+
+    from fmnist_onnx.errors import UserError
+    from fmnist_onnx.text import visible
+
+    seen: dict[tuple[int, int], str] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise UserError(f"{visible(p)}: cannot open the {what}: {e.strerror or e}") from None
+        if not os.path.isfile(p):
+            raise UserError(f"{visible(p)}: not a {what} file")
+        if not os.access(p, os.R_OK):
+            raise UserError(f"{visible(p)}: cannot read the {what}: permission denied")
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise UserError(f"{visible(p)} and {visible(seen[key])} are the same; name each file or folder once")
+        seen[key] = p
+    return list(paths)
+
+
+def one(results: list, member: str) -> bytes:
+    """The single result of a source's read: its bytes, or its ImageError raised."""
+    from fmnist_onnx.images import ImageError
+
+    if not results:
+        raise ImageError(f"no member {member!r} in the archive")
+    if isinstance(results[0], Exception):
+        raise results[0]
+    return results[0]
+
+
+_listings: dict[tuple, tuple] = {}  # (archive, size, mtime) -> (its index, {member name: position})
+
+
+def listing(container: str, make: Callable[[], object]) -> tuple:
+    """(the archive's index, ``make()``, and its members' positions by name), made once per archive as it is
+    now: the report reads a few members of each archive again."""
+    import os
+
+    st = os.stat(container)
+    key = (container, st.st_size, st.st_mtime_ns)
+    if key not in _listings:
+        _listings.clear()
+        index = make()
+        _listings[key] = (index, {n: i for i, n in enumerate(index.names)})
+    return _listings[key]

@@ -1,0 +1,206 @@
+"""The Parquet source: tables with a column of encoded images, the layout of the image datasets on the Hugging
+Face Hub (an ``image`` struct of ``bytes`` and ``path``, a ``label`` whose class names are in the schema's
+``huggingface`` metadata), or any table with one column of image bytes. Rows are named
+``<file>::row/<N>`` (N from 0, in the file's order).
+
+The walk (this process) reads the metadata and the label column only; the workers read the image column a
+row group at a time (the last one kept: chunks and row groups need not line up), so memory is bounded by the
+row group, and a row group bigger than MAX_GROUP_BYTES is refused as error rows rather than read. A row group
+that cannot be read (a damaged file) gives its rows error rows; the run goes on."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from fmnist_onnx.classify.contract import Batch, Members
+from fmnist_onnx.classify.sources import members
+from fmnist_onnx.errors import UserError
+from fmnist_onnx.images import MAX_FILE_BYTES, ImageError
+from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.text import visible
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP_BYTES = 1 << 30  # a row group's image column, uncompressed, read at once by a worker
+_files: dict[str, tuple] = {}  # per process: path -> (ParquetFile, image column, first row of each group)
+_group: dict[tuple[str, int], list] = {}  # per process: the last row group read: (path, group) -> images
+
+
+def _pq():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("Parquet inputs need pyarrow: pip install pyarrow (or fmnist-onnx[parquet])") from None
+    return pq
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def image_column(schema) -> tuple[str, bool]:
+    """(the column of image bytes, whether it is a struct whose ``bytes`` field holds them); UserError where
+    the table has none, or several and none named ``image``."""
+    import pyarrow as pa
+
+    found = []
+    for field in schema:
+        t = field.type
+        if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_binary(t.field("bytes").type):
+            found.append((field.name, True))
+        elif _is_binary(t):
+            found.append((field.name, False))
+    if not found:
+        raise UserError(f"no column of image bytes (columns: {', '.join(visible(n) for n in schema.names)}); "
+                        "a Parquet input needs a binary column, or a struct with a 'bytes' field (the Hugging "
+                        "Face Image feature)")
+    if len(found) > 1:
+        named = [f for f in found if f[0] == "image"]
+        if not named:
+            raise UserError(f"several columns of bytes ({', '.join(visible(f[0]) for f in found)}) and none "
+                            "named 'image': cannot tell which holds the images")
+        return named[0]
+    return found[0]
+
+
+def _is_binary(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def label_map(schema) -> tuple[str, np.ndarray] | None:
+    """(the label column, its values -> our class index, -1 where none), or None: a ``label`` column of
+    integers, named through the ClassLabel of the ``huggingface`` metadata when there is one (names compared
+    without spaces or case: the Hub's 'T - shirt / top' is our 'T-shirt/top'), else taken as our class
+    indices."""
+    import pyarrow as pa
+
+    if "label" not in schema.names or not pa.types.is_integer(schema.field("label").type):
+        return None
+    names = _class_names(schema.metadata or {})
+    if names is None:
+        return "label", np.arange(len(CLASSES), dtype=np.int16)
+    ours = {_norm(c): i for i, c in enumerate(CLASSES)}
+    return "label", np.array([ours.get(_norm(n), -1) for n in names], np.int16)
+
+
+def _norm(name: object) -> str:
+    return "".join(str(name).split()).lower()
+
+
+def _class_names(metadata: dict) -> list | None:
+    try:
+        info = json.loads(metadata[b"huggingface"])["info"]["features"]["label"]
+        names = info["names"] if info.get("_type") == "ClassLabel" else None
+    except (KeyError, TypeError, ValueError):
+        return None
+    return names if isinstance(names, list) and len(names) <= 100_000 else None
+
+
+def _open(path: str):
+    pq = _pq()
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{visible(path)}: not a readable Parquet file ({_first_line(e)})") from None
+    try:
+        return pf, image_column(pf.schema_arrow)
+    except UserError as e:
+        raise UserError(f"{visible(path)}: {e}") from None
+
+
+def check(paths: Sequence[str]) -> list[str]:
+    members.check_files(paths, "Parquet")
+    for p in paths:
+        _open(p)
+    return list(paths)
+
+
+def walk_batches(paths: Sequence[str], recursive: bool = True, exclude: Sequence[str] = ()) -> Iterator[Batch]:
+    """A Batch per row group: its rows' units, their row numbers, and their true classes."""
+    for path in paths:
+        pf, _ = _open(path)
+        labels = label_map(pf.schema_arrow)
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            truth = _truth(pf, g, n, labels)
+            units = [f"{path}::row/{i}" for i in range(start, start + n)]
+            yield Batch(units, [], None, Members("parquet", path, units, range(start, start + n), truth))
+            start += n
+
+
+def _truth(pf, g: int, n: int, labels: tuple[str, np.ndarray] | None) -> list[int]:
+    import pyarrow as pa
+
+    if labels is None:
+        return [-1] * n
+    column, lookup = labels
+    try:
+        values = pf.read_row_group(g, columns=[column]).column(0).to_numpy(zero_copy_only=False)
+    except (pa.ArrowException, OSError, ValueError):
+        return [-1] * n  # the images' read fails too, and says why in their rows
+    ok = ~np.isnan(values.astype(np.float64)) if values.dtype.kind == "f" else np.ones(len(values), bool)
+    idx = np.where(ok, values, -1).astype(np.int64)
+    inside = (idx >= 0) & (idx < len(lookup))
+    return np.where(inside, lookup[np.clip(idx, 0, len(lookup) - 1)], -1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- in a worker
+
+def read(m: Members) -> list:
+    """The images' bytes (or ImageError each), a row group at a time."""
+    if m.container not in _files:
+        pf, column = _open(m.container)
+        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
+        _files[m.container] = (pf, column, starts)
+    pf, column, starts = _files[m.container]
+    out = []
+    for row in m.keys:
+        g = int(np.searchsorted(starts, row, side="right")) - 1
+        group = _read_group(m.container, pf, column, g)
+        out.append(group if isinstance(group, ImageError) else _value(group[row - int(starts[g])]))
+    return out
+
+
+def _read_group(path: str, pf, column: tuple[str, bool], g: int) -> list | ImageError:
+    import pyarrow as pa
+
+    key = (path, g)
+    if key not in _group:
+        _group.clear()
+        size = pf.metadata.row_group(g).total_byte_size
+        if size > MAX_GROUP_BYTES:
+            _group[key] = ImageError(f"row group {g} holds {size:,} bytes, more than {MAX_GROUP_BYTES:,} to read "
+                                     "at once")
+            return _group[key]
+        name, struct = column
+        try:
+            col = pf.read_row_group(g, columns=[name]).column(0).combine_chunks()
+            _group[key] = (col.field("bytes") if struct else col).to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            _group[key] = ImageError(f"cannot read row group {g} of the file: {_first_line(e)}")
+    return _group[key]
+
+
+def _value(data) -> bytes | ImageError:
+    if data is None:
+        return ImageError("no image bytes in this row (null)")
+    if len(data) > MAX_FILE_BYTES:
+        return ImageError(f"image too large ({len(data)} bytes, limit {MAX_FILE_BYTES})")
+    return data
+
+
+def read_one(path: str, member: str) -> bytes:
+    """One row's image bytes, by its name ``row/N`` (the report draws a few images again)."""
+    row = member.removeprefix("row/")
+    if not member.startswith("row/") or not row.isdigit():
+        raise ImageError(f"no row {member!r}: Parquet rows are named row/N")
+    return members.one(read(Members("parquet", path, [member], [int(row)], [-1])), member)

@@ -1,0 +1,150 @@
+"""The Parquet source (classify/sources/parquet.py): the Hugging Face layout read as it is, rows named
+``<file>::row/N``, true classes from the label column, and damaged or unusable files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fmnist_onnx.sinks import read_rows
+from fmnist_onnx.spec import CLASSES
+from harness import assert_one_line_error, run_cli
+
+HUB_NAMES = ["T - shirt / top", *CLASSES[1:]]  # the Hub's fashion_mnist spells the first class so
+PER_CLASS = 30
+
+
+@pytest.fixture(scope="module")
+def samples(test_pngs, tmp_path_factory) -> tuple[Path, list[tuple[str, bytes, int]]]:
+    """300 test PNGs (30 a class) copied into a folder of their own, and (relative path, bytes, class) each,
+    in the folder walk's order."""
+    folder = tmp_path_factory.mktemp("pq") / "pngs"
+    out = []
+    for c, name in enumerate(CLASSES):
+        sub = name.replace("/", "-")
+        (folder / sub).mkdir(parents=True)
+        for src in sorted((test_pngs / sub).glob("*.png"))[:PER_CLASS]:
+            shutil.copy(src, folder / sub / src.name)
+            out.append((f"{sub}/{src.name}", src.read_bytes(), c))
+    return folder, sorted(out)
+
+
+def write_hub(path: Path, samples: list, row_group_size: int = 64, names: list | None = HUB_NAMES) -> Path:
+    """The Hugging Face layout: an image struct of bytes and path, a label, the ClassLabel in the metadata."""
+    table = pa.table({"image": pa.array([{"bytes": b, "path": p} for p, b, _ in samples]),
+                      "label": pa.array([c for _, _, c in samples], pa.int64())})
+    if names is not None:
+        features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+        table = table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def _classify(*args) -> tuple[dict, list[dict]]:
+    out = Path(args[args.index("-o") + 1])
+    proc = run_cli("classify", *args, "--json", "--workers", "2")
+    assert proc.returncode in (0, 3), proc.stderr
+    return json.loads(proc.stdout), list(read_rows(out))
+
+
+def test_hub_layout_gives_the_folders_labels_and_accuracy(samples, onnx_model, tmp_path):
+    folder, items = samples
+    table = write_hub(tmp_path / "train-00000.parquet", items)
+    s_pq, rows_pq = _classify(table, "-m", onnx_model, "-o", tmp_path / "pq.csv")
+    s_dir, rows_dir = _classify(folder, "-m", onnx_model, "-o", tmp_path / "dir.csv")
+    assert [r["path"] for r in rows_pq] == [f"{table}::row/{i}" for i in range(len(items))]
+    assert [r["label"] for r in rows_pq] == [r["label"] for r in rows_dir]  # both in the same (sorted) order
+    assert [r["true_label"] for r in rows_pq] == [CLASSES[c] for _, _, c in items]
+    assert s_pq["accuracy_pct"] == s_dir["accuracy_pct"] is not None and s_pq["files"] == len(items)
+
+
+def test_a_table_written_by_datasets_classifies(samples, onnx_model, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="the test extra installs datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    _, items = samples
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=HUB_NAMES)})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": p} for p, b, _ in items],
+                                     "label": [c for _, _, c in items]}, features=features)
+    ds.to_parquet(tmp_path / "hub.parquet")
+    summary, rows = _classify(tmp_path / "hub.parquet", "-m", onnx_model, "-o", tmp_path / "p.jsonl")
+    assert [r["true_label"] for r in rows] == [CLASSES[c] for _, _, c in items]
+    assert summary["accuracy_pct"] > 70 and summary["failed"] == 0
+
+
+def test_a_binary_column_without_labels_has_no_true_class(samples, onnx_model, tmp_path):
+    _, items = samples
+    path = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"png": pa.array([b for _, b, _ in items], pa.binary())}), path)
+    summary, rows = _classify(path, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert summary["classified"] == len(items) and summary["accuracy_pct"] is None
+    assert all(r["true_label"] is None for r in rows)
+
+
+def test_no_image_column_is_one_line_before_any_work(onnx_model, tmp_path):
+    path = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"x": [1, 2], "name": ["a", "b"]}), path)
+    proc = run_cli("classify", path, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert_one_line_error(proc, 2, "no column of image bytes (columns: x, name)")
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_file_that_is_not_parquet_is_one_line(onnx_model, tmp_path):
+    path = tmp_path / "fake.parquet"
+    path.write_bytes(b"PAR1 but not really")
+    assert_one_line_error(run_cli("classify", path, "-m", onnx_model), 2, "not a readable Parquet file")
+
+
+def test_a_damaged_row_group_gives_its_rows_errors_and_the_rest_goes_on(samples, onnx_model, tmp_path):
+    _, items = samples
+    path = write_hub(tmp_path / "d.parquet", items, row_group_size=100)
+    meta = pq.ParquetFile(path).metadata
+    column = meta.row_group(1).column(0)  # the image bytes of rows 100-199
+    data = bytearray(path.read_bytes())
+    start = column.data_page_offset
+    data[start:start + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    summary, rows = _classify(path, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    failed = [i for i, r in enumerate(rows) if r["error"]]
+    assert failed == list(range(100, 200)), failed[:5]
+    assert "row group 1" in rows[100]["error"] and summary["classified"] == len(items) - 100
+
+
+def test_null_and_oversized_images_are_error_rows(samples, onnx_model, tmp_path):
+    _, items = samples
+    path = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"image": pa.array([items[0][1], None, b"not an image"], pa.binary())}), path)
+    _, rows = _classify(path, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert rows[0]["error"] is None and "null" in rows[1]["error"] and rows[2]["error"]
+
+
+def test_an_input_named_after_a_container_and_the_separator_is_refused(samples, onnx_model, tmp_path):
+    _, items = samples
+    table = write_hub(tmp_path / "t.parquet", items[:3])
+    odd = tmp_path / "t.parquet::row"
+    odd.mkdir()
+    proc = run_cli("classify", table, odd, "-m", onnx_model)
+    assert_one_line_error(proc, 2, "starts with the input")
+
+
+def test_a_loose_file_with_the_separator_in_its_name_is_a_loose_file(samples, onnx_model, tmp_path):
+    _, items = samples
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a::row-1.png").write_bytes(items[0][1])
+    _, rows = _classify(tmp_path / "in", "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert [r["path"] for r in rows] == [str(tmp_path / "in" / "a::row-1.png")] and rows[0]["error"] is None
+
+
+def test_the_report_draws_rows_from_inside_the_table(samples, onnx_model, tmp_path):
+    _, items = samples
+    table = write_hub(tmp_path / "t.parquet", items)
+    _classify(table, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    proc = run_cli("report", tmp_path / "p.csv", "-o", tmp_path / "r.html")
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "cannot read it now" not in page and page.count("data:image/png") > 20
