@@ -632,39 +632,72 @@ Examples:
   fmnist-onnx data export-png --out test_pngs                 # 10,000 test images
   fmnist-onnx data export-png --split train --out train_pngs  # 60,000 images, for benchmarks
   fmnist-onnx data export-png --out sample --limit 100
+  fmnist-onnx data export-png --split train --format tar --out shards   # shards/train-000000.tar .. -000005.tar
+  fmnist-onnx data export-png --format tar --shard-size 1000 --out shards
+  fmnist-onnx data export-png --split train --format parquet --out hf   # hf/train-00000-of-00001.parquet
 """)
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Folder to write <class>/<index>.png into.")
+              help="Folder to write into: <class>/<index>.png (png), <split>-NNNNNN.tar (tar), "
+                   "<split>-00000-of-00001.parquet (parquet).")
+@click.option("--format", "fmt", type=click.Choice(["png", "tar", "parquet"]), default="png", show_default=True,
+              help="png: a PNG file per image, a folder per class (ImageFolder). tar: WebDataset shards, "
+                   "<index>.png and <index>.cls per sample. parquet: the Hugging Face layout (image, label).")
+@click.option("--shard-size", type=click.IntRange(min=1),
+              help="--format tar: images per shard [10000].")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images of the split.")
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="Fashion-MNIST folder (as for train). Default: $FMNIST_DATA, then Debian's.")
-@click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
+@click.option("--overwrite", is_flag=True,
+              help="png: write into a folder that is not empty. tar, parquet: replace the split's files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-def export_png(split, out, limit, data_dir, overwrite, quiet):
-    """Write a Fashion-MNIST split as PNG files in the ImageFolder layout (a folder per class).
+def export_png(split, out, fmt, shard_size, limit, data_dir, overwrite, quiet):
+    """Write a Fashion-MNIST split as PNG images: files in the ImageFolder layout (a folder per class), or
+    WebDataset tar shards, or a Hugging Face Parquet file.
 
-    Class names become folder names with '/' written as '-' (T-shirt-top). Files are named by their index
-    in the split, so classify's rows can be matched back to the dataset.
+    png: class names become folder names with '/' written as '-' (T-shirt-top). Files are named by their index
+    in the split, so classify's rows can be matched back to the dataset. tar: shards of --shard-size images,
+    each image two members, 00042.png (the same PNG bytes) and 00042.cls (its class index); the same bytes on
+    every run. parquet: columns image {bytes, path} and label, with the class names in the features that
+    `datasets` reads (load_dataset("parquet", ...)). Each shard or file appears whole or not at all.
     """
+    if shard_size is not None and fmt != "tar":
+        raise UserError("--shard-size applies to --format tar only")
     require_train_extra("data export-png", "torch", "torchvision")  # the dataset is read through torchvision
     from fmnist_onnx.data import load_split
-    from fmnist_onnx.images import ImageError
-    from fmnist_onnx.images import export_png as write_pngs
+    from fmnist_onnx.files import locked
 
     s = load_split(split == "train", data_dir)
     pixels, labels = s.images.numpy(), s.labels.numpy()
     if limit:
         pixels, labels = pixels[:limit], labels[:limit]
-    from fmnist_onnx.files import locked
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out):  # <out>.lock, beside the folder
+        _export(fmt, pixels, labels, out, split, shard_size, overwrite, show_progress(quiet))
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with locked(out):  # <out>.lock, beside the folder
-            n = write_pngs(pixels, labels, out, overwrite=overwrite, progress=show_progress(quiet))
-    except ImageError as e:
-        raise UserError(str(e)) from None
-    click.echo(f"wrote {n} PNG files to {out} ({split} split, ImageFolder layout)")
+
+def _export(fmt, pixels, labels, out: Path, split: str, shard_size, overwrite: bool, progress: bool) -> None:
+    """export-png's writing, in the format asked, and its one line on stdout."""
+    from fmnist_onnx import layouts
+    from fmnist_onnx.images import ImageError
+    from fmnist_onnx.images import export_png as write_pngs
+
+    if fmt == "png":
+        try:
+            n = write_pngs(pixels, labels, out, overwrite=overwrite, progress=progress)
+        except ImageError as e:
+            raise UserError(str(e)) from None
+        click.echo(f"wrote {n} PNG files to {out} ({split} split, ImageFolder layout)")
+    elif fmt == "tar":
+        w = layouts.export_tar(pixels, labels, out, split, shard_size or layouts.SHARD_SIZE, overwrite, progress)
+        names = w.files[0].name if len(w.files) == 1 else f"{w.files[0].name} .. {w.files[-1].name}"
+        click.echo(f"wrote {len(w.files)} tar shards, {w.images} images, to {out}: {names} ({split} split, "
+                   "WebDataset)")
+        for p in w.removed:
+            click.echo(f"removed {p.name}, a shard of an earlier export", err=True)
+    else:
+        w = layouts.export_parquet(pixels, labels, out, split, overwrite=overwrite, progress=progress)
+        click.echo(f"wrote {w.files[0]}: {w.images} images ({split} split, Hugging Face Parquet)")
 
 
 def main() -> None:

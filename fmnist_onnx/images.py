@@ -591,9 +591,22 @@ def _class_folders(out: Path) -> list[int]:
     return fds
 
 
+def encode_png(img: np.ndarray, buf: io.BytesIO | None = None) -> bytes:
+    """A uint8 [28, 28] image as the PNG bytes every export writes (Pillow, mode L, its default settings).
+    ``buf``: a buffer to reuse, emptied first."""
+    buf = buf if buf is not None else io.BytesIO()
+    buf.seek(0)
+    buf.truncate()
+    _pil().fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(buf, format="PNG")  # 2-D uint8: mode L
+    return buf.getvalue()
+
+
+def png_name(index: int, count: int) -> str:
+    """The file name of image ``index`` of ``count`` in every export: its index, 5 digits or more."""
+    return f"{index:0{max(5, len(str(count - 1)))}d}.png"
+
+
 def _write_pngs(pixels: np.ndarray, labels: Sequence[int], folders: list[int], progress: bool) -> None:
-    Image = _pil()
-    width = max(5, len(str(len(pixels) - 1)))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -601,14 +614,12 @@ def _write_pngs(pixels: np.ndarray, labels: Sequence[int], folders: list[int], p
         bar = tqdm(total=len(pixels), unit="img", desc="export-png")
     buf = io.BytesIO()
     for i, (img, label) in enumerate(zip(pixels, labels, strict=True)):
-        buf.seek(0)
-        buf.truncate()
-        Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(buf, format="PNG")  # 2-D uint8: mode L
-        name, dfd = f"{i:0{width}d}.png", folders[int(label)]
+        png = encode_png(img, buf)
+        name, dfd = png_name(i, len(pixels)), folders[int(label)]
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dfd)
         try:
-            os.write(fd, buf.getbuffer())
+            os.write(fd, png)
         finally:
             os.close(fd)
         os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)

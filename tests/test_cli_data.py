@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import io
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -38,3 +40,39 @@ def test_export_png_refuses_a_folder_that_is_not_empty(tmp_path):
     assert_one_line_error(proc, 2, "not empty")
     proc = run_cli("data", "export-png", "--out", tmp_path, "--limit", "3", "--overwrite", check=True)
     assert len(list(tmp_path.rglob("*.png"))) == 3 and (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_export_png_format_tar_writes_shards_of_the_split(tmp_path):
+    proc = run_cli("data", "export-png", "--format", "tar", "--shard-size", "10", "--limit", "25", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 3 tar shards, 25 images" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test-000000.tar", "test-000001.tar", "test-000002.tar"]
+    labels = idx("t10k-labels-idx1-ubyte", 8)
+    with tarfile.open(tmp_path / "test-000002.tar") as tar:
+        assert tar.getnames() == [f"{i:05d}.{ext}" for i in range(20, 25) for ext in ("png", "cls")]
+        assert tar.extractfile("00024.cls").read() == str(labels[24]).encode()
+
+
+def test_export_png_format_parquet_writes_the_hugging_face_file(tmp_path):
+    import pyarrow.parquet as pq
+
+    proc = run_cli("data", "export-png", "--split", "train", "--format", "parquet", "--limit", "30", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(tmp_path / "train-00000-of-00001.parquet")
+    assert table.column("label").to_pylist() == idx("train-labels-idx1-ubyte", 8)[:30].tolist()
+    png = table.column("image")[7].as_py()["bytes"]
+    pixels = idx("train-images-idx3-ubyte", 16).reshape(-1, 28, 28)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels[7])
+
+
+def test_export_png_format_tar_refuses_existing_shards(tmp_path):
+    run_cli("data", "export-png", "--format", "tar", "--limit", "3", "--out", tmp_path, check=True)
+    proc = run_cli("data", "export-png", "--format", "tar", "--limit", "3", "--out", tmp_path)
+    assert_one_line_error(proc, 2, "test-000000.tar exists; use --overwrite")
+    run_cli("data", "export-png", "--format", "tar", "--limit", "3", "--out", tmp_path, "--overwrite", check=True)
+
+
+def test_export_png_shard_size_needs_format_tar(tmp_path):
+    proc = run_cli("data", "export-png", "--shard-size", "10", "--out", tmp_path / "out")
+    assert_one_line_error(proc, 2, "--shard-size applies to --format tar only")
+    assert not (tmp_path / "out").exists()
