@@ -47,6 +47,8 @@ _NO_DATA = frozenset(b"123456")  # links, devices, folders, FIFOs: tarfile skips
 _LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL, _SPARSE = b"LKxgS"
 _EXTENSIONS = frozenset((_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL))
 _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+# how zipfile says a central directory is broken (a flagged UTF-8 name that is not: UnicodeDecodeError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError)
 _ZIP_CACHE: dict[tuple, zipfile.ZipFile] = {}  # read_zip's open archives, see _open_zip
 
 
@@ -105,9 +107,21 @@ def _number(field: bytes) -> int | None:
         return None
 
 
+def _field(block: bytes, start: int, end: int) -> int | None:
+    """The number field block[start:end]; the common case first: octal digits ended by a NUL in the last
+    byte (tar and tarfile write sizes so) or the one before (checksums), which int() reads alike."""
+    nul = end - 1 if block[end - 1] == 0 else end - 2 if block[end - 2] == 0 else 0
+    if nul:
+        try:
+            return int(block[start:nul], 8)
+        except ValueError:  # base-256, a NUL further in, ...: the field read the general way
+            pass
+    return _number(block[start:end])
+
+
 def _checksum_ok(block: bytes) -> bool:
     """tar's header checksum, unsigned or signed (old tars summed signed chars), with the field as spaces."""
-    stored = _number(block[148:156])
+    stored = _field(block, 148, 156)
     # adler32's low half is 1 + the byte sum mod 65521; a 256-byte half sums to at most 65280, so it is exact
     unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
     unsigned += 256 - sum(block[148:156])
@@ -121,7 +135,7 @@ def _header(block: bytes) -> tuple[int, int, bytes] | str:
     """(typeflag, size, name) of one header block, or what is wrong with it."""
     if not _checksum_ok(block):
         return "bad header checksum"
-    size = _number(block[124:136])
+    size = _field(block, 124, 136)
     if size is None or size < 0:
         return "bad size field"
     name = block[:100].split(b"\0", 1)[0]
@@ -374,7 +388,7 @@ def _zip_infos(path: str) -> list[zipfile.ZipInfo]:
     try:
         with zipfile.ZipFile(path) as zf:
             return zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as e:
+    except _ZIP_ERRORS as e:
         raise ArchiveDamaged(f"not a zip archive: {e}") from None
 
 
@@ -432,7 +446,7 @@ def read_zip(path: str, indices: Sequence[int]) -> list[bytes | ImageError]:
     the place of one that is too large, encrypted, compressed in a way zipfile lacks, or fails its CRC."""
     try:
         zf = _open_zip(path)
-    except (OSError, ArchiveDamaged, zipfile.BadZipFile, ValueError, EOFError) as e:
+    except (OSError, ArchiveDamaged, *_ZIP_ERRORS) as e:
         return [ImageError(f"cannot open the archive: {getattr(e, 'strerror', None) or e}") for _ in indices]
     infos = zf.infolist()
     return [_zip_member(zf, infos[i], images.MAX_FILE_BYTES) for i in indices]

@@ -130,6 +130,17 @@ def test_tar_cut_mid_member_lists_those_before(tmp_path, pngs):
                             f"{whole.offsets[4] + 10}")
 
 
+def test_tar_cut_mid_header_lists_those_before(tmp_path, pngs):
+    path = write_tar(tmp_path / "s.tar", shard(pngs[:2]), extras=False)
+    whole = archives.index_tar(str(path))
+    at = whole.offsets[2] - 512
+    with open(path, "r+b") as f:
+        f.truncate(at + 100)
+    index = archives.index_tar(str(path))
+    assert index.names == whole.names[:2]
+    assert index.damage == f"truncated header (100 of 512 bytes) at byte {at} (after member '00000.cls')"
+
+
 def test_tar_bad_checksum_is_damage(tmp_path, pngs):
     path = write_tar(tmp_path / "s.tar", shard(pngs[:2]), extras=False)
     whole = archives.index_tar(str(path))
