@@ -28,7 +28,7 @@ SOURCES: dict[str, str] = {
     "folder": "fmnist_onnx.classify.sources.folder",
     "uri": "fmnist_onnx.classify.sources.uri",
     "tar": "fmnist_onnx.classify.sources.tar",
-    "zip": "fmnist_onnx.classify.sources.zip",
+    "zip": "fmnist_onnx.classify.sources.zipped",  # not zip.py: the package would lose the builtin zip
     "parquet": "fmnist_onnx.classify.sources.parquet",
 }
 SEPARATOR = "::"  # between a container and its member in a row's path

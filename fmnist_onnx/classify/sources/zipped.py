@@ -1,0 +1,45 @@
+"""The zip source: zip archives of images, read in place through their central directory, never unpacked to
+disk. Each worker opens the archive once and inflates its members, bounded (archives.read_zip: a member that
+inflates past images.MAX_FILE_BYTES, or lies about its size, is an error row, not a full memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from fmnist_onnx import archives
+from fmnist_onnx.classify.contract import Batch, Found, Members
+from fmnist_onnx.classify.sources import members
+
+
+def check(paths: Sequence[str]) -> list[str]:
+    return members.check_files(paths, "zip archive")
+
+
+def walk_batches(paths: Sequence[str], recursive: bool = True, exclude: Sequence[str] = ()) -> Iterator[Batch]:
+    for path in paths:
+        try:
+            index = archives.index_zip(path)
+        except (archives.ArchiveDamaged, OSError) as e:
+            why = f"cannot read the archive: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+            yield Batch([], [], Found(path + "::", "unlistable", why))
+            continue
+
+        def sidecars(picks: list[int], path: str = path, index=index) -> list:
+            return archives.read_zip(path, [index.offsets[i] for i in picks])
+
+        yield members.batch("zip", path, index.names, index.offsets, (), sidecars, index.damage)
+
+
+def read(m: Members) -> list:
+    return archives.read_zip(m.container, m.keys)
+
+
+def read_one(path: str, member: str) -> bytes:
+    """One member's bytes, by name (the report draws a few images again)."""
+    from fmnist_onnx.images import ImageError
+
+    index, positions = members.listing(path, lambda: archives.index_zip(path))
+    i = positions.get(member)
+    if i is None:
+        raise ImageError(f"no member {member!r} in the archive")
+    return members.one(archives.read_zip(path, [index.offsets[i]]), member)

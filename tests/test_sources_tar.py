@@ -1,0 +1,169 @@
+"""The tar and zip sources (classify/sources/tar.py, zip.py): archives read in place, rows named
+``<archive>::<member>``, true classes from .cls sidecars or the ImageFolder layout inside, and damaged or
+hostile archives (rows for what could be read, one error row where it broke, nothing ever extracted)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK
+from harness import Held, assert_one_line_error, run_cli
+
+PER_CLASS = 20
+
+
+@pytest.fixture(scope="module")
+def pngs(test_pngs) -> list[tuple[str, bytes]]:
+    """200 test PNGs (20 a class): (name in the ImageFolder layout, bytes)."""
+    out = []
+    for name in CLASSES:
+        sub = name.replace("/", "-")
+        out += [(f"{sub}/{p.name}", p.read_bytes()) for p in sorted((test_pngs / sub).glob("*.png"))[:PER_CLASS]]
+    return out
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _classify(*args, code: int = 0) -> tuple[dict, list[dict]]:
+    out = Path(args[args.index("-o") + 1])
+    proc = run_cli("classify", *args, "--json", "--workers", "2")
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout), list(read_rows(out))
+
+
+def test_a_tar_in_the_imagefolder_layout_classifies_as_the_folder_does(pngs, test_pngs, onnx_model, tmp_path):
+    tar = write_tar(tmp_path / "t.tar", pngs)
+    summary, rows = _classify(tar, "-m", onnx_model, "-o", tmp_path / "t.csv")
+    assert [r["path"] for r in rows] == [f"{tar}::{n}" for n, _ in pngs]
+    assert [r["true_label"] for r in rows] == [CLASSES[i // PER_CLASS] for i in range(len(pngs))]
+    folder = tmp_path / "dir"
+    for name, data in pngs:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    s_dir, rows_dir = _classify(folder, "-m", onnx_model, "-o", tmp_path / "d.csv")
+    by_name = {str(Path(r["path"]).relative_to(folder)): r["label"] for r in rows_dir}  # the walk sorts names
+    assert {r["path"].partition("::")[2]: r["label"] for r in rows} == by_name
+    assert summary["accuracy_pct"] == s_dir["accuracy_pct"] is not None
+
+
+def test_webdataset_shards_from_export_png_give_the_labels_of_the_sidecars(onnx_model, tmp_path):
+    run_cli("data", "export-png", "--format", "tar", "--shard-size", "100", "--limit", "250", "--out",
+            tmp_path / "shards", "--quiet", check=True)
+    run_cli("data", "export-png", "--limit", "250", "--out", tmp_path / "pngs", "--quiet", check=True)
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    summary, rows = _classify(*shards, "-m", onnx_model, "-o", tmp_path / "s.jsonl")
+    _, rows_png = _classify(tmp_path / "pngs", "-m", onnx_model, "-o", tmp_path / "p.jsonl")
+    by_name = {Path(r["path"]).name: r for r in rows_png}
+    assert len(shards) == 3 and len(rows) == 250 and summary["skipped"] == 0
+    for r in rows:
+        png = by_name[r["path"].rpartition("::")[2]]
+        assert (r["label"], r["true_label"]) == (png["label"], png["true_label"]), r
+
+
+def test_a_compressed_tar_is_streamed_to_the_same_rows(pngs, onnx_model, tmp_path):
+    plain = write_tar(tmp_path / "t.tar", pngs[:50])
+    packed = write_tar(tmp_path / "t.tar.gz", pngs[:50], "w:gz")
+    _, rows = _classify(plain, "-m", onnx_model, "-o", tmp_path / "a.csv")
+    _, rows_gz = _classify(packed, "-m", onnx_model, "-o", tmp_path / "b.csv")
+    assert [(r["path"].rpartition("::")[2], r["label"]) for r in rows] == [
+        (r["path"].rpartition("::")[2], r["label"]) for r in rows_gz]
+
+
+def test_a_truncated_tar_gives_rows_up_to_the_damage_then_one_error_row(pngs, onnx_model, tmp_path):
+    whole = write_tar(tmp_path / "w.tar", pngs[:40]).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[:len(whole) // 2])
+    summary, rows = _classify(cut, "-m", onnx_model, "-o", tmp_path / "c.csv", code=3)
+    good = [r for r in rows if not r["error"]]
+    assert 10 < len(good) < 25 and [r["path"] for r in good] == [f"{cut}::{n}" for n, _ in pngs[:len(good)]]
+    broken = rows[len(good):]
+    assert len(broken) <= 2 and broken[-1]["path"] == f"{cut}::" and "byte" in broken[-1]["error"]
+
+
+def test_names_with_dot_dot_and_absolute_paths_are_rows_and_nothing_is_written(pngs, onnx_model, tmp_path):
+    tar = write_tar(tmp_path / "evil.tar", [("../../escape.png", pngs[0][1]), ("/etc/evil.png", pngs[1][1])])
+    before = sorted(os.listdir(tmp_path.parent)), sorted(os.listdir(tmp_path))
+    _, rows = _classify(tar, "-m", onnx_model, "-o", tmp_path / "e.csv")
+    assert [r["path"] for r in rows] == [f"{tar}::../../escape.png", f"{tar}::/etc/evil.png"]
+    assert all(r["error"] is None for r in rows)
+    assert sorted(os.listdir(tmp_path.parent)) == before[0] and not os.path.exists("/etc/evil.png")
+    assert sorted(os.listdir(tmp_path)) == sorted(before[1] + ["e.csv", "e.csv.run.json"])
+
+
+def test_a_zip_classifies_and_a_bomb_member_is_an_error_row(pngs, onnx_model, tmp_path):
+    path = tmp_path / "z.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in pngs[:30]:
+            z.writestr(name, data)
+        with z.open("Bag/bomb.png", "w", force_zip64=True) as f:  # 300 MB of zeros, 300 KB deflated
+            block = b"\0" * (1 << 20)
+            for _ in range(300):
+                f.write(block)
+    summary, rows = _classify(path, "-m", onnx_model, "-o", tmp_path / "z.csv", code=3)
+    assert [r["path"] for r in rows] == [f"{path}::{n}" for n, _ in pngs[:30]] + [f"{path}::Bag/bomb.png"]
+    assert all(r["error"] is None for r in rows[:30]) and "too large" in rows[30]["error"]
+    assert summary["failed"] == 1
+
+
+def test_an_archive_inside_a_walked_folder_is_skipped_and_counted(pngs, onnx_model, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(pngs[0][1])
+    write_tar(tmp_path / "in" / "more.tar", pngs[1:5])
+    summary, rows = _classify(tmp_path / "in", "-m", onnx_model, "-o", tmp_path / "o.csv")
+    assert [Path(r["path"]).name for r in rows] == ["a.png"] and summary["skipped"] == 1
+
+
+def test_a_file_that_is_not_a_tar_is_one_error_row(onnx_model, tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"this is not a tar archive at all" * 40)
+    _, rows = _classify(bad, "-m", onnx_model, "-o", tmp_path / "b.csv", code=3)
+    assert [r["path"] for r in rows] == [f"{bad}::"] and rows[0]["error"]
+
+
+def test_a_missing_archive_is_one_line(onnx_model, tmp_path):
+    assert_one_line_error(run_cli("classify", tmp_path / "gone.tar", "-m", onnx_model), 2, "gone.tar")
+
+
+def test_sigkill_then_resume_gives_every_member_once(pngs, onnx_model, tmp_path):
+    tar = write_tar(tmp_path / "t.tar", pngs)
+    out = tmp_path / "t.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(tar), "-m", str(onnx_model), "-o", str(out),
+           "--workers", "1"]
+    with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", start_new_session=True, stdout=subprocess.DEVNULL,
+              stderr=subprocess.PIPE, text=True) as held:
+        held.wait()
+        os.killpg(held.proc.pid, signal.SIGKILL)
+        held.proc.wait()
+    done = journal_path(out).read_bytes().count(b"\n") - 1
+    assert 0 < done < len(pngs)
+    summary, rows = _classify(tar, "-m", onnx_model, "-o", out, "--resume")
+    assert summary["resumed"] == done and sorted(r["path"] for r in rows) == sorted(f"{tar}::{n}" for n, _ in pngs)
+    assert summary["accuracy_pct"] is not None
+
+
+def test_the_report_draws_members_from_inside_the_archive(pngs, onnx_model, tmp_path):
+    tar = write_tar(tmp_path / "t.tar", pngs)
+    _classify(tar, "-m", onnx_model, "-o", tmp_path / "t.csv")
+    proc = run_cli("report", tmp_path / "t.csv", "-o", tmp_path / "r.html")
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "cannot read it now" not in page and page.count("data:image/png") > 20
