@@ -455,6 +455,8 @@ Examples:
   fmnist-onnx classify test_pngs/ -o preds.parquet      # ImageFolder layout: accuracy + confusion matrix
   fmnist-onnx classify photos/ -o preds.csv --resume    # finish a killed run
   fmnist-onnx classify photos/ | head                   # CSV on stdout, progress on stderr
+  fmnist-onnx classify shards/*.tar -o preds.csv        # WebDataset shards, read in place
+  fmnist-onnx classify train-00000.parquet -o preds.csv # Hugging Face layout: an image column, a label
   fmnist-onnx classify /data/shop/ -o preds.parquet --engine ray --ray-address auto   # on a Ray cluster
 \b
 Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors,
@@ -504,12 +506,15 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
              no_recursive, as_json, engine, ray_address, actors, quiet, report_path, inference):
     """Classify image files and folders into a table of predictions, one row per file.
 
-    PATHS are folders (searched recursively) and files, in any format Pillow reads (PNG, JPEG, BMP, WebP,
-    ...); other files in the folders are skipped and counted. Any size and mode is made 28x28 grayscale
-    (aspect kept, padded). Columns: path, label, index, score (softmax), label_2, score_2 ... with --top-k,
-    and error: a file that cannot be read gets its error and no label, and the run goes on. In the
-    ImageFolder layout (a folder per class name, '/' written as '-') the summary adds accuracy, precision
-    and recall, and a confusion-matrix PNG is written beside the output.
+    PATHS are folders (searched recursively) and image files, in any format Pillow reads (PNG, JPEG, BMP,
+    WebP, ...), other files in the folders skipped and counted; and archives and tables of images, read in
+    place: tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz), .zip, and .parquet with a column of image bytes. An
+    image inside one is named <archive>::<member> or <file.parquet>::row/<N>. Any size and mode is made 28x28
+    grayscale (aspect kept, padded). Columns: path, label, index, score (softmax), label_2, score_2 ... with
+    --top-k, error (a file that cannot be read gets its error and no label, and the run goes on), and
+    true_label. Where the inputs know the true class (a folder per class name, '/' written as '-'; a .cls
+    sidecar in a tar; a Parquet label column) the summary adds accuracy, precision and recall, and a
+    confusion-matrix PNG is written beside the output.
 
     Rows go to <output>.partial as they are made and the output gets its name only when complete: a
     killed run continues with --resume. An existing output is never replaced without --overwrite.
