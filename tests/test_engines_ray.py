@@ -406,3 +406,54 @@ def test_pool_that_cannot_be_is_one_clear_error(resources, provider, actors, con
 def test_engine_options_go_with_their_engine(folder, model, args, contains):
     proc = run_cli("classify", folder, "-m", model, *args)
     assert_one_line_error(proc, 2, contains)
+
+
+@pytest.fixture(scope="module")
+def containers(folder, tmp_path_factory) -> list[Path]:
+    """The folder's good PNGs as a tar (ImageFolder layout inside), a tar.gz and a Parquet file of the Hugging
+    Face layout: every source that reads by position, or from bytes carried along."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("ray_containers")
+    pngs = sorted(p for p in folder.rglob("*.png")
+                  if p.parent != folder and p.is_file() and p.stat().st_size > 100)[:120]
+    named = [(str(p.relative_to(folder)), p.read_bytes()) for p in pngs]
+    for name, mode in (("a.tar", "w"), ("b.tar.gz", "w:gz")):
+        with tarfile.open(d / name, mode) as tar:
+            for member, data in named:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"image": pa.array([{"bytes": b, "path": n} for n, b in named]),
+                             "label": pa.array([0] * len(named), pa.int64())}), d / "c.parquet", row_group_size=50)
+    return [d / "a.tar", d / "b.tar.gz", d / "c.parquet"]
+
+
+def test_cluster_reads_archives_and_parquet_and_resumes_a_local_run(cluster, containers, model, tmp_path):
+    address, env, _ = cluster
+    want = by_path(read_rows(_local(containers, model, tmp_path / "local.csv")))
+    out = tmp_path / "preds.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", *map(str, containers), "-m", str(model), "-o",
+           str(out), "-k", TOP_K, "--workers", "1"]
+    with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", start_new_session=True, stdout=subprocess.DEVNULL,
+              stderr=subprocess.DEVNULL) as held:
+        held.wait()
+        os.killpg(held.proc.pid, signal.SIGKILL)
+        held.proc.wait()
+    proc = run_cli("classify", *containers, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray",
+                   "--ray-address", address, "--provider", "cpu", "--resume", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < json.loads(proc.stdout)["resumed"] < len(want) == 360
+    got = by_path(read_rows(out))
+    assert_same_rows(got, want)
+    assert [got[p]["true_label"] for p in want] == [w["true_label"] for w in want.values()]
+
+
+def _local(inputs: list[Path], model: Path, out: Path) -> Path:
+    proc = run_cli("classify", *inputs, "-m", model, "-o", out, "-k", TOP_K, "-q")
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -92,6 +92,7 @@ class Members:
     keys: Sequence
     truth: Sequence[int]
     sizes: Sequence[int] = ()  # tar: the members' declared sizes, beside their offsets
+    inline: bool = False  # the keys are the images' bytes themselves (a compressed tar, streamed by the walk)
 
     def __len__(self) -> int:
         return len(self.units)

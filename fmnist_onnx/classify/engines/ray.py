@@ -149,7 +149,7 @@ def _members_of(batch, paths: list[str]) -> Iterator[tuple[int, int, Members]]:
             j += 1
         carried = inline[i] is not None
         members = Members(kinds[i], os.fsdecode(containers[i]), paths[i:j], inline[i:j] if carried else keys[i:j],
-                          [-1] * (j - i), () if carried or sizes[i] < 0 else sizes[i:j])
+                          [-1] * (j - i), () if sizes[i] < 0 else sizes[i:j], carried)
         yield i, j, members
         i = j
 
@@ -229,7 +229,7 @@ class _Work:
         self.truth += [None] * n
 
     def add_members(self, m: Members) -> None:
-        n, carried = len(m), not len(m.sizes)
+        n, carried = len(m), m.inline
         self._extend(path=[os.fsencode(u) for u in m.units], kind=[m.kind] * n,
                      container=[os.fsencode(m.container)] * n, key=[0] * n if carried else list(m.keys),
                      size=list(m.sizes) or [-1] * n, inline=list(m.keys) if carried else [None] * n)

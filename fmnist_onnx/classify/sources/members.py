@@ -43,7 +43,8 @@ def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
 
 
 def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes: Sequence[int],
-          read_sidecars: Callable[[list[int]], list[bytes | Exception]], damage: str | None = None) -> Batch:
+          read_sidecars: Callable[[list[int]], list[bytes | Exception]], damage: str | None = None,
+          inline: bool = False) -> Batch:
     """The walk's Batch of a container's members (``keys``/``sizes``: what the source reads them by), with
     an error row for the damage that ended its listing, if any."""
     pics, cls, other = split(names)
@@ -60,7 +61,7 @@ def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes
     prefix = container + "::"
     units = [prefix + names[i] for i in pics]
     members = Members(kind, container, units, [keys[i] for i in pics], truth,
-                      [sizes[i] for i in pics] if len(sizes) else ())
+                      [sizes[i] for i in pics] if len(sizes) else (), inline)
     broken = Found(prefix, "unlistable", damage) if damage else None
     return Batch(units, [prefix + names[i] for i in other], broken, members)
 

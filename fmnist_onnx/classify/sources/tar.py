@@ -65,12 +65,12 @@ def _streamed(path: str) -> Iterator[Batch]:
 
 
 def _inline(path: str, names: list[str], data: list, damage: str | None = None) -> Batch:
-    return members.batch("tar", path, names, data, (), lambda picks: [data[i] for i in picks], damage)
+    return members.batch("tar", path, names, data, (), lambda picks: [data[i] for i in picks], damage, inline=True)
 
 
 def read(m: Members) -> list:
     """The members' bytes (or ImageError each): read at their offsets, or carried already (a compressed tar)."""
-    if not len(m.sizes):
+    if m.inline:
         return list(m.keys)
     return archives.read_tar(m.container, m.keys, m.sizes)
 
