@@ -59,8 +59,8 @@ def require_train_extra(command: str, *modules: str) -> None:
 
 
 def show_progress(quiet: bool) -> bool:
-    """Progress goes to stderr, and only to a terminal."""
-    return not quiet and sys.stderr.isatty()
+    """Progress goes to stderr unless --quiet: bars on a terminal, plain lines in a log (progress.py)."""
+    return not quiet
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -607,11 +607,9 @@ def png_name(index: int, count: int) -> str:
 
 
 def _write_pngs(pixels: np.ndarray, labels: Sequence[int], folders: list[int], progress: bool) -> None:
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from fmnist_onnx.progress import bar as progress_bar
 
-        bar = tqdm(total=len(pixels), unit="img", desc="export-png")
+    bar = progress_bar("export-png", enabled=progress, total=len(pixels), unit="img", noun="images")
     buf = io.BytesIO()
     for i, (img, label) in enumerate(zip(pixels, labels, strict=True)):
         png = encode_png(img, buf)
@@ -623,7 +621,7 @@ def _write_pngs(pixels: np.ndarray, labels: Sequence[int], folders: list[int], p
         finally:
             os.close(fd)
         os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        if bar is not None and i % 1000 == 999:
+        if i % 1000 == 999:
             bar.update(1000)
-    if bar is not None:
-        bar.close()
+    bar.update(len(pixels) % 1000)  # the last, partial thousand
+    bar.close()

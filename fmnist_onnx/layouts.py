@@ -66,11 +66,9 @@ def _prepare(out: Path, names: Sequence[str], overwrite: bool) -> list[Path]:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    if not progress:
-        return None
-    from tqdm import tqdm
+    from fmnist_onnx.progress import bar
 
-    return tqdm(total=total, unit="img", desc=desc)
+    return bar(desc, enabled=progress, total=total, unit="img", noun="images")
 
 
 # ---------------------------------------------------------------------------------------------- WebDataset

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
-import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,19 +24,39 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16"
 
 
 def library_versions() -> dict[str, str]:
-    """fmnist_onnx, Python and each installed library of LIBRARIES, importing none of them: an imported
-    module's own ``__version__`` where there is one (the precise one: torch says 2.14.1+cu130), else the
-    installed distribution's."""
+    """fmnist_onnx, Python and each installed library of LIBRARIES, importing none of them, and the same
+    whatever this process has imported (two files of one export name one version per library): the
+    package's own ``version.py`` where it has one (the precise one: PyPI's torch 2.14.1 says 2.14.1+cu130
+    there), else the installed distribution's."""
     out = {"fmnist_onnx": __version__, "python": platform.python_version()}
     for name in LIBRARIES:
-        found = getattr(sys.modules.get(name), "__version__", None)
+        found = _version_file(name)
         if found is None:
             try:
                 found = version(name)
             except PackageNotFoundError:
                 continue
-        out[name] = str(found)
+        out[name] = found
     return out
+
+
+def _version_file(name: str) -> str | None:
+    """``__version__ = '...'`` in the package ``name``'s version.py, read as text (torch and torchvision write
+    their build there: +cu130, +cpu); None where there is no such line."""
+    from importlib.util import find_spec
+
+    try:
+        spec = find_spec(name)  # a top-level name: found, not imported
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = (Path(folder) / "version.py").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if m := re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", text, re.MULTILINE):
+            return m.group(1)
+    return None
 
 
 def usable_cores() -> int:

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,14 +292,15 @@ class _Loop:
     def run_epoch(self, epoch: int, first: int, part: dict, stop: StopSignals, progress: bool) -> int:
         """The steps of ``epoch`` from step ``first`` to its end, or to the step after a stop signal; its loss and
         images summed into ``part``. Returns the step reached."""
-        from tqdm import tqdm
+        from fmnist_onnx.progress import bar as progress_bar
 
         cfg, model, optimizer = self.cfg, self.model, self.optimizer
         steps = self.batches.steps_per_epoch()
         amp = autocast_dtype(cfg, cfg.device)
         dev_type = torch.device(cfg.device).type
-        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True)
+        # a bar on a terminal only: in a log, the epoch's own line (in _train) is the progress
+        bar = progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress, total=steps, initial=first,
+                           unit="step", lines=False, leave=False, dynamic_ncols=True)
         # Loss is summed on the device and read once per epoch: a .item() per step would sync a GPU.
         loss_acc = torch.zeros((), device=cfg.device)
         step = first
@@ -316,7 +316,7 @@ class _Loop:
             part["count"] += len(y)
             step += 1
             pause_point(TRAIN_AFTER_STEP)  # tests hold the run here (testing.py)
-            if progress:
+            if not bar.disable:
                 bar.update(1)
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -351,7 +351,7 @@ def _restore(cfg: TrainConfig, state: dict | None) -> tuple[_Loop, int, int, dic
 
 def _train(cfg: TrainConfig, out: Path, state: dict | None, overwrite: bool, data_dir, download: bool,
            progress: bool) -> TrainResult:
-    from tqdm import tqdm
+    from fmnist_onnx.progress import note
 
     ckpt_path = out / CHECKPOINT
     loop, start_epoch, start_step, partial = _restore(cfg, state)
@@ -378,9 +378,9 @@ def _train(cfg: TrainConfig, out: Path, state: dict | None, overwrite: bool, dat
             loop.history.append(rec)
             _save_checkpoint(ckpt_path, loop.checkpoint(epoch + 1, 0, _fresh(), overwrite))
             if progress:
-                tqdm.write(f"epoch {rec.epoch:>2}/{cfg.epochs}  train loss {rec.train_loss:.4f}  "
-                           f"test loss {rec.test_loss:.4f}  test accuracy {rec.test_accuracy:.2f}%  "
-                           f"{rec.seconds:.1f} s", file=sys.stderr)
+                note(f"epoch {rec.epoch:>2}/{cfg.epochs}  train loss {rec.train_loss:.4f}  "
+                     f"test loss {rec.test_loss:.4f}  test accuracy {rec.test_accuracy:.2f}%  "
+                     f"{rec.seconds:.1f} s")
 
     # Seconds are the sum of the epochs' own times, so an interrupted and resumed run reports its training
     # time, not the pause in between.

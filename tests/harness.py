@@ -209,7 +209,9 @@ class Unprivileged:
     the tests of unreadable files, which mean nothing to root (it reads any file). ``folder`` is a fresh folder
     under /tmp that this user may write."""
 
-    LOCK = Path(tempfile.gettempdir()) / "fmnist-onnx-tests-unprivileged.lock"
+    # The lock that concurrent test sessions share: the temporary folder itself (flock works on a folder), so
+    # that no lock file is left behind in it.
+    LOCK = Path(tempfile.gettempdir())
 
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="nobody", dir="/tmp"))
@@ -231,7 +233,8 @@ class Unprivileged:
             return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, **kwargs)
         import fcntl
 
-        with open(self.LOCK, "a") as lock:
+        lock = os.open(self.LOCK, os.O_RDONLY | os.O_DIRECTORY)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             changed: dict[Path, int] = {}
             try:
@@ -248,6 +251,8 @@ class Unprivileged:
             finally:
                 for d, mode in changed.items():
                     d.chmod(mode)
+        finally:
+            os.close(lock)  # and with it the lock
 
     def run_cli(self, *args) -> subprocess.CompletedProcess:
         return self.run([sys.executable, "-m", "fmnist_onnx", *args])

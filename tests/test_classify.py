@@ -280,6 +280,26 @@ def test_stdout_gets_the_csv_and_stderr_the_rest(onnx_model, test_pngs):
     assert f"provider: {provider} (auto)" in proc.stderr and "1000 of 1000 files classified" in proc.stderr
 
 
+def _classify_logged(folder, model, out, *args) -> str:
+    """A run with its stderr going to a file, not a terminal (CI, nohup); the file's text."""
+    log = out.with_suffix(".log")
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "fmnist_onnx", "classify", str(folder), "-m", str(model), "-o",
+                               str(out), *args], stdout=subprocess.DEVNULL, stderr=f)
+    assert proc.returncode == 0, log.read_text()
+    return log.read_text()
+
+
+def test_stderr_to_a_file_gets_progress_lines(onnx_model, test_pngs, tmp_path):
+    text = _classify_logged(test_pngs / "Bag", onnx_model, tmp_path / "p.csv")
+    assert text.splitlines()[-1].startswith("classify: 1,000 files, "), text  # the end line, whatever the speed
+    assert "\r" not in text  # no bar in a log
+
+
+def test_quiet_writes_no_progress(onnx_model, test_pngs, tmp_path):
+    assert _classify_logged(test_pngs / "Bag", onnx_model, tmp_path / "p.csv", "--quiet") == ""
+
+
 def test_parquet_and_jsonl_hold_the_same_rows(clean, onnx_model, test_pngs, tmp_path):
     folder = test_pngs / "Coat"
     for fmt in ("jsonl", "parquet"):  # other stems: each run writes its own <stem>.confusion.png

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -254,6 +255,32 @@ def test_local_runtime_is_stopped_with_no_process_left(local_runtime_run):
     sessions = list((Path(tmp) / "ray").glob("session_2*"))
     assert sessions, f"Ray did not run under {tmp}: nothing was tested\n{proc.stderr}"
     assert wait_until_gone(tmp) == []
+
+
+def test_a_run_that_goes_well_prints_only_our_own_lines(folder, model, ray_env, tmp_path):
+    """Quiet success: no line of Ray's on stderr, such as the core_worker.cc error that Ray Data's actor pool
+    makes on every run (ray-project/ray#57733), or its warning about actors left without work (10 files are one
+    block: fewer than this machine's actors, where there are 2 cores or more). -v shows them."""
+    env, _ = ray_env
+    small = tmp_path / "small"
+    small.mkdir()
+    for png in sorted(p for p in (folder / "Trouser").glob("*.png") if p.stem.isdigit())[:10]:
+        shutil.copy(png, small / png.name)
+    proc = run_cli("classify", small, "-m", model, "-o", tmp_path / "p.csv", "--engine", "ray", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["classified"] == 10  # and nothing else on stdout
+    ours = re.compile(r"provider: \w+ \(auto\)|classify: [\d,]+ files, [\d,]+ files/s, \d+ s")  # progress.py's line
+    assert [line for line in proc.stderr.splitlines() if not ours.fullmatch(line)] == [], proc.stderr
+
+
+def test_an_address_where_nothing_answers_is_one_line_at_once(folder, model, tmp_path):
+    with socket.socket() as s:  # bound, never listening: connections are refused
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        proc = run_cli("classify", folder, "-m", model, "-o", tmp_path / "p.csv", "--engine", "ray", "--ray-address",
+                       address, timeout=60)  # not Ray's minutes of retries
+    assert_one_line_error(proc, 2, f"cannot connect to the Ray cluster at {address}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_stops_the_runtime_and_resume_finishes(test_pngs, model, ray_env, tmp_path):

@@ -132,6 +132,7 @@ def test_quantize_int8_writes_a_model_that_keeps_accuracy(weights, tmp_path):
     assert q["top1_ties"] <= 2 and q["top1_agreement_pct"] >= 99.68
     assert f"{q['int8_accuracy_pct']:.2f}%" in proc.stdout and f"{q['fp32_accuracy_pct']:.2f}%" in proc.stdout
     meta = _meta(int8)
+    assert meta["producer"] == _meta(out)["producer"]  # one version of each library in both files
     assert meta["quantization"].startswith("int8 static") and float(meta["test_accuracy"]) == pytest.approx(
         q["int8_accuracy_pct"], abs=0.005)
 

@@ -25,6 +25,16 @@ def test_library_versions_import_none_of_the_libraries():
     assert proc.stdout.strip() == "[]"
 
 
+def test_library_versions_are_the_same_whatever_was_imported():
+    """Two files of one export (fp32 before torchvision is imported, int8 after) once named two torchvisions."""
+    code = ("import json, sys; {}from fmnist_onnx.machine import library_versions; "
+            "print(json.dumps(library_versions()))")
+    runs = [subprocess.run([sys.executable, "-c", code.format(imports)], capture_output=True, text=True, check=True)
+            for imports in ("", "import torch, torchvision; ")]
+    bare, imported = (json.loads(r.stdout) for r in runs)
+    assert bare == imported and "torchvision" in bare
+
+
 def test_machine_info_is_json_and_within_this_machine():
     info = machine_info()
     assert json.loads(json.dumps(info)) == info

@@ -115,11 +115,33 @@ def test_cuda_missing_is_an_error_not_a_cpu_run(tmp_path):
     assert not (tmp_path / "model.pth").exists()
 
 
-def test_auto_device_says_which():
+def test_auto_device_says_which(tmp_path):
     proc = run_cli("train", "--device", "auto", "--epochs", "0")
     assert proc.returncode == 2  # a usage error, caught before any training
-    proc = run_cli("train", "--data-dir", "/nonexistent", "--out-dir", "/tmp/unused-fmnist")
+    proc = run_cli("train", "--data-dir", "/nonexistent", "--out-dir", tmp_path / "unused")
     assert "device: cpu (auto)" in proc.stderr or "device: cuda (auto)" in proc.stderr
+
+
+def _train_logged(tmp_path, *args: str) -> str:
+    """A run with its stderr going to a file (as under nohup, CI or a job scheduler); the file's text."""
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "fmnist_onnx", "train", "--device", "cpu", "--out-dir",
+                               str(tmp_path / "out"), *args], stdout=subprocess.DEVNULL, stderr=f)
+    assert proc.returncode == 0, log.read_text()
+    return log.read_text()
+
+
+def test_stderr_to_a_file_gets_a_line_per_epoch(tmp_path):
+    text = _train_logged(tmp_path, "--epochs", "2")
+    epochs = [line for line in text.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"], text
+    assert all("test accuracy" in line and line.endswith(" s") for line in epochs), text
+    assert "\r" not in text  # no bar: a log has no use for carriage returns
+
+
+def test_quiet_writes_nothing_on_stderr(tmp_path):
+    assert _train_logged(tmp_path, "--epochs", "1", "--quiet") == ""
 
 
 def test_existing_outputs_are_refused_before_the_first_step(tmp_path):

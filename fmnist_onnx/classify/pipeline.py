@@ -210,8 +210,9 @@ def close_on_error(sink, e: BaseException) -> None:
 
 
 def progress_bar(progress: bool, initial: int):
+    """A bar on a terminal, a line every few seconds elsewhere (progress.py); None with --quiet."""
     if not progress:
         return None
-    from tqdm import tqdm
+    from fmnist_onnx.progress import bar
 
-    return tqdm(unit="img", initial=initial, desc="classify", dynamic_ncols=True, smoothing=0.1)
+    return bar("classify", initial=initial, unit="img", noun="files", dynamic_ncols=True, smoothing=0.1)

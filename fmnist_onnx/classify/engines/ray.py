@@ -23,9 +23,11 @@ never picked by default.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -287,9 +289,10 @@ def _run(ray, ids: Sequence[int], work: _Work, size: int,
     # One block at a time per actor when isolating (size 1): a crash then takes down its own file only, not
     # the other blocks queued on the same actor.
     strategy = {"max_tasks_in_flight_per_actor": 1} if size == 1 else {}
-    # batch_size: our blocks' size, so one block is one call (Ray also insists on it for GPU actors)
+    # batch_size: our blocks' size, so one block is one call (Ray also insists on it for GPU actors). No more
+    # actors than blocks: an actor without a block only costs its start-up (and Ray Data warns about it).
     args = {"batch_size": size, "batch_format": "pyarrow", "fn_constructor_kwargs": predictor, "num_cpus": per_cpu,
-            "compute": ray.data.ActorPoolStrategy(size=min(n, len(ids)), **strategy), **remote}
+            "compute": ray.data.ActorPoolStrategy(size=min(n, math.ceil(len(ids) / size)), **strategy), **remote}
     # Ray Data retries an actor's task for ever by default: a file that crashes the decoder would hang the run.
     # Ray 2.60 deprecates max_task_retries here, with no named replacement yet: used while it is accepted.
     with warnings.catch_warnings():
@@ -305,6 +308,46 @@ def _verbose() -> bool:
     return logging.getLogger().isEnabledFor(logging.INFO)
 
 
+@contextlib.contextmanager
+def _quiet_backend(quiet: bool):
+    """Ray's C++ side (the driver's core worker) writes its errors to stderr itself, and Ray Data's own actor pool
+    makes it write one on every successful run: "has constructor arguments in the object store and
+    max_restarts > 0" (ray-project/ray#57733; the pool's actors restart, and the map function is in the object
+    store). Only the level read from RAY_BACKEND_LOG_LEVEL when the core worker starts (in ray.init) can stop
+    it: "fatal", unless the user chose a level. Setting it makes Ray log one line saying so, there and then:
+    file descriptor 2 goes to /dev/null for ray.init's time (a failed init is an exception: its one line is
+    ours). A local runtime started here inherits the level: its log files hold fatal errors only."""
+    if not quiet or "RAY_BACKEND_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        del os.environ["RAY_BACKEND_LOG_LEVEL"]
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at a HOST:PORT address (None where something does, or for another form): ray.init
+    would retry for minutes, and with its C++ warnings off (_quiet_backend) it would do so in silence."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return None
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+    return None
+
+
 def _connect(ray, address: str | None) -> bool:
     """Connect to ``address`` (else $RAY_ADDRESS, else a new local runtime). True if this call connected (then
     the caller disconnects, which stops a local runtime); False if Ray was connected already (a caller's own
@@ -318,8 +361,11 @@ def _connect(ray, address: str | None) -> bool:
     kwargs: dict = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if address == "local":
         kwargs["include_dashboard"] = False
+    elif why := _unreachable(address):
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {why}")
     try:
-        ray.init(address=address, **kwargs)
+        with _quiet_backend(not verbose):
+            ray.init(address=address, **kwargs)
     except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, AuthenticationError, ...: all one line
         hint = ""
         if address != "local" and os.environ.get("RAY_AUTH_MODE") != "token":
@@ -364,9 +410,15 @@ class RayEngine:
         open_session(request.model, "cpu")  # a broken or wrong model is one clear error here, before any cluster work
         self.request = request
         self.model_bytes = Path(request.model).read_bytes()
-        self.settings = None
-        self.started = _connect(self.ray, address)
+        self.settings, self.started, self.warnings = None, False, None
+        if not _verbose():
+            # Ray's and Ray Data's warnings (an idle actor, a deprecation) are about Ray, not about this run; -v shows
+            # them. The filter holds until close(): Ray Data warns from its executor's thread.
+            self.warnings = warnings.catch_warnings()
+            self.warnings.__enter__()
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
         try:
+            self.started = _connect(self.ray, address)
             local_runtime = self.started and not (address or os.environ.get("RAY_ADDRESS"))
             self.settings = _set_data_context(self.ray)
             local_cuda = PROVIDERS["cuda"] in available_providers() if local_runtime else None
@@ -445,3 +497,6 @@ class RayEngine:
         if self.started:
             self.ray.shutdown()
             self.started = False
+        if self.warnings is not None:
+            self.warnings.__exit__(None, None, None)
+            self.warnings = None
