@@ -144,11 +144,11 @@ def _truth(pf, g: int, n: int, labels: tuple[str, np.ndarray] | None) -> list[in
         return [-1] * n
     column, lookup = labels
     try:
-        values = pf.read_row_group(g, columns=[column]).column(0).to_numpy(zero_copy_only=False)
+        # to_pylist, not to_numpy: pyarrow's to_numpy imports pandas (seconds, once)
+        values = pf.read_row_group(g, columns=[column]).column(0).to_pylist()
     except (pa.ArrowException, OSError, ValueError):
         return [-1] * n  # the images' read fails too, and says why in their rows
-    ok = ~np.isnan(values.astype(np.float64)) if values.dtype.kind == "f" else np.ones(len(values), bool)
-    idx = np.where(ok, values, -1).astype(np.int64)
+    idx = np.array([-1 if v is None else v for v in values], np.int64)
     inside = (idx >= 0) & (idx < len(lookup))
     return np.where(inside, lookup[np.clip(idx, 0, len(lookup) - 1)], -1).tolist()
 
