@@ -172,11 +172,13 @@ def _broken(what: str, at: int, last: str | None, detail: str = "") -> ArchiveDa
 
 # ---------------------------------------------------------------------------------------------- the walk
 
-def _walk(read: Callable[[int, int], bytes], length: int | None) -> Iterator[tuple[str, int, int]]:
+def _walk(read: Callable[[int, int], bytes], length: int | None, at: int = 0,
+          last: str | None = None) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of each regular member, reading headers through ``read(offset, n)`` (short at
     the end). ``length``: the file's, to catch a member running past it (None for a stream: its reader checks).
-    Raises ArchiveDamaged where the chain breaks, _NotTar if the first header is no tar header."""
-    at, last, long_name, pax = 0, None, None, None
+    ``at``, ``last``: where to start (a header), and the member before it. Raises ArchiveDamaged where the chain
+    breaks, _NotTar if the first header is no tar header."""
+    long_name, pax = None, None
     while True:
         block = read(at, BLOCK)
         if len(block) < BLOCK or block == _ZERO_BLOCK:
@@ -231,6 +233,34 @@ def _extension(read, kind: int, size: int, at: int, long_name, pax, last: str | 
 
 # ---------------------------------------------------------------------------------------------- plain tar
 
+def _plain_members(mm: mmap.mmap, index: ArchiveIndex) -> int:
+    """The common members of a shard (regular files, ustar or GNU headers with an octal size, a short name and
+    a right checksum) in one tight loop, a third of _walk's cost per member; returns the offset of the first
+    header that is anything else (the end, an extension, damage), where _walk goes on."""
+    at, length = 0, len(mm)
+    names, offsets, sizes = index.names, index.offsets, index.sizes
+    while at + BLOCK <= length:
+        block = mm[at:at + BLOCK]
+        if block[156] not in (48, 0) or block[135] or block[345] or block[257:262] != b"ustar":
+            return at
+        try:
+            size, stored = int(block[124:135], 8), int(block[148:154], 8)
+        except ValueError:
+            return at
+        unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) + 254
+        if stored != unsigned - sum(block[148:156]) or at + BLOCK + size > length:
+            return at
+        nul = block.find(0, 0, 100)
+        name = block[:nul] if nul >= 0 else block[:100]
+        if name.endswith(b"/"):
+            return at
+        names.append(name.decode(_FS_ENCODING, _FS_ERRORS))
+        offsets.append(at + BLOCK)
+        sizes.append(size)
+        at += BLOCK + -(-size // BLOCK) * BLOCK
+    return at
+
+
 def index_tar(path: str) -> ArchiveIndex:
     """The regular members of a plain tar, from its header chain (mmap); damage recorded, not raised.
     ArchiveDamaged if it is not a tar at all; OSError if it cannot be opened."""
@@ -241,7 +271,9 @@ def index_tar(path: str) -> ArchiveIndex:
             raise _NotTar("not a tar archive (empty file)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             try:
-                for name, at, size in _walk(lambda at, n: mm[at:at + n], len(mm)):
+                start = _plain_members(mm, index)
+                last = index.names[-1] if index.names else None
+                for name, at, size in _walk(lambda at, n: mm[at:at + n], len(mm), start, last):
                     index.names.append(name)
                     index.offsets.append(at)
                     index.sizes.append(size)

@@ -251,14 +251,16 @@ def test_archive_kind_by_suffix():
                      "a.tar.xz": "tgz", "a.zip": "zip", "a.Zip": "zip", "a.gz": None, "a.png": None}
 
 
-def test_hostile_names_are_listed_and_nothing_is_written(tmp_path, pngs):
+def test_hostile_names_are_listed_and_nothing_is_written(tmp_path, pngs, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # a folder of its own: nothing else writes there meanwhile
     members = [("../../escape.png", pngs[0]), ("/etc/cron.d/x.png", pngs[1]), ("a/../../b.png", pngs[2])]
     tar = write_tar(tmp_path / "s.tar", members, tarfile.PAX_FORMAT)
     tgz = write_tar(tmp_path / "s.tgz", members, tarfile.PAX_FORMAT, "w:gz")
     with zipfile.ZipFile(tmp_path / "s.zip", "w") as zf:
         for name, data in members:
             zf.writestr(name, data)
-    before, cwd = tree(tmp_path.parent), sorted(os.listdir("."))
+    before, cwd = tree(tmp_path), sorted(os.listdir("."))
     index = archives.index_tar(str(tar))
     zindex = archives.index_zip(str(tmp_path / "s.zip"))
     names = [name for name, _ in members]
@@ -266,7 +268,7 @@ def test_hostile_names_are_listed_and_nothing_is_written(tmp_path, pngs):
     assert archives.read_tar(str(tar), index.offsets, index.sizes) == [d for _, d in members]
     assert archives.read_zip(str(tmp_path / "s.zip"), zindex.offsets) == [d for _, d in members]
     assert list(archives.iter_tar_stream(str(tgz))) == members
-    assert tree(tmp_path.parent) == before and sorted(os.listdir(".")) == cwd
+    assert tree(tmp_path) == before and sorted(os.listdir(".")) == cwd == []
 
 
 # ---------------------------------------------------------------------------------------------- zip
