@@ -71,7 +71,7 @@ def start_cluster(env: dict, cpus: int, cwd: Path | None) -> tuple[subprocess.Po
          "--num-gpus=0", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
          f"--temp-dir={marker}/ray"], cwd=cwd,
         env={**env, "RAY_TMPDIR": marker, "RAY_AUTH_MODE": "token"}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        stderr=subprocess.STDOUT, text=True, process_group=0)  # a group of its own, in this session: see run
     for line in head.stdout:
         if "--address=" in line:
             return head, line.split("--address=", 1)[1].split()[0].strip("'\""), marker
@@ -89,25 +89,32 @@ def stop_cluster(head: subprocess.Popen, marker: str) -> None:
     shutil.rmtree(marker, ignore_errors=True)
 
 
-def session_cpu(sids: set[int]) -> dict[int, float]:
-    """CPU seconds per live process of the process sessions ``sids``."""
-    out = {}
+def tree_cpu(roots: set[int]) -> dict[int, float]:
+    """CPU seconds per live process among ``roots`` and their descendants."""
+    stats = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) in sids:
-            out[int(pid)] = sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        stats[int(pid)] = (int(fields[1]), sum(int(f) for f in fields[11:13]))  # ppid; utime + stime
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [r for r in roots if r in stats]
+    while todo:
+        pid = todo.pop()
+        out[pid] = stats[pid][1] / os.sysconf("SC_CLK_TCK")
+        todo += children.get(pid, [])
     return out
 
 
-class SessionCPU:
-    """The CPU seconds that the processes of some sessions spend from now on, sampled every 0.1 s (a process's
-    last tenth of a second is lost: the actors exit with their job, unwaited)."""
+class TreeCPU:
+    """The CPU seconds that some processes and their descendants spend from now on, sampled every 0.1 s (a
+    process's last tenth of a second is lost: the actors exit with their job, unwaited)."""
 
-    def __init__(self, sids: set[int]) -> None:
-        self.sids, self.base = sids, session_cpu(sids)
+    def __init__(self, roots: set[int]) -> None:
+        self.roots, self.base = roots, tree_cpu(roots)
         self.seen: dict[int, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -115,23 +122,23 @@ class SessionCPU:
 
     def _sample(self) -> None:
         while not self.stop.wait(0.1):
-            self.seen.update(session_cpu(self.sids))
+            self.seen.update(tree_cpu(self.roots))
 
     def seconds(self) -> float:
         self.stop.set()
         self.thread.join()
-        self.seen.update(session_cpu(self.sids))
+        self.seen.update(tree_cpu(self.roots))
         return sum(v - self.base.get(pid, 0.0) for pid, v in self.seen.items())
 
 
 def run(cmd: list[str], env: dict, cwd: Path | None, cluster: int | None) -> tuple[float, float, dict]:
-    """(wall seconds start to exit; CPU seconds of the command's processes, in a session of its own (a local Ray
-    runtime's too), and of the processes of the ``cluster`` session while it runs; the summary's JSON). CPU
-    seconds do not depend on what else the machine runs, as wall seconds do."""
+    """(wall seconds start to exit; CPU seconds of the command's processes (a local Ray runtime's too), and of
+    the ``cluster`` process's descendants while it runs; the summary's JSON). CPU seconds do not depend on what
+    else the machine runs, as wall seconds do. Every process stays in this session: with the kernel's
+    autogroup scheduling, a session of its own would get a share of the CPUs of its own on a loaded machine."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
-    cpu = SessionCPU({proc.pid} | ({cluster} if cluster else set()))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    cpu = TreeCPU({proc.pid} | ({cluster} if cluster else set()))
     stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - t0
     cpu_s = cpu.seconds()
