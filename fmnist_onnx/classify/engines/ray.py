@@ -153,16 +153,14 @@ def _raise_fatal(code: int, message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- the pool
 
-# ---------------------------------------------------------------------------------------------- the pool
-
 def plan_pool(resources: dict[str, float], provider: str, actors: int | None,
               local_cuda: bool | None = None) -> tuple[str, int, float, float]:
     """(provider, actors, CPUs per actor, GPUs per actor) for a cluster with ``resources``.
 
     CPU actors: one per CPU by default, together claiming all but max(0.5, 5%) of the CPUs (fractions where
     needed: processes still share the cores, but the cluster keeps a slot for other tasks: Ray Data, which a
-    user's own pipeline may run beside, hung without one). GPU actors: one
-    per GPU by default; --actors beyond the GPUs share them (fractional GPUs), which adds decoding processes.
+    user's own pipeline may run beside, hangs without one). GPU actors: one per GPU by default; --actors
+    beyond the GPUs share them (fractional GPUs), which adds decoding processes.
     ``local_cuda``: for a runtime started here, whether this machine's onnxruntime has CUDA (None: remote)."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     if provider == "auto":
@@ -172,7 +170,7 @@ def plan_pool(resources: dict[str, float], provider: str, actors: int | None,
                         f"{cpus:g} CPU, {gpus:g} GPU); use --provider cpu")
     free = cpus - max(MIN_RESERVE_CPU, RESERVE_CPU_SHARE * cpus)
     if free <= 0:
-        raise UserError(f"the Ray cluster has {cpus:g} CPU: too few for actors (some are left for Ray's other tasks)")
+        raise UserError(f"the Ray cluster has {cpus:g} CPU: too few for actors (some are left for other tasks)")
     if provider == "cuda":
         n = actors or int(gpus)
         per_gpu = min(1.0, math.floor(100 * gpus / n) / 100)
@@ -185,7 +183,6 @@ def plan_pool(resources: dict[str, float], provider: str, actors: int | None,
     if per_cpu <= 0:
         raise UserError(f"--actors {n}: too many for {cpus:g} CPU")
     return provider, n, per_cpu, per_gpu
-
 
 
 class _Pool:
