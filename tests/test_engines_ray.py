@@ -389,7 +389,7 @@ def test_gpu_actors_classify_as_the_cpu_does(cluster, folder, model, local_rows,
 # ---------------------------------------------------------------------------------------------- sizing
 
 @pytest.mark.parametrize("resources, provider, actors, want", [
-    ({"CPU": 2}, "auto", None, ("cpu", 2, 0.75, 0.0)),  # 0.5 CPU left for other Ray work (Ray Data hangs without: ray#44687)
+    ({"CPU": 2}, "auto", None, ("cpu", 2, 0.75, 0.0)),  # 0.5 CPU left for other Ray work (ray#44687)
     ({"CPU": 2}, "cpu", 3, ("cpu", 3, 0.5, 0.0)),
     ({"CPU": 64}, "cpu", None, ("cpu", 64, 0.95, 0.0)),  # 5% left on big clusters
     ({"CPU": 16, "GPU": 1}, "auto", None, ("cuda", 1, 1.0, 1.0)),
