@@ -370,6 +370,23 @@ def test_cluster_reads_file_uris_through_pyarrow(cluster, folder, model, local_r
     assert_same_rows({p.removeprefix("file://"): r for p, r in rows.items() if p not in unnamed}, want)
 
 
+def test_cluster_classifies_parquet_rows_as_the_local_engine(cluster, model, tmp_path):
+    """Images inside a container (contract.Members) go to the actors by position, with the classes it knows."""
+    address, env, _ = cluster
+    run_cli("data", "export-png", "--format", "parquet", "--limit", "200", "--out", tmp_path / "data", "--quiet",
+            check=True)
+    (table,) = (tmp_path / "data").glob("*.parquet")
+    local, out = tmp_path / "local.csv", tmp_path / "ray.csv"
+    run_cli("classify", table, "-m", model, "-o", local, "-k", TOP_K, "-q", check=True)
+    proc = run_cli("classify", table, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray", "--ray-address",
+                   address, "--provider", "cpu", env=env)
+    assert proc.returncode == 0, proc.stderr
+    got, want = by_path(read_rows(out)), by_path(read_rows(local))
+    assert len(got) == 200 and all("::row/" in p for p in got)
+    assert_same_rows(got, want)
+    assert {p: r["true_label"] for p, r in got.items()} == {p: r["true_label"] for p, r in want.items()}
+
+
 @pytest.mark.skipif(CUDA, reason="onnxruntime has CUDA here: see test_gpu_actors_classify_as_the_cpu_does")
 def test_gpu_actors_without_cuda_are_one_clear_error(cluster, folder, model, tmp_path):
     address, env, _ = cluster
@@ -399,7 +416,7 @@ def test_gpu_actors_classify_as_the_cpu_does(cluster, folder, model, local_rows,
 # ---------------------------------------------------------------------------------------------- sizing
 
 @pytest.mark.parametrize("resources, provider, actors, want", [
-    ({"CPU": 2}, "auto", None, ("cpu", 2, 0.75, 0.0)),  # 0.5 CPU left for Ray Data's own tasks (ray#44687)
+    ({"CPU": 2}, "auto", None, ("cpu", 2, 0.75, 0.0)),  # 0.5 CPU left for other Ray work (ray#44687)
     ({"CPU": 2}, "cpu", 3, ("cpu", 3, 0.5, 0.0)),
     ({"CPU": 64}, "cpu", None, ("cpu", 64, 0.95, 0.0)),  # 5% left on big clusters
     ({"CPU": 16, "GPU": 1}, "auto", None, ("cuda", 1, 1.0, 1.0)),

@@ -29,7 +29,7 @@ ENGINES: dict[str, EngineEntry] = {
                          "worker processes on this machine"),
     "ray": EngineEntry("fmnist_onnx.classify.engines.ray", "RayEngine",
                        ("folder", "uri", "tar", "zip", "parquet"),
-                       "Ray Data on a cluster; same rows, in the order they are "
+                       "Ray actors on a cluster; same rows, in the order they are "
                        "done", install='pip install "fmnist-onnx[ray]"'),
 }
 ENGINE_NAMES = tuple(ENGINES)
