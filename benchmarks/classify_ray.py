@@ -9,7 +9,8 @@ runtime, as `--engine ray` does with no address; and the Ray engine joining a Ra
 on this machine (`ray start --head`, as many CPUs as this machine has), which is how it runs on a real
 cluster, without the runtime's start-up. Also the images/s that each run's summary reports (its own clock:
 walking, classifying and writing; for Ray that includes connecting, not the final shutdown).
-Writes benchmarks/results/classify_ray.json. Needs the [ray] extra.
+Writes benchmarks/results/classify_ray_SPLIT.json (one file per split, so the 60,000-file run never replaces the
+10,000-file one; --folder: classify_ray_folder.json). Needs the [ray] extra.
 """
 
 from __future__ import annotations
@@ -90,9 +91,10 @@ def main() -> None:
     ap.add_argument("--split", choices=["test", "train"], default="test", help="[test: 10,000 images]")
     ap.add_argument("--model", type=Path, help="ONNX model [artifacts/model.onnx, or trained and exported here]")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each; the best counts [2]")
-    ap.add_argument("--out", type=Path, default=RESULTS / "classify_ray.json")
+    ap.add_argument("--out", type=Path, help="[benchmarks/results/classify_ray_SPLIT.json]")
     args = ap.parse_args()
 
+    args.out = args.out or RESULTS / f"classify_ray_{'folder' if args.folder else args.split}.json"
     import ray
 
     from fmnist_onnx.bench import machine_info, save_json
