@@ -247,17 +247,18 @@ def headline_section() -> list[str]:
 def setup_section() -> list[str]:
     d, t = _load("setup.json"), _load("train.json")
     v, j = d["venv"], d["job"]
-    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    gb = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731 (du -sh's unit)
     parts = ", ".join(f"{k} {gb(b)}" for k, b in v["parts"].items())
-    steps = ", ".join(f"{s['command'].split()[1]} {s['seconds']:.0f} s" for s in j["steps"])
-    load = d["machine"]["load_average"][0]
+    name = lambda c: "data export-png" if c.split()[1] == "data" else c.split()[1]  # noqa: E731
+    steps = ", ".join(f"{name(s['command'])} {s['seconds']:.0f} s" for s in j["steps"])
+    m, tm = d["machine"], t["machine"]
+    where = lambda m: f"{m['cpu']} ({', '.join(m['cpu_flags'])}), {m.get('usable_cores', m['cores'])} cores"  # noqa: E731
     return [f"The set-up's virtual environment (extras `[{v['extras']}]`) takes **{gb(v['total_bytes'])}** on disk: "
             f"{parts}. The first command's `fmnist-onnx` steps took **{j['total_s'] / 60:.0f} minutes** after the "
-            f"install ({steps}) on {machine_line(d['machine'])}, a machine shared with other work (load average "
-            f"{load} at the start, {j['load_average_after'][0]} at the end). On a quiet moment of the same kind of "
-            f"machine the fast recipe trains in {t['summary']['fast']['median_wall_s']:.0f} s "
-            f"({t['machine']['measured_at'][:10]}, load average {t['machine']['load_average'][0]}). The install "
-            "itself depends on the network."]
+            f"install ({steps}) on {where(m)}, shared with other work (load average {m['load_average'][0]} at the "
+            f"start, {j['load_average_after'][0]} at the end; {m['measured_at'][:10]}). On a quieter {where(tm)} "
+            f"(load average {tm['load_average'][0]}, {tm['measured_at'][:10]}) the same training took "
+            f"{t['summary']['fast']['median_wall_s']:.0f} s. The install itself depends on the network."]
 
 
 def plot_section(prefix: str = "") -> list[str]:
