@@ -1,4 +1,4 @@
-"""Inference backends side by side on this machine: the figures the README quotes.
+"""Inference backends side by side on this machine: the figures docs/benchmarks.md shows.
 
     python benchmarks/inference.py                  # about 1 min: 5 batch sizes x 3 options x 2 s
     python benchmarks/inference.py --duration 0.5 --batch-sizes 1,256,1024
@@ -6,7 +6,7 @@
 Uses artifacts/model.onnx and artifacts/model.pth (--model/--weights to change); where they are missing it
 trains the fast recipe (seed 0) and exports it, in a temporary folder. Runs the same measurement as
 `fmnist-onnx bench` (fmnist_onnx.bench.run_benchmark), adds the test accuracy of fp32 and int8 on the
-10,000 test images, checks the README's targets, and writes benchmarks/results/inference.json (the
+10,000 test images, checks the targets, and writes benchmarks/results/inference.json (the
 `bench --json` form plus "accuracy" and "targets") and inference.png.
 """
 

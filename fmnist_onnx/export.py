@@ -157,7 +157,7 @@ def export_onnx(weights: Path, output: Path, opset: int | None = None) -> Path:
 # ------------------------------------------------------------------------------------------------ int8
 
 INT8_METHODS = ("static", "dynamic")
-# Chosen by measurement (README, "int8"): the same accuracy as dynamic, faster at the batch sizes classify uses.
+# Chosen by measurement (docs/export.md, "int8"): the same accuracy as dynamic, faster at the batch sizes classify uses.
 DEFAULT_INT8_METHOD = "static"
 CALIBRATION_IMAGES = 2000
 CALIBRATION_SEED = 0

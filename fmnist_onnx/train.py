@@ -53,7 +53,7 @@ class TrainConfig:
     device: str = "cpu"
 
 
-# fast: tuned on this project's 2-core machine (README, "Training"): 89.7% median of 3 seeds in about 10 s.
+# fast: tuned on this project's 2-core machine (docs/training.md): 89.7% median of 3 seeds in about 10 s.
 # The tutorial, as written: SGD at 1e-3, batches of 64 in file order through a DataLoader with ToTensor.
 RECIPES: dict[str, dict] = {
     "fast": dict(epochs=10, batch_size=512, lr=3e-3, optimizer="adamw", weight_decay=0.0, warmup=0.1,

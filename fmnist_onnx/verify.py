@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 # int8: the accuracy may drop this many points at most, and top-1 must agree with PyTorch on this share of
-# images. Int8 of a trained model agrees on about 99.7% (README); another model's weights agree on about 90%.
+# images. Int8 of a trained model agrees on about 99.9% (docs/export.md, the int8 table); another model's weights
+# agree on about 90%.
 MAX_INT8_ACCURACY_DROP = 0.5
 MIN_INT8_AGREEMENT_PCT = 98.0
 BATCH = 1000

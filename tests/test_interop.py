@@ -1,6 +1,6 @@
 """The exported model in a second, independent runtime: onnx's ReferenceEvaluator (the operators' reference
 implementations, in numpy) runs the fp32 file and must agree with onnxruntime and PyTorch on real test images.
-Other clients (OpenVINO, onnxruntime-node, Polygraphy) were tried by hand; see the README, "Other runtimes"."""
+Other clients (OpenVINO, onnxruntime-node, Polygraphy) were tried by hand; see docs/runtimes.md."""
 
 from __future__ import annotations
 
