@@ -478,7 +478,8 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
                    f"CPU); the whole chunk, up to {BATCHED_MAX_CHUNK}, in the batched stage (CUDA)].")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
-              help="auto: CUDA when onnxruntime has it, else the CPU. An explicit cuda that is missing is an error.")
+              help="auto: the provider measured faster for classify (the CPU, until CUDA is: see --json's "
+                   "provider_reason). An explicit cuda that is missing is an error.")
 @click.option("--inference", type=click.Choice(INFERENCE_MODES), default="auto", show_default=True,
               help="Where the model runs: in the decoding processes (the CPU's way), or in inference processes "
                    "after them, on whole chunks (CUDA's way; with --provider cpu too, e.g. to test it). auto: the "

@@ -176,6 +176,37 @@ def available_providers() -> list[str]:
     return import_onnxruntime().get_available_providers()
 
 
+# classify --provider auto: the static rule. classify is bound by decoding, not by the model (13 us of the 37 us of
+# CPU an image costs on the CPU path), so a GPU only helps it where the batched stage feeds it at decoding speed.
+# Measured on one H100 with 16 cores, 600,000 train PNGs (benchmarks/results/gpu/gpu.log, issue 10): --provider
+# cuda 220,181 images/s, --provider cpu 242,436 (cuda 0.91x; its best variant, chunks of 8192, 252,037 against
+# 230,643 for the CPU with the same chunks: 1.09x, within a run's noise), decoding alone 340,752; on 60,000 PNGs
+# cuda 50,363 against cpu 133,120 (the inference processes' start-up). CUDA is nowhere measured faster by a margin,
+# so auto takes the CPU even where onnxruntime has CUDA, until the GPU figures of the direct hand-off (issue 21:
+# cuda >= 1.15x cpu) say otherwise: then CLASSIFY_AUTO_DEVICE becomes True. Static, not a timing probe: a run and
+# its --resume always agree on the provider.
+CLASSIFY_AUTO_DEVICE = False
+CLASSIFY_AUTO_FIGURES = "H100, 16 cores, 600,000 PNGs: cuda 220,181 images/s, cpu 242,436"
+
+
+def classify_provider(requested: str, have: list[str] | None = None) -> tuple[str, str]:
+    """classify's provider for ``requested`` (auto, or a name) and why, in a few words (for --json). ``have``:
+    onnxruntime's execution providers (asked for when None). A provider asked for by name that is missing is
+    resolve_provider's error."""
+    if requested.lower() != "auto":
+        return resolve_provider(requested), f"--provider {requested.lower()}"
+    if have is None:
+        resolve_provider("auto")  # onnxruntime importable, one line if not
+        have = available_providers()
+    device = next((n for n, ep in PROVIDERS.items() if n != "cpu" and ep in have), None)
+    if device is None:
+        return "cpu", "auto: onnxruntime here has no GPU provider"
+    if CLASSIFY_AUTO_DEVICE:
+        return device, f"auto: {PROVIDERS[device]} is available and measured faster ({CLASSIFY_AUTO_FIGURES})"
+    return "cpu", (f"auto: {PROVIDERS[device]} is available but classify measured faster on the CPU "
+                   f"({CLASSIFY_AUTO_FIGURES})")
+
+
 def resolve_provider(requested: str) -> str:
     """'auto' -> cuda when onnxruntime has it, else cpu; an explicit provider that is missing is an error."""
     requested = requested.lower()

@@ -274,9 +274,9 @@ def test_stdout_gets_the_csv_and_stderr_the_rest(onnx_model, test_pngs):
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(rows) == 1000 and list(rows[0]) == ["path", "label", "index", "score", "label_2", "score_2",
                                                   "label_3", "score_3", "error", "true_label"]
-    from fmnist_onnx.runtime import resolve_provider
+    from fmnist_onnx.runtime import classify_provider
 
-    provider = resolve_provider("auto")  # cuda where onnxruntime has it
+    provider, _ = classify_provider("auto")  # runtime.CLASSIFY_AUTO_DEVICE's rule
     assert f"provider: {provider} (auto)" in proc.stderr and "1000 of 1000 files classified" in proc.stderr
 
 
@@ -298,6 +298,18 @@ def test_stderr_to_a_file_gets_progress_lines(onnx_model, test_pngs, tmp_path):
 
 def test_quiet_writes_no_progress(onnx_model, test_pngs, tmp_path):
     assert _classify_logged(test_pngs / "Bag", onnx_model, tmp_path / "p.csv", "--quiet") == ""
+
+
+@pytest.mark.parametrize("provider", ["auto", "cpu"])
+def test_json_records_which_provider_ran_and_why(provider, onnx_model, test_pngs, tmp_path):
+    from fmnist_onnx.runtime import classify_provider
+
+    proc = run_cli("classify", test_pngs / "Sandal", "-m", onnx_model, "-o", tmp_path / "p.csv", "--provider",
+                   provider, "--json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["provider"], summary["provider_reason"]) == classify_provider(provider)
+    assert summary["provider_reason"].startswith("auto: " if provider == "auto" else "--provider cpu")
 
 
 def test_parquet_and_jsonl_hold_the_same_rows(clean, onnx_model, test_pngs, tmp_path):

@@ -90,3 +90,14 @@ def test_onnxruntime_out_of_memory_mid_run_is_one_line_and_keeps_the_rows(test_p
     assert "64 rows so far are kept" in proc.stderr and "--resume" in proc.stderr
     scan = JournalScan(journal_path(out), "csv")
     assert len(list(scan)) == 64 and identity_path(out).exists() and not out.exists()
+
+
+def test_classify_auto_takes_the_cpu_where_cuda_is_measured_slower():
+    """The static rule (runtime.CLASSIFY_AUTO_DEVICE): CUDA present is not enough while classify measured it
+    slower; no GPU provider at all is the CPU too, for another reason."""
+    from fmnist_onnx.runtime import CLASSIFY_AUTO_DEVICE, classify_provider
+
+    with_cuda = classify_provider("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert with_cuda[0] == ("cuda" if CLASSIFY_AUTO_DEVICE else "cpu")
+    assert "CUDAExecutionProvider is available" in with_cuda[1] and "images/s" in with_cuda[1]
+    assert classify_provider("auto", ["CPUExecutionProvider"]) == ("cpu", "auto: onnxruntime here has no GPU provider")

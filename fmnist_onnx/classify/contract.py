@@ -66,6 +66,7 @@ class ClassifySummary:
     confusion_png: str | None = None
     failures: list[dict] = field(default_factory=list)  # the first few {path, error}
     already_complete: bool = False
+    provider_reason: str | None = None  # why this provider (--provider auto's rule: runtime.classify_provider)
 
 
 class Found(NamedTuple):

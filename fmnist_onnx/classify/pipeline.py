@@ -162,7 +162,8 @@ def _run(request: Request, engine: str, progress: bool, on_provider, engine_opti
         if eng is not None:
             eng.close()
     return summarize(tally, final, request.output, request.fmt, eng.provider, eng.workers, eng.decoder,
-                     time.perf_counter() - t0, replace=request.overwrite or request.resume)
+                     time.perf_counter() - t0, replace=request.overwrite or request.resume,
+                     provider_reason=getattr(eng, "provider_reason", None))
 
 
 def _pipeline(request: Request, eng: Engine, sink: JournalSink | StdoutSink, done: Done | None, tally: Tally,

@@ -75,7 +75,7 @@ class Tally:
 
 
 def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: str, workers: int, decoder: str,
-              seconds: float, replace: bool = False) -> ClassifySummary:
+              seconds: float, replace: bool = False, provider_reason: str | None = None) -> ClassifySummary:
     """The summary of a finished run (any engine), with the confusion-matrix PNG in the ImageFolder layout.
     ``replace``: the run may replace an existing PNG (--overwrite, or the --resume of a run that could)."""
     acc, per_class = tally.metrics()
@@ -93,7 +93,7 @@ def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: 
         files=tally.classified + tally.failed, classified=tally.classified, failed=tally.failed,
         skipped=tally.skipped, resumed=tally.resumed, seconds=round(seconds, 3),
         images_per_s=round(new / seconds, 1) if seconds > 0 else 0.0, accuracy_pct=acc, per_class=per_class,
-        confusion_png=str(png) if png else None, failures=tally.failures,
+        confusion_png=str(png) if png else None, failures=tally.failures, provider_reason=provider_reason,
     )
 
 

@@ -224,9 +224,10 @@ class LocalEngine:
     def __init__(self, request: Request, workers: int | None = None, inference: str = "auto",
                  stages: int | None = None) -> None:
         from fmnist_onnx.classify import contract  # its caps read at each run: benchmarks/gpu.sh sets them
-        from fmnist_onnx.runtime import PROVIDER_TABLE, resolve_provider
+        from fmnist_onnx.runtime import PROVIDER_TABLE, classify_provider
 
-        self.provider = resolve_provider(request.provider)  # cheap: no session, no CUDA initialisation here
+        # cheap: no session, no CUDA initialisation here
+        self.provider, self.provider_reason = classify_provider(request.provider)
         if inference not in INFERENCE_MODES:
             raise UserError(f"--inference must be one of {', '.join(INFERENCE_MODES)}")
         in_workers = PROVIDER_TABLE[self.provider].model_in_workers if inference == "auto" else inference == "workers"
