@@ -84,16 +84,16 @@ def naive_loop(paths: Sequence[str], model: Path, output: Path, provider: str = 
 _COORDINATOR = """
 import json, resource, sys
 from fmnist_onnx.classify import classify
-folder, model, out, workers, provider, batch = sys.argv[1:7]
+folder, model, out, workers, provider, batch, inference = sys.argv[1:8]
 s = classify([folder], model, out, overwrite=True, workers=int(workers), provider=provider,
-             batch_size=int(batch) if batch != "-" else None)
+             batch_size=int(batch) if batch != "-" else None, inference=inference)
 r = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"cpu_s": r.ru_utime + r.ru_stime, "files": s.files}))
 """
 
 
 def coordinator_cpu(folder: Path, model: Path, workers: int, provider: str, batch_size: int | None,
-                    work: Path) -> dict:
+                    work: Path, inference: str = "auto") -> dict:
     """The CPU time of the process that walks and writes (its own, not its workers'), from two fresh runs:
     one file (start-up: interpreter, imports, pool, session) and the whole folder; the difference per file
     is the coordinator's cost, and 1 / that cost the ceiling of any number of cores."""
@@ -108,7 +108,8 @@ def coordinator_cpu(folder: Path, model: Path, workers: int, provider: str, batc
 
     def run(where: Path) -> dict:
         proc = subprocess.run([sys.executable, "-c", _COORDINATOR, str(where), str(model), str(work / "c.csv"),
-                               str(workers), provider, str(batch_size or "-")], capture_output=True, text=True)
+                               str(workers), provider, str(batch_size or "-"), inference], capture_output=True,
+                              text=True)
         if proc.returncode not in (0, 3):
             raise UserError(f"the coordinator run failed: {proc.stderr.strip().splitlines()[-1:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -168,11 +169,13 @@ def bench_classify(
     clock: Clock = time.perf_counter,
     scaling: bool = False,
     coordinator: bool = True,
+    inference: str = "auto",
 ) -> dict:
     """The classify pipeline (find, decode, infer, write) beside decoding alone and the naive loop, on the
     same folder, best of ``repeats`` each (timed with ``clock``). Every file is read once first, so that all
     find a warm page cache. ``scaling``: the pipeline also with 1, 2, 4, ... workers up to ``workers``.
-    ``coordinator``: the CPU cost of the process that walks and writes (``coordinator_cpu``).
+    ``coordinator``: the CPU cost of the process that walks and writes (``coordinator_cpu``). ``inference``:
+    classify's --inference (where the model runs: auto, workers, batched).
 
     UserError for a missing folder, a folder with no images, or a missing or wrong model."""
     from fmnist_onnx import classify as cl
@@ -188,7 +191,7 @@ def bench_classify(
 
         def pipeline() -> None:
             cl.classify([folder], model, work / "classify.csv", batch_size=batch_size, workers=workers,
-                        provider=prov, overwrite=True)
+                        provider=prov, overwrite=True, inference=inference)
 
         def record(what: str, procs: int, run: Callable[[], object]) -> PipelineRecord:
             best = best_of(run, repeats, clock)
@@ -203,22 +206,24 @@ def bench_classify(
             record("decode alone (1 process)", 1, lambda: _decode_chunks(paths, 1)),
         ]
         curve = [asdict(record(f"classify pipeline ({w} processes)", w, lambda w=w: cl.classify(
-            [folder], model, work / "scaling.csv", batch_size=batch_size, workers=w, provider=prov, overwrite=True)))
+            [folder], model, work / "scaling.csv", batch_size=batch_size, workers=w, provider=prov, overwrite=True,
+            inference=inference)))
             for w in (scaling_workers(workers) if scaling else [])]
         # last: the naive loop runs the model in this process (CUDA started here, no pipeline could fork after it)
         records.append(record("naive loop (1 process, Pillow, batches of 256)", 1,
                               lambda: naive_loop(paths, model, work / "naive.csv", prov)))
-        coord = coordinator_cpu(folder, model, workers, prov, batch_size, work) if coordinator else None
+        coord = coordinator_cpu(folder, model, workers, prov, batch_size, work, inference) if coordinator else None
     pipe, decode, naive = records[0], records[1], records[3]
     return {"machine": machine_info(), "folder": str(folder), "images": n, "model": str(model), "provider": prov,
-            "workers": workers, "repeats": repeats, "results": [asdict(r) for r in records],
+            "inference": inference, "workers": workers, "repeats": repeats, "results": [asdict(r) for r in records],
             "pipeline_pct_of_decode": 100 * pipe.images_per_s / decode.images_per_s,
             "pipeline_over_naive": pipe.images_per_s / naive.images_per_s, "scaling": curve,
             "coordinator": coord}
 
 
 def format_classify(result: dict) -> str:
-    lines = [f"{result['images']:,} image files in {result['folder']} (provider {result['provider']}, "
+    inference = f", inference {result['inference']}" if result.get("inference", "auto") != "auto" else ""
+    lines = [f"{result['images']:,} image files in {result['folder']} (provider {result['provider']}{inference}, "
              f"best of {result['repeats']}):", f"  {'what':<62} {'images/s':>10} {'seconds':>8}"]
     for r in result["results"]:
         lines.append(f"  {r['what']:<62} {r['images_per_s']:>10,.0f} {r['seconds']:>8.2f}")

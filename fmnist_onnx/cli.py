@@ -414,8 +414,11 @@ Examples:
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.option("--scaling", is_flag=True, help="Also the pipeline with 1, 2, 4, ... decoding processes up to --workers.")
+@click.option("--inference", type=click.Choice(INFERENCE_MODES), default="auto", show_default=True,
+              help="classify's --inference: where the model runs (batched: the CUDA path's code, on any provider).")
 @_OVERWRITE
-def bench_classify(folder, model, workers, provider, batch_size, repeats, json_path, quiet, scaling, overwrite):
+def bench_classify(folder, model, workers, provider, batch_size, repeats, json_path, quiet, scaling, inference,
+                   overwrite):
     """Time the classify pipeline on FOLDER beside decoding alone and the naive loop.
 
     The pipeline (find, decode, infer, write) in images/s, beside decoding alone (classify's own decoder, in
@@ -438,7 +441,7 @@ def bench_classify(folder, model, workers, provider, batch_size, repeats, json_p
         raise UserError(f"--json {json_path} is inside {folder}, the folder measured; write it elsewhere")
     with locked(json_path):
         result = bn.bench_classify(folder, model, workers, provider, batch_size, repeats, on_record=on_record,
-                                   scaling=scaling)
+                                   scaling=scaling, inference=inference)
         if json_path:
             bn.save_json(result, json_path, overwrite)
     click.echo(bn.format_classify(result))
