@@ -175,9 +175,7 @@ def bench_classify(
     same folder, best of ``repeats`` each (timed with ``clock``). Every file is read once first, so that all
     find a warm page cache. ``scaling``: the pipeline also with 1, 2, 4, ... workers up to ``workers``.
     ``coordinator``: the CPU cost of the process that walks and writes (``coordinator_cpu``). ``inference``:
-    classify's --inference (where the model runs: auto, workers, batched).
-
-    UserError for a missing folder, a folder with no images, or a missing or wrong model."""
+    classify's --inference. UserError for a missing folder, a folder with no images, a missing or wrong model."""
     from fmnist_onnx import classify as cl
     from fmnist_onnx.classify.engines.local import default_workers
 
@@ -205,9 +203,9 @@ def bench_classify(
             record(f"decode alone ({workers} processes)", workers, lambda: _decode_chunks(paths, workers)),
             record("decode alone (1 process)", 1, lambda: _decode_chunks(paths, 1)),
         ]
-        curve = [asdict(record(f"classify pipeline ({w} processes)", w, lambda w=w: cl.classify(
-            [folder], model, work / "scaling.csv", batch_size=batch_size, workers=w, provider=prov, overwrite=True,
-            inference=inference)))
+        curve = [asdict(record(f"classify pipeline ({w} processes)", w, lambda w=w: cl.classify([folder], model,
+            work / "scaling.csv", batch_size=batch_size, workers=w, provider=prov, overwrite=True, inference=inference)
+        ))
             for w in (scaling_workers(workers) if scaling else [])]
         # last: the naive loop runs the model in this process (CUDA started here, no pipeline could fork after it)
         records.append(record("naive loop (1 process, Pillow, batches of 256)", 1,
