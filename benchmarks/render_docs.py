@@ -274,10 +274,30 @@ def plot_section(prefix: str = "") -> list[str]:
                 f"{m['measured_at'][:10]}: images/s by batch size.{stale}*"]
 
 
+def sources_section() -> list[str]:
+    """benchmarks/classify_sources.py: the same train images as loose PNGs, tar shards, a Parquet file."""
+    d = _load("classify_sources.json")
+    best, steady, whole, r = d["best_s"], d["steady_images_per_s"], d["whole_images_per_s"], d["ratios"]
+    n = d["images"]
+    rows = [f"| PNG folder | {best[f'png_{n}']:.2f} | {whole['png']:,} | {steady['png']:,} |",
+            f"| tar shards (WebDataset) | {best[f'tar_{n}']:.2f} | {whole['tar']:,} | {steady['tar']:,} |",
+            f"| Parquet (Hugging Face) | {best[f'parquet_{n}']:.2f} | {whole['parquet']:,} | {steady['parquet']:,} |",
+            f"| tar shards unpacked, then the folder | {best[f'unpack_tar_then_png_{n}']:.2f} | "
+            f"{round(n / best[f'unpack_tar_then_png_{n}']):,} | |"]
+    return [f"Machine: {machine_line(d['machine'])}; {n:,} train images, best of {d['repeats']}.", "",
+            f"| {n:,} images as | seconds | images/s, whole process | images/s, steady state |",
+            "| --- | ---: | ---: | ---: |", *rows, "",
+            f"tar directly is {r['tar_over_unpack_then_folder']:.2f}x unpacking it and classifying the folder; in "
+            f"the steady state tar is {r['tar_over_folder_steady']:.2f}x the folder and Parquet "
+            f"{r['parquet_over_folder_steady']:.2f}x (whole process: {r['tar_over_folder_whole']:.2f}x and "
+            f"{r['parquet_over_folder_whole']:.2f}x); labels identical across layouts: "
+            f"{'yes' if d['identical_labels'] else '**no**'}."]
+
+
 SECTIONS = {"plot": plot_section, "plot_docs": lambda: plot_section("../"),
             "headline": headline_section, "setup": setup_section, "inference": inference_section,
             "train": train_section, "pipeline": pipeline_section, "naive": naive_section, "int8": int8_section,
-            "ray": ray_section, "gpu": gpu_section}
+            "ray": ray_section, "gpu": gpu_section, "sources": sources_section}
 
 
 def render_page(text: str, name: str) -> tuple[str, list[str]]:
