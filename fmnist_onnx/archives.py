@@ -269,7 +269,9 @@ def index_tar(path: str) -> ArchiveIndex:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise _NotTar("not a tar archive (empty file)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        # MAP_POPULATE: the headers are spread over the whole file; one call maps it instead of a fault a page
+        populate = getattr(mmap, "MAP_POPULATE", 0)
+        with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ) as mm:
             try:
                 start = _plain_members(mm, index)
                 last = index.names[-1] if index.names else None
@@ -286,6 +288,21 @@ def index_tar(path: str) -> ArchiveIndex:
 
 def _too_large(size: int, limit: int) -> ImageError:
     return ImageError(f"member too large ({size} bytes, limit {limit})")
+
+
+def read_small(path: str, offsets: Sequence[int], sizes: Sequence[int], limit: int = 64) -> list[bytes | ImageError]:
+    """Small members (sidecars: a class index) of a plain tar, sliced from one memory map instead of a pread
+    each; a member over ``limit`` bytes, or past the end, is an ImageError."""
+    out: list[bytes | ImageError] = []
+    with open(path, "rb") as f:
+        length = os.fstat(f.fileno()).st_size
+        if not length or not offsets:
+            return [ImageError("empty member")] * len(offsets)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for at, size in zip(offsets, sizes, strict=True):
+                ok = size <= limit and at + size <= length
+                out.append(mm[at:at + size] if ok else ImageError(f"member of {size} bytes, not a sidecar"))
+    return out
 
 
 def read_tar(path: str, offsets: Sequence[int], sizes: Sequence[int]) -> list[bytes | ImageError]:

@@ -22,8 +22,13 @@ def sample_key(name: str) -> str:
     return name if dot < 0 else name[:dot]
 
 
+_DIGITS = {str(i).encode(): i for i in range(NUM_CLASSES)}  # the common sidecars, looked up without parsing
+
+
 def class_of_sidecar(data: bytes) -> int:
     """A ``.cls`` sidecar's class: an index 0-9, or a class name; -1 for anything else."""
+    if data in _DIGITS:
+        return _DIGITS[data]
     text = data[:MAX_SIDECAR_BYTES].strip().decode("utf-8", "replace")
     if text.isdigit() and int(text) < NUM_CLASSES:
         return int(text)
@@ -31,15 +36,21 @@ def class_of_sidecar(data: bytes) -> int:
 
 
 def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
-    """Indices of the image members, of the sidecars, and of the other members (skipped), by name."""
+    """Indices of the image members, of the sidecars, and of the other members (skipped), by name: the suffix
+    of the base name (none for a name that starts with its only dot). Comprehensions, not a statement per name:
+    a shard has tens of thousands of members."""
     exts = images.image_extensions()
-    pics, cls, other = [], [], []
-    for i, name in enumerate(names):
-        base = name[name.rfind("/") + 1:]
-        dot = base.rfind(".")
-        suffix = base[dot:].lower() if dot > 0 else ""
-        (pics if suffix in exts else cls if suffix == SIDECAR else other).append(i)
+    suffixes = [n[n.rfind("."):].lower() for n in names]
+    suffixes = [s if "/" not in s and _dotted(n, s) else "" for n, s in zip(names, suffixes, strict=True)]
+    pics = [i for i, s in enumerate(suffixes) if s in exts]
+    cls = [i for i, s in enumerate(suffixes) if s == SIDECAR]
+    other = [i for i, s in enumerate(suffixes) if s not in exts and s != SIDECAR]
     return pics, cls, other
+
+
+def _dotted(name: str, suffix: str) -> bool:
+    """The suffix is one: not the whole base name (".png" alone, or "a/.png")."""
+    return len(name) > len(suffix) and name[-len(suffix) - 1] != "/"
 
 
 def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes: Sequence[int],
@@ -48,22 +59,23 @@ def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes
     """The walk's Batch of a container's members (``keys``/``sizes``: what the source reads them by), with
     an error row for the damage that ended its listing, if any."""
     pics, cls, other = split(names)
-    labels = {sample_key(names[i]): data for i, data in zip(cls, read_sidecars(cls), strict=True)
-              if isinstance(data, bytes)}
-    truth = []
-    for i in pics:
-        data = labels.get(sample_key(names[i]))
-        if data is not None:
-            truth.append(class_of_sidecar(data))
-        else:
-            c = images.true_class(names[i])
-            truth.append(-1 if c is None else c)
+    # WebDataset's key of a member: its name up to the first dot of its base name (sample_key, inlined)
+    labels = {(n := names[i])[:n.find(".", n.rfind("/") + 1)]: class_of_sidecar(data)
+              for i, data in zip(cls, read_sidecars(cls), strict=True) if isinstance(data, bytes)}
+    truth = [labels.get((n := names[i])[:n.find(".", n.rfind("/") + 1)], None) for i in pics]
+    if None in truth:  # no sidecar: the ImageFolder layout inside
+        truth = [_folder_class(names[i]) if t is None else t for i, t in zip(pics, truth, strict=True)]
     prefix = container + "::"
     units = [prefix + names[i] for i in pics]
     members = Members(kind, container, units, [keys[i] for i in pics], truth,
                       [sizes[i] for i in pics] if len(sizes) else (), inline)
     broken = Found(prefix, "unlistable", damage) if damage else None
     return Batch(units, [prefix + names[i] for i in other], broken, members)
+
+
+def _folder_class(name: str) -> int:
+    c = images.true_class(name)
+    return -1 if c is None else c
 
 
 def check_files(paths: Sequence[str], what: str) -> list[str]:

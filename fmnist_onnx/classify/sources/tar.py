@@ -40,7 +40,7 @@ def _indexed(path: str) -> Batch:
         log.warning("%s: %s", path, index.damage)
 
     def sidecars(picks: list[int]) -> list:
-        return archives.read_tar(path, [index.offsets[i] for i in picks], [index.sizes[i] for i in picks])
+        return archives.read_small(path, [index.offsets[i] for i in picks], [index.sizes[i] for i in picks])
 
     return members.batch("tar", path, index.names, index.offsets, index.sizes, sidecars, index.damage)
 
