@@ -256,3 +256,11 @@ class Unprivileged:
 
     def run_cli(self, *args) -> subprocess.CompletedProcess:
         return self.run([sys.executable, "-m", "fmnist_onnx", *args])
+
+
+def assert_report_draws(table: Path, page: Path) -> None:
+    """`fmnist-onnx report` of ``table`` draws its images (read again from wherever the rows name them)."""
+    proc = run_cli("report", table, "-o", page)
+    assert proc.returncode == 0, proc.stderr
+    text = page.read_text()
+    assert "cannot read it now" not in text and text.count("data:image/png") > 20
