@@ -158,7 +158,7 @@ def test_csv_quotes_cr_and_lf_and_resume_reads_them_back(tmp_path, top_k):
     check_rows(list(read_rows(out)), rows, top_k)
     with open(out, newline="", encoding="utf-8") as f:  # any CSV reader sees one record per row
         records = list(csv.reader(f, strict=True))
-    assert [r[0] for r in records[1:]] == [r.path for r in rows] and records[-1][-1] == 'bad,\r"file"'
+    assert [r[0] for r in records[1:]] == [r.path for r in rows] and records[-1][-2] == 'bad,\r"file"'
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -288,7 +288,7 @@ BAD_ROWS = {  # what a journal line may hold that this tool never writes, and wh
 
 
 def _line(fmt: str, change: dict) -> bytes:
-    rec = {"path": "x.png", "label": "Trouser", "index": 1, "score": 0.5, "error": None, **change}
+    rec = {"path": "x.png", "label": "Trouser", "index": 1, "score": 0.5, "error": None, "true_label": None, **change}
     if fmt == "csv":
         return (",".join("" if v is None else str(v) for v in rec.values()) + "\n").encode()
     return (json.dumps(rec) + "\n").encode()
@@ -336,6 +336,14 @@ def test_a_row_refused_by_the_caller_names_its_line(tmp_path):
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_read_rows_of_a_finished_table_with_a_wrong_row_is_one_line(tmp_path, fmt):
     out = tmp_path / f"preds.{fmt}"
-    out.write_bytes((b"path,label,index,score,error\n" if fmt == "csv" else b"") + _line(fmt, {"index": "eight"}))
+    head = b"path,label,index,score,error,true_label\n" if fmt == "csv" else b""
+    out.write_bytes(head + _line(fmt, {"index": "eight"}))
     with pytest.raises(UserError, match="index 'eight'"):
         list(read_rows(out))
+
+
+def test_a_table_of_the_earlier_version_without_true_label_is_still_read(tmp_path):
+    out = tmp_path / "old.csv"
+    out.write_bytes(b"path,label,index,score,error\nBag/1.png,Bag,8,0.9,\n")
+    rows = list(read_rows(out))
+    assert rows == [{"path": "Bag/1.png", "label": "Bag", "index": 8, "score": 0.9, "error": None}]
