@@ -4,11 +4,15 @@ layout inside the archive (``Bag/00012.png``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from fmnist_onnx import images
 from fmnist_onnx.classify.contract import Batch, Found, Members
+from fmnist_onnx.errors import UserError
+from fmnist_onnx.images import ImageError
 from fmnist_onnx.spec import CLASSES, NUM_CLASSES
+from fmnist_onnx.text import visible
 
 SIDECAR = ".cls"
 MAX_SIDECAR_BYTES = 64  # a class index or name: anything longer is not one
@@ -80,11 +84,6 @@ def _folder_class(name: str) -> int:
 
 def check_files(paths: Sequence[str], what: str) -> list[str]:
     """Container inputs: each an existing regular file (or a link to one), named once; else one line."""
-    import os
-
-    from fmnist_onnx.errors import UserError
-    from fmnist_onnx.text import visible
-
     seen: dict[tuple[int, int], str] = {}
     for p in paths:
         try:
@@ -104,8 +103,6 @@ def check_files(paths: Sequence[str], what: str) -> list[str]:
 
 def one(results: list, member: str) -> bytes:
     """The single result of a source's read: its bytes, or its ImageError raised."""
-    from fmnist_onnx.images import ImageError
-
     if not results:
         raise ImageError(f"no member {member!r} in the archive")
     if isinstance(results[0], Exception):
@@ -119,8 +116,6 @@ _listings: dict[tuple, tuple] = {}  # (archive, size, mtime) -> (its index, {mem
 def listing(container: str, make: Callable[[], object]) -> tuple:
     """(the archive's index, ``make()``, and its members' positions by name), made once per archive as it is
     now: the report reads a few members of each archive again."""
-    import os
-
     st = os.stat(container)
     key = (container, st.st_size, st.st_mtime_ns)
     if key not in _listings:
