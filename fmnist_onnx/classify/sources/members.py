@@ -82,6 +82,26 @@ def _folder_class(name: str) -> int:
     return -1 if c is None else c
 
 
+def damage(e: BaseException) -> str:
+    """Why an archive cannot be read (on), in words: archives.ArchiveDamaged says where; an OSError, what."""
+    return f"cannot read the archive: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+
+
+def broken(path: str, e: BaseException) -> Batch:
+    """The walk's Batch for a container that cannot be listed at all: one error row, ``<container>::``."""
+    return Batch([], [], Found(path + "::", "unlistable", damage(e)))
+
+
+def by_name(container: str, make: Callable[[], object], member: str) -> tuple:
+    """(the archive's index, ``make()``, made once per archive as it is now; the position of ``member`` in it),
+    or ImageError where it has no such member: the report reads a few members again."""
+    index, positions = listing(container, make)
+    i = positions.get(member)
+    if i is None:
+        raise ImageError(f"no member {member!r} in the archive")
+    return index, i
+
+
 def check_files(paths: Sequence[str], what: str) -> list[str]:
     """Container inputs: each an existing regular file (or a link to one), named once; else one line."""
     seen: dict[tuple[int, int], str] = {}

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterator, Sequence
 
 from fmnist_onnx import archives
-from fmnist_onnx.classify.contract import Batch, Found, Members
+from fmnist_onnx.classify.contract import Batch, Members
 from fmnist_onnx.classify.sources import members
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def _indexed(path: str) -> Batch:
     try:
         index = archives.index_tar(path)
     except (archives.ArchiveDamaged, OSError) as e:
-        return Batch([], [], Found(path + "::", "unlistable", _why(e)))
+        return members.broken(path, e)
     if index.damage:
         log.warning("%s: %s", path, index.damage)
 
@@ -58,7 +58,7 @@ def _streamed(path: str) -> Iterator[Batch]:
             names.append(name)
             data.append(content)
     except (archives.ArchiveDamaged, OSError) as e:
-        yield _inline(path, names, data, _why(e))
+        yield _inline(path, names, data, members.damage(e))
         return
     if names:
         yield _inline(path, names, data)
@@ -75,23 +75,10 @@ def read(m: Members) -> list:
     return archives.read_tar(m.container, m.keys, m.sizes)
 
 
-def _why(e: BaseException) -> str:
-    if isinstance(e, OSError):
-        return f"cannot read the archive: {e.strerror or e}"
-    return str(e)
-
-
 def read_one(path: str, member: str) -> bytes:
     """One member's bytes, by name (the report draws a few images again)."""
-    from fmnist_onnx.images import ImageError
-
-    if archives.archive_kind(path) != "tar":
-        for name, content in archives.iter_tar_stream(path):
-            if name == member:
-                return members.one([content], member)
-        raise ImageError(f"no member {member!r} in the archive")
-    index, positions = members.listing(path, lambda: archives.index_tar(path))
-    i = positions.get(member)
-    if i is None:
-        raise ImageError(f"no member {member!r} in the archive")
+    if archives.archive_kind(path) != "tar":  # compressed: streamed up to the member
+        found = next((content for name, content in archives.iter_tar_stream(path) if name == member), None)
+        return members.one([] if found is None else [found], member)
+    index, i = members.by_name(path, lambda: archives.index_tar(path), member)
     return members.one(archives.read_tar(path, [index.offsets[i]], [index.sizes[i]]), member)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from fmnist_onnx import archives
-from fmnist_onnx.classify.contract import Batch, Found, Members
+from fmnist_onnx.classify.contract import Batch, Members
 from fmnist_onnx.classify.sources import members
 
 
@@ -20,8 +20,7 @@ def walk_batches(paths: Sequence[str], recursive: bool = True, exclude: Sequence
         try:
             index = archives.index_zip(path)
         except (archives.ArchiveDamaged, OSError) as e:
-            why = f"cannot read the archive: {e.strerror or e}" if isinstance(e, OSError) else str(e)
-            yield Batch([], [], Found(path + "::", "unlistable", why))
+            yield members.broken(path, e)
             continue
 
         def sidecars(picks: list[int], path: str = path, index=index) -> list:
@@ -36,10 +35,5 @@ def read(m: Members) -> list:
 
 def read_one(path: str, member: str) -> bytes:
     """One member's bytes, by name (the report draws a few images again)."""
-    from fmnist_onnx.images import ImageError
-
-    index, positions = members.listing(path, lambda: archives.index_zip(path))
-    i = positions.get(member)
-    if i is None:
-        raise ImageError(f"no member {member!r} in the archive")
+    index, i = members.by_name(path, lambda: archives.index_zip(path), member)
     return members.one(archives.read_zip(path, [index.offsets[i]]), member)
