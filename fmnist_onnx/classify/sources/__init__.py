@@ -34,6 +34,7 @@ SOURCES: dict[str, str] = {
 SEPARATOR = "::"  # between a container and its member in a row's path
 _SUFFIXES = {".tar": "tar", ".tgz": "tar", ".tar.gz": "tar", ".tar.bz2": "tar", ".tar.xz": "tar", ".zip": "zip",
              ".parquet": "parquet"}
+CONTAINERS = frozenset(_SUFFIXES.values())
 
 
 def is_uri(path: str) -> bool:
@@ -98,13 +99,12 @@ def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str) -> 
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise UserError("no PATH given: name folders or image files to classify")
-    for p in paths:
-        kind = kind_of(p)
+    kinds = [kind_of(p) for p in paths]
+    for p, kind in zip(paths, kinds, strict=True):
         if kind not in readable:
             raise UserError(f"{visible(p)}: a {kind} input, which --engine {engine} cannot read (it reads "
                             f"{', '.join(readable)}){'; --engine ray reads URIs' if kind == 'uri' else ''}")
-    kinds = [kind_of(p) for p in paths]
-    containers = [p + SEPARATOR for p, k in zip(paths, kinds, strict=True) if k in ("tar", "zip", "parquet")]
+    containers = [p + SEPARATOR for p, k in zip(paths, kinds, strict=True) if k in CONTAINERS]
     for p in paths:
         inside = next((c for c in containers if p.startswith(c)), None)
         if inside is not None:
