@@ -47,6 +47,7 @@ import numpy as np
 
 from fmnist_onnx import images
 from fmnist_onnx.classify import Tally, confusion_png_path, identity_path
+from fmnist_onnx.classify.predict import row_truth
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import atomic_write_bytes, check_distinct, check_output
 from fmnist_onnx.sinks import JOURNAL_SUFFIX, journal_path, read_rows
@@ -358,23 +359,17 @@ class Collected:
             self.error_kinds[None] += 1
 
 
-def true_class_of(row: dict, by_folder: dict[str, int | None]) -> int | None:
-    """A row's true class: its true_label column (classify writes it: the class its source knows), or, in a
-    table of an earlier version without it, the ImageFolder layout of its path (looked up once per folder)."""
-    if "true_label" in row:
-        return None if row["true_label"] is None else CLASSES.index(row["true_label"])
-    path = row["path"]
-    folder = path[:max(path.rfind("/"), path.rfind(os.sep))]
-    if folder not in by_folder:
-        by_folder[folder] = images.true_class(path)
-    return by_folder[folder]
+def true_class_of(row: dict) -> int | None:
+    """A row's true class (classify's predict.row_truth: its true_label column, or an earlier version's
+    folder names), None where it has none."""
+    truth = row_truth(row)
+    return None if truth < 0 else truth
 
 
 def collect(rows: Iterable[dict]) -> Collected:
     """Counts, matrix and samples from rows as ``checked_rows`` gives them (their types already checked)."""
     c = Collected()
     cells, unsure, wrong, counts = c.cells, c.unsure, c.wrong, c.counts
-    truth_of: dict[str, int | None] = {}
     for n, row in enumerate(rows):
         if n == 0:
             c.top_k = 1 + sum(1 for k in row if k.startswith("label_"))
@@ -386,7 +381,7 @@ def collect(rows: Iterable[dict]) -> Collected:
         score, key = row["score"], _key(path)
         c.predicted[pred] += 1
         unsure.offer((-score, key), n, row)
-        truth = true_class_of(row, truth_of)
+        truth = true_class_of(row)
         if truth is None:
             c.unlabelled += 1
             continue
@@ -555,12 +550,11 @@ class _Figures:
 
     def __init__(self, drawer: Drawer, top_k: int) -> None:
         self.drawer, self.top_k = drawer, top_k
-        self._truth: dict[str, int | None] = {}
 
     def __call__(self, row: dict) -> dict:
         path = row["path"]
         d = self.drawer(path)
-        truth = true_class_of(row, self._truth)
+        truth = true_class_of(row)
         top = [(row["label"], f"{row['score']:.3f}")]
         top += [(row[f"label_{i}"], f"{row[f'score_{i}']:.3f}") for i in range(2, self.top_k + 1)
                 if row.get(f"label_{i}") is not None and row.get(f"score_{i}") is not None]

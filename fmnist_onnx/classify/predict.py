@@ -11,6 +11,7 @@ import numpy as np
 from fmnist_onnx import images
 from fmnist_onnx.classify.contract import NON_FINITE, Rows
 from fmnist_onnx.sinks import Row, encode, encode_csv_top1
+from fmnist_onnx.spec import CLASSES
 
 _truth_cache: dict[str, int] = {}
 
@@ -26,6 +27,14 @@ def true_classes(paths: Sequence[str]) -> np.ndarray:
             c = images.true_class(path)
             _truth_cache[folder] = -1 if c is None else c
     return np.array([_truth_cache[f] for f in folders], np.int16)
+
+
+def row_truth(row: dict) -> int:
+    """A row read back's true class (-1: none): its true_label column, or, in a table of an earlier version
+    without it, the ImageFolder layout of its path."""
+    if "true_label" in row:
+        return -1 if row["true_label"] is None else CLASSES.index(row["true_label"])
+    return int(true_classes([row["path"]])[0])
 
 
 def make_rows(session, paths: Sequence[str], imgs: np.ndarray | None, errors: Sequence[str], top_k: int,

@@ -10,7 +10,7 @@ import numpy as np
 
 from fmnist_onnx.classify.contract import ClassifySummary, ClassMetrics, Rows
 from fmnist_onnx.classify.outputs import confusion_png_path
-from fmnist_onnx.classify.predict import true_classes
+from fmnist_onnx.classify.predict import row_truth
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import remove_own
 from fmnist_onnx.spec import CLASSES, NUM_CLASSES
@@ -50,10 +50,7 @@ class Tally:
                 self.failures.append({"path": row["path"], "error": row["error"]})
             return
         self.classified += 1
-        if "true_label" in row:  # the source's own word; an earlier version's table: the folder names
-            truth = CLASSES.index(row["true_label"]) if row["true_label"] is not None else -1
-        else:
-            truth = int(true_classes([row["path"]])[0])
+        truth = row_truth(row)
         if truth < 0:
             self.unlabelled += 1
         else:
