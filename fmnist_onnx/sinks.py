@@ -48,7 +48,7 @@ from typing import BinaryIO
 from fmnist_onnx import files
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.spec import CLASSES, NUM_CLASSES
-from fmnist_onnx.text import visible
+from fmnist_onnx.text import first_line, visible
 
 log = logging.getLogger(__name__)
 
@@ -443,8 +443,7 @@ def _parquet_rows(path: Path) -> Iterator[dict]:
                     raise UserError(f"{visible(path)}: row {n} {why}; the file is damaged")
                 yield row
     except pa.ArrowException as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"{visible(path)}: not a readable Parquet file ({first})") from None
+        raise UserError(f"{visible(path)}: not a readable Parquet file ({first_line(e)})") from None
 
 
 def _pyarrow_parquet():

@@ -26,3 +26,10 @@ def visible(s: object) -> str:
     """``str(s)`` with control, bidirectional and invisible characters written as escapes."""
     s = str(s)
     return _INVISIBLE.sub(_escape, s) if _INVISIBLE.search(s) else s
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message for one line: its first line, at most ``limit`` characters (its type's name where
+    it has no message). Third-party errors (pyarrow, Ray) can run to pages."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

@@ -45,10 +45,10 @@ from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, MAX_CHUNK, Mem
 from fmnist_onnx.classify.engines import ENGINES
 from fmnist_onnx.classify.predict import decoder_name, make_rows, rows_of
 from fmnist_onnx.classify.sources import is_uri
-from fmnist_onnx.classify.sources.uri import _first_line, _uri_fs, read_uri
+from fmnist_onnx.classify.sources.uri import _uri_fs, read_uri
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
-from fmnist_onnx.text import visible
+from fmnist_onnx.text import first_line, visible
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def _connect(ray, address: str | None) -> bool:
         if address != "local" and os.environ.get("RAY_AUTH_MODE") != "token":
             # Ray connects to an explicit address without its token unless told to
             hint = " (if the cluster uses token authentication, set RAY_AUTH_MODE=token)"
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}{hint}") from None
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {first_line(e)}{hint}") from None
     return True
 
 

@@ -21,7 +21,7 @@ from fmnist_onnx.classify.sources import members
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.images import MAX_FILE_BYTES, ImageError
 from fmnist_onnx.spec import CLASSES
-from fmnist_onnx.text import visible
+from fmnist_onnx.text import first_line, visible
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ def _pq():
     except ImportError:
         raise UserError("Parquet inputs need pyarrow: pip install pyarrow (or fmnist-onnx[parquet])") from None
     return pq
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def image_column(schema) -> tuple[str, bool]:
@@ -109,7 +105,7 @@ def _open(path: str):
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{visible(path)}: not a readable Parquet file ({_first_line(e)})") from None
+        raise UserError(f"{visible(path)}: not a readable Parquet file ({first_line(e)})") from None
     try:
         return pf, image_column(pf.schema_arrow)
     except UserError as e:
@@ -186,7 +182,7 @@ def _read_group(path: str, pf, column: tuple[str, bool], g: int) -> list | Image
             col = pf.read_row_group(g, columns=[name]).column(0).combine_chunks()
             _group[key] = (col.field("bytes") if struct else col).to_pylist()
         except (pa.ArrowException, OSError, ValueError) as e:
-            _group[key] = ImageError(f"cannot read row group {g} of the file: {_first_line(e)}")
+            _group[key] = ImageError(f"cannot read row group {g} of the file: {first_line(e)}")
     return _group[key]
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from fmnist_onnx import images
 from fmnist_onnx.classify.contract import Batch, Found
 from fmnist_onnx.errors import UserError
+from fmnist_onnx.text import first_line
 
 
 def _uri_fs(uri: str):
@@ -20,12 +21,7 @@ def _uri_fs(uri: str):
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise UserError(f"{uri}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+        raise UserError(f"{uri}: {first_line(e)}") from None
 
 
 def check(uris: Sequence[str]) -> list[str]:
@@ -37,7 +33,7 @@ def check(uris: Sequence[str]) -> list[str]:
         try:
             info = filesystem.get_file_info(base)
         except OSError as e:
-            raise UserError(f"{uri}: {_first_line(e)}") from None
+            raise UserError(f"{uri}: {first_line(e)}") from None
         if info.type == pafs.FileType.NotFound:
             raise UserError(f"{uri}: no such file or folder")
     return list(uris)
@@ -56,7 +52,7 @@ def _iter_uri(uri: str, recursive: bool, exts: frozenset[str]) -> Iterator[Found
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=recursive))
     except OSError as e:
-        yield Found(uri, "unlistable", f"cannot list folder: {_first_line(e)}")
+        yield Found(uri, "unlistable", f"cannot list folder: {first_line(e)}")
         return
     named, unnamed = [], 0
     for i in infos:
@@ -99,7 +95,7 @@ def read_uri(filesystem, path: str) -> bytes:
     except FileNotFoundError:
         raise images.ImageError("file not found") from None
     except Exception as e:  # noqa: BLE001 - pyarrow raises OSError and ArrowException subclasses
-        raise images.ImageError(f"cannot read: {_first_line(e)}") from None
+        raise images.ImageError(f"cannot read: {first_line(e)}") from None
     if not data:
         raise images.ImageError("empty file")
     return data
