@@ -127,6 +127,16 @@ def units_of(item: list[str] | Members) -> list[str]:
     return item.units if isinstance(item, Members) else item
 
 
+def truth_of(item: list[str] | Members) -> Sequence[int] | None:
+    """The true classes a chunk's source knows (a container's), or None: from the paths (predict.make_rows)."""
+    return item.truth if isinstance(item, Members) else None
+
+
+def part(item: list[str] | Members, start: int, stop: int) -> list[str] | Members:
+    """Images ``start`` to ``stop`` of a chunk of work (a file alone, to isolate a crash)."""
+    return item.take(start, stop) if isinstance(item, Members) else item[start:stop]
+
+
 @dataclass
 class Rows:
     """A chunk of rows as an engine gives them back: encoded for the sink, plus what the summary counts, as

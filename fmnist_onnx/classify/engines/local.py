@@ -35,7 +35,17 @@ import numpy as np
 
 from fmnist_onnx import images
 from fmnist_onnx.classify import sources
-from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, INFERENCE_MODES, Members, Request, Rows, units_of
+from fmnist_onnx.classify.contract import (
+    CRASHED,
+    DEFAULT_BATCH,
+    INFERENCE_MODES,
+    Members,
+    Request,
+    Rows,
+    part,
+    truth_of,
+    units_of,
+)
 from fmnist_onnx.classify.predict import decoder_name, make_rows, rows_of
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
@@ -182,10 +192,10 @@ def _classify_decoded(item: Sequence[str] | Members, imgs: np.ndarray, errors: l
     """The model on a decoded chunk: in a decoding worker (batches of DEFAULT_BATCH), or in the batched stage
     (the whole chunk in one call, with IO binding). The paths stay in the parent, which has them."""
     paths = units_of(item)
-    truth = item.truth if isinstance(item, Members) else None
     batch = job.batch_size or (max(1, len(paths)) if job.batched else DEFAULT_BATCH)
     session = None if all(errors) else _session(job.model, job.provider)
-    rows = make_rows(session, paths, imgs, errors, job.top_k, batch, encoding, io_binding=job.batched, truth=truth)
+    rows = make_rows(session, paths, imgs, errors, job.top_k, batch, encoding, io_binding=job.batched,
+                     truth=truth_of(item))
     rows.seconds, rows.paths = seconds, None
     return rows
 
@@ -298,9 +308,8 @@ class LocalEngine:
         out = np.zeros((len(item), images.IMAGE_SIZE, images.IMAGE_SIZE), dtype=np.uint8)
         errors = [""] * len(item)
         for i, path in enumerate(units_of(item)):
-            one = item.take(i, i + 1) if isinstance(item, Members) else [path]
             try:
-                imgs, errs, _ = self.pool.submit(_decode, one, self.job.invert).result()
+                imgs, errs, _ = self.pool.submit(_decode, part(item, i, i + 1), self.job.invert).result()
                 out[i], errors[i] = imgs[0], errs[0]
             except BrokenProcessPool:
                 log.warning("%s: %s", visible(path), CRASHED)

@@ -41,7 +41,17 @@ from pathlib import Path
 
 from fmnist_onnx import images
 from fmnist_onnx.classify import sources
-from fmnist_onnx.classify.contract import CRASHED, DEFAULT_BATCH, MAX_CHUNK, Members, Request, Rows, units_of
+from fmnist_onnx.classify.contract import (
+    CRASHED,
+    DEFAULT_BATCH,
+    MAX_CHUNK,
+    Members,
+    Request,
+    Rows,
+    part,
+    truth_of,
+    units_of,
+)
 from fmnist_onnx.classify.engines import ENGINES
 from fmnist_onnx.classify.predict import decoder_name, make_rows, rows_of
 from fmnist_onnx.classify.sources import is_uri
@@ -119,12 +129,12 @@ class Predictor:
             return self.fatal
         try:
             t0 = time.perf_counter()
-            members = isinstance(item, Members)
-            imgs, errors = images.preprocess_batch(sources.read(item) if members else self._data(item), self.invert)
+            data = sources.read(item) if isinstance(item, Members) else self._data(item)
+            imgs, errors = images.preprocess_batch(data, self.invert)
             seconds = time.perf_counter() - t0
             session = None if all(errors) else self.session
             rows = make_rows(session, units_of(item), imgs, errors, self.top_k, self.batch_size, encoding,
-                             truth=item.truth if members else None)
+                             truth=truth_of(item))
         except Exception as e:  # noqa: BLE001 - see the class doc
             return _fatal(e)
         rows.seconds, rows.paths = seconds, None
@@ -230,14 +240,14 @@ class _Pool:
 
 def _one_by_one(item: list[str] | Members) -> Iterator[list[str] | Members]:
     for i in range(len(item)):
-        yield item.take(i, i + 1) if isinstance(item, Members) else item[i:i + 1]
+        yield part(item, i, i + 1)
 
 
 def _crashed(item: list[str] | Members, encoding: str, top_k: int) -> Rows:
     """The error row of a file whose actor died on every try."""
     row = Row(units_of(item)[0], error=CRASHED)
     log.warning("%s: %s", visible(row.path), row.error)
-    return rows_of([row], encoding, top_k, item.truth if isinstance(item, Members) else None)
+    return rows_of([row], encoding, top_k, truth_of(item))
 
 
 # ---------------------------------------------------------------------------------------------- the driver
