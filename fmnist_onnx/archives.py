@@ -33,12 +33,16 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fmnist_onnx import images
 from fmnist_onnx.images import ImageError
 
 BLOCK = 512
 MAX_EXTENDED_BYTES = 1 << 20  # a pax or GNU long-name record; real ones are a few hundred bytes
 _ZERO_BLOCK = bytes(BLOCK)
+_USTAR = np.frombuffer(b"ustar", np.uint8)
+_WINDOW = 1 << 15  # headers checked at once: 16 MB of copied blocks
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode's
 _ASCII = bytes(range(128))  # deleted by translate, what is left counts the bytes a signed checksum sees < 0
 # typeflags as ints (block[156])
@@ -233,11 +237,11 @@ def _extension(read, kind: int, size: int, at: int, long_name, pax, last: str | 
 
 # ---------------------------------------------------------------------------------------------- plain tar
 
-def _plain_members(mm: mmap.mmap, index: ArchiveIndex) -> int:
+def _plain_members(mm: mmap.mmap, index: ArchiveIndex, at: int = 0) -> int:
     """The common members of a shard (regular files, ustar or GNU headers with an octal size, a short name and
-    a right checksum) in one tight loop, a third of _walk's cost per member; returns the offset of the first
-    header that is anything else (the end, an extension, damage), where _walk goes on."""
-    at, length = 0, len(mm)
+    a right checksum) from ``at`` on, in one tight loop, a third of _walk's cost per member; returns the offset
+    of the first header that is anything else (the end, an extension, damage), where _walk goes on."""
+    length = len(mm)
     names, offsets, sizes = index.names, index.offsets, index.sizes
     while at + BLOCK <= length:
         block = mm[at:at + BLOCK]
@@ -261,6 +265,61 @@ def _plain_members(mm: mmap.mmap, index: ArchiveIndex) -> int:
     return at
 
 
+def _octal(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The values of rows of octal digits, and whether each row is digits only."""
+    digits = fields.astype(np.int64) - 48
+    return digits @ (8 ** np.arange(fields.shape[1] - 1, -1, -1)), ((digits >= 0) & (digits <= 7)).all(axis=1)
+
+
+def _vector_members(mm: mmap.mmap, index: ArchiveIndex) -> int:
+    """What _plain_members lists, from the start, with numpy: headers are found among all the file's blocks
+    by their fields, checked and read in arrays, and kept while each one's size leads to the next (a member
+    whose bytes look like a header breaks that chain, and the loop goes on from there). 1 us a member where
+    the loop takes 3: in a shard of small images the headers are half the members and the walk is the parent's
+    own cost. Returns where the loop goes on; the listing is the loop's, member for member."""
+    blocks = np.frombuffer(mm, np.uint8, len(mm) // BLOCK * BLOCK).reshape(-1, BLOCK)
+    try:
+        return _vector_chain(blocks, len(mm), index)
+    finally:
+        del blocks  # the memory map cannot close while an array holds it
+
+
+def _vector_chain(blocks: np.ndarray, length: int, index: ArchiveIndex) -> int:
+    at = 0  # in blocks
+    found = np.flatnonzero(blocks[:, 257] == ord("u"))
+    for start in range(0, len(found), _WINDOW):
+        where = found[start:start + _WINDOW]
+        rows = blocks[where]
+        kind = rows[:, 156]
+        head = ((rows[:, 257:262] == _USTAR).all(axis=1) & ((kind == 48) | (kind == 0)) & (rows[:, 135] == 0)
+                & (rows[:, 345] == 0))
+        where, rows = where[head], rows[head]
+        if not len(where) or where[0] != at:
+            break
+        size, digits = _octal(rows[:, 124:135])
+        stored, digits_too = _octal(rows[:, 148:154])
+        unsigned = rows.sum(axis=1, dtype=np.uint32) - rows[:, 148:156].sum(axis=1, dtype=np.uint32) + 256
+        after = where + 1 + (size + BLOCK - 1) // BLOCK
+        good = digits & digits_too & (stored == unsigned) & ((where + 1) * BLOCK + size <= length)
+        chained = np.append(after[:-1] == where[1:], True)  # the last one's successor: the next window's first
+        n = int(np.argmin(good & chained)) if not (good & chained).all() else len(where)
+        n += bool(n < len(where) and good[n])  # the member is right, its successor is no plain header
+        if not n:
+            break
+        # names: NUL-padded fields; one with bytes after a NUL, or ending in '/' (a folder), is the loop's
+        text = b"\0".join(rows[:n, :100].copy().view("S100").ravel().tolist()).decode(_FS_ENCODING, _FS_ERRORS)
+        names = text.split("\0")
+        if len(names) != n or text.endswith("/") or "/\0" in text:
+            break
+        index.names.extend(names)
+        index.offsets.frombytes(((where[:n] + 1) * BLOCK).astype(np.int64).tobytes())
+        index.sizes.frombytes(size[:n].astype(np.int64).tobytes())
+        at = int(after[n - 1])
+        if n < len(where):
+            break
+    return at * BLOCK
+
+
 def index_tar(path: str) -> ArchiveIndex:
     """The regular members of a plain tar, from its header chain (mmap); damage recorded, not raised.
     ArchiveDamaged if it is not a tar at all; OSError if it cannot be opened."""
@@ -273,7 +332,7 @@ def index_tar(path: str) -> ArchiveIndex:
         populate = getattr(mmap, "MAP_POPULATE", 0)
         with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ) as mm:
             try:
-                start = _plain_members(mm, index)
+                start = _plain_members(mm, index, _vector_members(mm, index))
                 last = index.names[-1] if index.names else None
                 for name, at, size in _walk(lambda at, n: mm[at:at + n], len(mm), start, last):
                     index.names.append(name)

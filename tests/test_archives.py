@@ -182,6 +182,46 @@ def test_tar_signed_checksum_and_base256_size_are_read_as_tarfile_does(tmp_path,
     assert archives.read_tar(str(path), index.offsets, index.sizes) == [pngs[0], b"0"]
 
 
+def test_tar_holding_a_tar_lists_its_own_members_only(tmp_path, pngs):
+    """An inner tar's headers sit block-aligned in the outer one's data and look like members: the numpy pass
+    must stop there and the loop go on, never list them."""
+    inner = write_tar(tmp_path / "inner.tar", shard(pngs[:3]), extras=False).read_bytes()
+    members = shard(pngs[:2]) + [("inner.tar", inner)] + shard(pngs[2:4], ["00002.png", "00003.png"])
+    path = write_tar(tmp_path / "outer.tar", members, tarfile.USTAR_FORMAT, extras=False)
+    index = archives.index_tar(str(path))
+    assert index.names == [n for n, _, _ in tarfile_members(path)] == [n for n, _ in members]
+    assert index.damage is None
+
+
+def test_tar_name_with_bytes_after_its_nul_is_read_as_tarfile_does(tmp_path, pngs):
+    path = write_tar(tmp_path / "s.tar", shard(pngs[:3]), tarfile.USTAR_FORMAT, extras=False)
+    whole = archives.index_tar(str(path))
+    rewrite_header(path, whole.offsets[2] - 512, name=b"00001.png\0junk")
+    index = archives.index_tar(str(path))
+    assert index.names == [n for n, _, _ in tarfile_members(path)]
+    assert index.names[2] == "00001.png"
+
+
+def test_tar_listing_is_whole_across_windows(tmp_path, pngs, monkeypatch):
+    """Headers are checked a window at a time (thousands in a real shard); three here, so the chain crosses
+    window ends, one of them at a folder's header that only the loop lists past."""
+    monkeypatch.setattr(archives, "_WINDOW", 3)
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for i, (name, data) in enumerate(shard(pngs[:8])):
+            if i == 7:
+                folder = tarfile.TarInfo("Bag")
+                folder.type = tarfile.DIRTYPE
+                tf.addfile(folder)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    index = archives.index_tar(str(path))
+    assert index.names == [n for n, _, _ in tarfile_members(path)]
+    assert list(index.offsets) == [at for _, at, _ in tarfile_members(path)]
+    assert len(index.names) == 16
+
+
 def test_tar_huge_pax_record_is_damage(tmp_path, pngs):
     members = [("00000.png", pngs[0]), ("x" * (1 << 20) + ".png", pngs[1])]
     path = write_tar(tmp_path / "s.tar", members, tarfile.PAX_FORMAT, extras=False)
