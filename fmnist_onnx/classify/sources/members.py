@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from fmnist_onnx import images
 from fmnist_onnx.classify.contract import Batch, Found, Members
 from fmnist_onnx.errors import UserError
@@ -41,20 +43,13 @@ def class_of_sidecar(data: bytes) -> int:
 
 def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
     """Indices of the image members, of the sidecars, and of the other members (skipped), by name: the suffix
-    of the base name (none for a name that starts with its only dot). Comprehensions, not a statement per name:
-    a shard has tens of thousands of members."""
-    exts = images.image_extensions()
-    suffixes = [n[n.rfind("."):].lower() for n in names]
-    suffixes = [s if "/" not in s and _dotted(n, s) else "" for n, s in zip(names, suffixes, strict=True)]
-    pics = [i for i, s in enumerate(suffixes) if s in exts]
-    cls = [i for i, s in enumerate(suffixes) if s == SIDECAR]
-    other = [i for i, s in enumerate(suffixes) if s not in exts and s != SIDECAR]
+    of the base name (none where the base name starts with its only dot, ".png"). One comprehension and numpy,
+    not a statement per name: a shard has tens of thousands of members, and this is the parent's own time."""
+    kinds = dict.fromkeys(images.image_extensions(), 0) | {SIDECAR: 1}
+    codes = np.array([kinds.get(n[dot:].lower(), 2) if (dot := n.rfind(".")) > n.rfind("/") + 1 else 2
+                      for n in names], np.int8)
+    pics, cls, other = (np.flatnonzero(codes == k).tolist() for k in (0, 1, 2))
     return pics, cls, other
-
-
-def _dotted(name: str, suffix: str) -> bool:
-    """The suffix is one: not the whole base name (".png" alone, or "a/.png")."""
-    return len(name) > len(suffix) and name[-len(suffix) - 1] != "/"
 
 
 def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes: Sequence[int],
