@@ -50,7 +50,8 @@ _REGULAR = frozenset(b"07\0")
 _NO_DATA = frozenset(b"123456")  # links, devices, folders, FIFOs: tarfile skips no data after these
 _LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL, _SPARSE = b"LKxgS"
 _EXTENSIONS = frozenset((_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL))
-_COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+TAR_SUFFIXES = (".tar", *COMPRESSED_TAR_SUFFIXES)  # the names read as tars, by classify too
 # how zipfile says a central directory is broken (a flagged UTF-8 name that is not: UnicodeDecodeError)
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError)
 _ZIP_CACHE: dict[tuple, zipfile.ZipFile] = {}  # read_zip's open archives, see _open_zip
@@ -81,7 +82,7 @@ def archive_kind(path: str) -> str | None:
     name = os.fspath(path).lower()
     if name.endswith(".tar"):
         return "tar"
-    if name.endswith(_COMPRESSED_TAR):
+    if name.endswith(COMPRESSED_TAR_SUFFIXES):
         return "tgz"
     if name.endswith(".zip"):
         return "zip"

@@ -512,8 +512,8 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
 
     PATHS are folders (searched recursively) and image files, in any format Pillow reads (PNG, JPEG, BMP,
     WebP, ...), other files in the folders skipped and counted; and archives and tables of images, read in
-    place: tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz), .zip, and .parquet with a column of image bytes. An
-    image inside one is named <archive>::<member> or <file.parquet>::row/<N>. Any size and mode is made 28x28
+    place: tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz, .txz, ...), .zip, and .parquet with a column of image
+    bytes. An image inside one is named <archive>::<member> or <file.parquet>::row/<N>. Any size and mode is made 28x28
     grayscale (aspect kept, padded). Columns: path, label, index, score (softmax), label_2, score_2 ... with
     --top-k, error (a file that cannot be read gets its error and no label, and the run goes on), and
     true_label. Where the inputs know the true class (a folder per class name, '/' written as '-'; a .cls

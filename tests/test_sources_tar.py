@@ -79,9 +79,10 @@ def test_webdataset_shards_from_export_png_give_the_labels_of_the_sidecars(onnx_
         assert (r["label"], r["true_label"]) == (png["label"], png["true_label"]), r
 
 
-def test_a_compressed_tar_is_streamed_to_the_same_rows(pngs, onnx_model, tmp_path):
+@pytest.mark.parametrize("name, mode", [("t.tar.gz", "w:gz"), ("t.txz", "w:xz")])  # every suffix archives knows
+def test_a_compressed_tar_is_streamed_to_the_same_rows(pngs, onnx_model, tmp_path, name, mode):
     plain = write_tar(tmp_path / "t.tar", pngs[:50])
-    packed = write_tar(tmp_path / "t.tar.gz", pngs[:50], "w:gz")
+    packed = write_tar(tmp_path / name, pngs[:50], mode)
     _, rows = _classify(plain, "-m", onnx_model, "-o", tmp_path / "a.csv")
     _, rows_gz = _classify(packed, "-m", onnx_model, "-o", tmp_path / "b.csv")
     assert [(r["path"].rpartition("::")[2], r["label"]) for r in rows] == [

@@ -1,7 +1,8 @@
 """The sources' registry: where images come from, a module per kind of input (contract.Source), imported only
 when an input of its kind is named. A source is chosen by what the input is: ``uri`` for ``scheme://...``;
-``tar`` for a file named .tar, .tar.gz, .tgz, .tar.bz2 or .tar.xz; ``zip`` for .zip; ``parquet`` for .parquet;
-``folder`` for other local files and folders (a folder is a folder whatever its name).
+``tar`` for a file named .tar, .tar.gz, .tgz, .tar.bz2, .tbz2, .tbz, .tar.xz or .txz (archives.TAR_SUFFIXES);
+``zip`` for .zip; ``parquet`` for .parquet; ``folder`` for other local files and folders (a folder is a folder
+whatever its name).
 
 The images inside a container are named in the rows as ``<container>::<member>`` (tar, zip) or
 ``<container>::row/<N>`` (Parquet, N counted from 0), the container as named on the command line: ``::`` after
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from importlib import import_module
 from itertools import groupby
 
+from fmnist_onnx.archives import TAR_SUFFIXES
 from fmnist_onnx.classify.contract import Batch, Members
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.text import visible
@@ -32,8 +34,7 @@ SOURCES: dict[str, str] = {
     "parquet": "fmnist_onnx.classify.sources.parquet",
 }
 SEPARATOR = "::"  # between a container and its member in a row's path
-_SUFFIXES = {".tar": "tar", ".tgz": "tar", ".tar.gz": "tar", ".tar.bz2": "tar", ".tar.xz": "tar", ".zip": "zip",
-             ".parquet": "parquet"}
+_SUFFIXES = {**dict.fromkeys(TAR_SUFFIXES, "tar"), ".zip": "zip", ".parquet": "parquet"}  # one list with archives
 CONTAINERS = frozenset(_SUFFIXES.values())
 
 
