@@ -401,8 +401,12 @@ Examples:
   fmnist-onnx bench classify test_png/
   fmnist-onnx bench classify photos/ --workers 4 --repeats 3 --json classify_bench.json
   fmnist-onnx bench classify train_png/ --scaling     # images/s with 1, 2, 4, ... processes
+  fmnist-onnx data export-png --split train --format tar --out shards
+  fmnist-onnx bench classify shards/*.tar             # WebDataset shards (naive loop: tarfile)
+  fmnist-onnx data export-png --split train --format parquet --out hf
+  fmnist-onnx bench classify hf/train-00000-of-00001.parquet   # (naive loop: pyarrow rows)
 """)
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
               show_default=True, help="The ONNX model.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding processes [number of CPU cores].")
@@ -417,15 +421,18 @@ Examples:
 @click.option("--inference", type=click.Choice(INFERENCE_MODES), default="auto", show_default=True,
               help="classify's --inference: where the model runs (batched: the CUDA path's code, on any provider).")
 @_OVERWRITE
-def bench_classify(folder, model, workers, provider, batch_size, repeats, json_path, quiet, scaling, inference,
+def bench_classify(inputs, model, workers, provider, batch_size, repeats, json_path, quiet, scaling, inference,
                    overwrite):
-    """Time the classify pipeline on FOLDER beside decoding alone and the naive loop.
+    """Time the classify pipeline on INPUTS beside decoding alone and the naive loop.
 
-    The pipeline (find, decode, infer, write) in images/s, beside decoding alone (classify's own decoder, in
-    the same processes and in one) and the naive loop (one process, Pillow, batches of 256), on the same
-    folder in one run: how close the pipeline runs to its decoding limit. Then the coordinator (the process
-    that walks and writes): its CPU per file and start-up CPU, from two fresh runs, and the ceiling they imply
-    on any number of cores; with --scaling, images/s for 1, 2, 4, ... processes.
+    INPUTS are what classify takes: folders, image files, tar and zip archives, Parquet files (or a mix),
+    checked as classify checks them. The pipeline (find, decode, infer, write) in images/s, beside decoding
+    alone (classify's own decoder, the images read through the same source, in the same processes and in one)
+    and the naive loop (one process, Pillow, batches of 256, the images read the plain way for their layout:
+    files, tarfile, zipfile, pyarrow rows), on the same images in one run: how close the pipeline runs to its
+    decoding limit. Then the coordinator (the process that walks and writes): its CPU per file and start-up
+    CPU, from two fresh runs, and the ceiling they imply on any number of cores; with --scaling, images/s for
+    1, 2, 4, ... processes.
     """
     from fmnist_onnx import bench as bn
     from fmnist_onnx.files import locked
@@ -436,11 +443,12 @@ def bench_classify(folder, model, workers, provider, batch_size, repeats, json_p
         if progress:
             click.echo(f"  {rec.what}: {rec.images_per_s:,.0f} images/s", err=True)
 
-    _outputs(overwrite, (model,), json=json_path)
-    if json_path is not None and os.path.realpath(json_path).startswith(os.path.realpath(folder) + os.sep):
-        raise UserError(f"--json {json_path} is inside {folder}, the folder measured; write it elsewhere")
+    _outputs(overwrite, (model, *map(Path, inputs)), json=json_path)
+    for folder in filter(os.path.isdir, inputs):
+        if json_path is not None and os.path.realpath(json_path).startswith(os.path.realpath(folder) + os.sep):
+            raise UserError(f"--json {json_path} is inside {folder}, the folder measured; write it elsewhere")
     with locked(json_path):
-        result = bn.bench_classify(folder, model, workers, provider, batch_size, repeats, on_record=on_record,
+        result = bn.bench_classify(inputs, model, workers, provider, batch_size, repeats, on_record=on_record,
                                    scaling=scaling, inference=inference)
         if json_path:
             bn.save_json(result, json_path, overwrite)

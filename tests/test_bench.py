@@ -273,7 +273,72 @@ def test_bench_classify_folder_without_images_is_one_line(onnx_model, tmp_path):
 
 
 def test_bench_classify_missing_folder_is_one_line(onnx_model, tmp_path):
-    assert_one_line_error(run_cli("bench", "classify", tmp_path / "nope", "--model", onnx_model), 2, "not a folder")
+    assert_one_line_error(run_cli("bench", "classify", tmp_path / "nope", "--model", onnx_model), 2,
+                          "no such file or folder")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """300 real test-split images as two WebDataset tar shards (a .png and a .cls each), by `data export-png`."""
+    out = tmp_path_factory.mktemp("shards")
+    run_cli("data", "export-png", "--format", "tar", "--shard-size", "150", "--out", out, "--limit", "300",
+            "--quiet", check=True)
+    return sorted(out.glob("*.tar"))
+
+
+@pytest.fixture(scope="module")
+def parquet_file(tmp_path_factory):
+    """300 real test-split images as a Hugging Face Parquet file (image {bytes, path}, label)."""
+    out = tmp_path_factory.mktemp("hf")
+    run_cli("data", "export-png", "--format", "parquet", "--out", out, "--limit", "300", "--quiet", check=True)
+    return next(out.glob("*.parquet"))
+
+
+@pytest.mark.parametrize("layout", ["tar", "parquet"])
+def test_bench_classify_measures_tar_shards_and_parquet(layout, shards, parquet_file, onnx_model, tmp_path):
+    inputs = shards if layout == "tar" else [parquet_file]
+    proc = run_cli("bench", "classify", *inputs, "-m", onnx_model, "--provider", "cpu", "--workers", "2",
+                   "--json", tmp_path / "c.json", "--quiet", check=True)
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["sources"] == [layout] and data["images"] == 300
+    assert [r["what"].split(" (")[0] for r in data["results"]] == ["classify pipeline", "decode alone",
+                                                                    "decode alone", "naive loop"]
+    assert all(r["images"] == 300 and r["images_per_s"] > 0 and r["sources"] == layout for r in data["results"])
+    assert data["coordinator"]["files"] == 300 and data["coordinator"]["cpu_us_per_file"] >= 0
+    assert f"300 images from {inputs[0]}" in proc.stdout and f"({layout}; provider cpu" in proc.stdout
+
+
+def test_naive_loop_reads_tar_and_parquet_the_plain_way(shards, parquet_file, onnx_model, tmp_path):
+    """tarfile and pyarrow rows: a row per image (the .cls sidecars are not images), named as classify names it."""
+    images = bench_pipeline.plain_images([], [("tar", str(t)) for t in shards] + [("parquet", str(parquet_file))])
+    bench_pipeline.naive_loop(images, onnx_model, tmp_path / "naive.csv")
+    rows = (tmp_path / "naive.csv").read_text().splitlines()[1:]
+    assert len(rows) == 600
+    assert rows[0].startswith(f"{shards[0]}::00000.png,") and rows[300].startswith(f"{parquet_file}::row/0,")
+
+
+def test_bench_classify_says_why_the_coordinator_is_not_measured(parquet_file, onnx_model, tmp_path):
+    """A first image with no bytes: the coordinator's one-image run cannot be made; one line says so."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet_file)
+    at = table.schema.get_field_index("image")
+    images = table.column("image").to_pylist()
+    table = table.set_column(at, table.schema.field(at), pa.array([None, *images[1:]], table.schema.field(at).type))
+    pq.write_table(table, tmp_path / "null.parquet")
+    proc = run_cli("bench", "classify", tmp_path / "null.parquet", "-m", onnx_model, "--provider", "cpu",
+                   "--workers", "2", "--quiet", check=True)
+    assert "coordinator (the process that walks and writes): not measured on these inputs: its first parquet " \
+           "image cannot be read" in proc.stdout
+
+
+def test_bench_classify_bad_container_is_one_line(onnx_model, tmp_path):
+    (tmp_path / "x.parquet").write_text("not a table")
+    assert_one_line_error(run_cli("bench", "classify", tmp_path / "x.parquet", "--model", onnx_model), 2,
+                          "not a readable Parquet file")
+    assert_one_line_error(run_cli("bench", "classify", tmp_path / "nope.tar", "--model", onnx_model), 2,
+                          "cannot open the tar archive")
 
 
 def test_bench_classify_measures_the_coordinator_and_the_scaling(onnx_model, test_pngs, tmp_path):
