@@ -460,6 +460,7 @@ Examples:
   fmnist-onnx classify photos/ | head                   # CSV on stdout, progress on stderr
   fmnist-onnx classify shards/*.tar -o preds.csv        # WebDataset shards, read in place
   fmnist-onnx classify train-00000.parquet -o preds.csv # Hugging Face layout: an image column, a label
+  fmnist-onnx classify shop.parquet --image-column photo -o preds.csv   # a table with several binary columns
   fmnist-onnx classify /data/shop/ -o preds.parquet --engine ray --ray-address auto   # on a Ray cluster
 \b
 Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors,
@@ -493,6 +494,10 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
 @click.option("--resume", is_flag=True, help="Continue an interrupted run's output (<output>.partial).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or interrupted run.")
 @click.option("--no-recursive", is_flag=True, help="Only the files directly inside each folder.")
+@click.option("--image-column", metavar="NAME",
+              help="The column of the Parquet inputs that holds the encoded images: a binary column, or a struct "
+                   "with a binary 'bytes' field (the Hugging Face layout) [the 'image' column, else the only "
+                   "binary column].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with -o -).")
 @click.option("--engine", type=click.Choice(ENGINE_NAMES), default="local", show_default=True,
               help=". ".join(map(engine_summary, ENGINE_NAMES)) + ". On one 2-core machine Ray "
@@ -507,7 +512,7 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
               help="Also write an HTML report of the run (self-contained: open it in a browser); the same page "
                    "as `fmnist-onnx report` makes of the output.")
 def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, invert, resume, overwrite,
-             no_recursive, as_json, engine, ray_address, actors, quiet, report_path, inference):
+             no_recursive, image_column, as_json, engine, ray_address, actors, quiet, report_path, inference):
     """Classify image files and folders into a table of predictions, one row per file.
 
     PATHS are folders (searched recursively) and image files, in any format Pillow reads (PNG, JPEG, BMP,
@@ -526,7 +531,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     from fmnist_onnx import classify as cl
 
     _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine,
-                            ray_address or actors, workers or inference != "auto")
+                            ray_address or actors, workers or inference != "auto", image_column)
 
     def on_provider(name: str) -> None:
         if not quiet:
@@ -539,7 +544,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
         s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
                         invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
                         progress=show_progress(quiet), on_provider=on_provider, report=report_path, engine=engine,
-                        **options)
+                        image_column=image_column, **options)
     except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         click.get_current_context().exit(141)
@@ -548,7 +553,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
 
 
 def _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine, ray_options,
-                            local_options) -> None:
+                            local_options, image_column) -> None:
     """classify's usage errors, and the --report page's place, before the run (not after an hour of work)."""
     if as_json and output == "-":
         raise click.UsageError("--json prints the summary on stdout, where -o - writes the table: use -o FILE")
@@ -563,6 +568,11 @@ def _check_classify_options(output, as_json, report_path, overwrite, model, path
         raise click.UsageError("--ray-address and --actors are for --engine ray")
     if engine == "ray" and local_options:
         raise click.UsageError("--workers and --inference are for --engine local; with --engine ray, use --actors")
+    if image_column is not None:
+        from fmnist_onnx.classify.sources import kind_of
+
+        if not any(kind_of(p) == "parquet" for p in paths):
+            raise click.UsageError("--image-column is for Parquet inputs, and none of PATHS is a .parquet file")
 
 
 def _show_run(s, output, as_json, report_path, model, invert, overwrite) -> None:
