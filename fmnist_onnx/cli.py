@@ -548,7 +548,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         click.get_current_context().exit(141)
-    _show_run(s, output, as_json, report_path, model, invert, overwrite)
+    _show_run(s, output, as_json, report_path, model, invert, overwrite, image_column)
     click.get_current_context().exit(3 if s.failed else 0)  # 3: some files failed (their rows say why)
 
 
@@ -575,7 +575,7 @@ def _check_classify_options(output, as_json, report_path, overwrite, model, path
             raise click.UsageError("--image-column is for Parquet inputs, and none of PATHS is a .parquet file")
 
 
-def _show_run(s, output, as_json, report_path, model, invert, overwrite) -> None:
+def _show_run(s, output, as_json, report_path, model, invert, overwrite, image_column) -> None:
     """The summary (text, or JSON on stdout), then the --report page, written under its lock."""
     import json
     from dataclasses import asdict
@@ -593,7 +593,7 @@ def _show_run(s, output, as_json, report_path, model, invert, overwrite) -> None
 
         with locked(report_path):
             r = build_report(s.output, report_path, model=model, invert=invert, run=s, overwrite=overwrite,
-                             what="--report")
+                             what="--report", image_column=image_column)
         click.echo(f"report: {visible(r.path)} ({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s)", err=as_json)
 
 
@@ -614,8 +614,10 @@ Examples:
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path, dir_okay=False),
               help="The JSON that `classify --json` printed: adds what the table does not hold (provider, "
                    "speed, skipped files).")
+@click.option("--image-column", metavar="NAME",
+              help="The run's --image-column: the images of Parquet rows are read from that column.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report (never one of the inputs).")
-def report(predictions, output, model, invert, summary_path, overwrite):
+def report(predictions, output, model, invert, summary_path, image_column, overwrite):
     """Make an HTML report of a classify output (CSV, JSONL or Parquet): one self-contained file.
 
     The run's counts and model; on labelled folders (ImageFolder layout) accuracy, precision and recall, and
@@ -634,7 +636,8 @@ def report(predictions, output, model, invert, summary_path, overwrite):
 
     dest = output or rp.default_output(predictions)
     with locked(dest):
-        r = rp.build_report(predictions, dest, model=model, invert=invert, summary=summary_path, overwrite=overwrite)
+        r = rp.build_report(predictions, dest, model=model, invert=invert, summary=summary_path, overwrite=overwrite,
+                            image_column=image_column)
     click.echo(f"wrote {visible(r.path)}: {r.rows:,} rows, {r.figures:,} images drawn, {r.bytes / 1e6:.1f} MB, "
                f"{r.seconds:.1f} s")
 

@@ -241,3 +241,15 @@ def test_resume_continues_with_the_image_column_and_refuses_another(samples, fol
     assert_error_line(other, "--image-column (png then, thumb now)")
     summary, rows = _classify(table, "--image-column", "png", "-m", onnx_model, "-o", out, "--resume")
     assert 0 < summary["resumed"] < len(items) and [r["label"] for r in rows] == folder_labels
+
+
+def test_the_report_draws_rows_from_the_image_column(samples, onnx_model, tmp_path):
+    """classify --report, and `report --image-column`, read the images again from the named column."""
+    _, items = samples
+    table = write_columns(tmp_path / "t.parquet", items, "png", False, "thumb")
+    page = tmp_path / "r.html"
+    _classify(table, "--image-column", "png", "-m", onnx_model, "-o", tmp_path / "p.csv", "--report", page)
+    again = run_cli("report", tmp_path / "p.csv", "--image-column", "png", "-o", tmp_path / "again.html")
+    assert again.returncode == 0, again.stderr
+    for text in (page.read_text(), (tmp_path / "again.html").read_text()):
+        assert "cannot read it now" not in text and text.count("data:image/png") > 20

@@ -71,10 +71,10 @@ def read(members: Members) -> list:
     return source(members.kind).read(members)
 
 
-def read_path(path: str) -> bytes:
+def read_path(path: str, image_column: str | None = None) -> bytes:
     """The bytes of a row's image, read again (the report): a loose file, or ``<container>::<member>``, the
     container being the first prefix before a ``::`` that is an existing container file; images.ImageError
-    where it cannot be read."""
+    where it cannot be read. ``image_column``: the run's --image-column, for a Parquet row."""
     from fmnist_onnx import images
 
     if os.path.lexists(path) or SEPARATOR not in path:
@@ -85,7 +85,7 @@ def read_path(path: str) -> bytes:
         kind = container_kind(container)
         if kind is not None and os.path.isfile(container):
             try:
-                return source(kind).read_one(container, member)
+                return source(kind).read_one(container, member, **_options(kind, image_column))
             except images.ImageError:
                 raise
             except Exception as e:  # noqa: BLE001 - a damaged archive, an Arrow error: the figure's note
