@@ -238,7 +238,7 @@ def test_resume_continues_with_the_image_column_and_refuses_another(samples, fol
         os.killpg(held.proc.pid, signal.SIGKILL)
         held.proc.wait()
     other = run_cli("classify", table, "--image-column", "thumb", "-m", onnx_model, "-o", out, "--resume")
-    assert_error_line(other, "--image-column (png then, thumb now)")
+    assert_error_line(other, "--image-column ('png' then, 'thumb' now)")
     summary, rows = _classify(table, "--image-column", "png", "-m", onnx_model, "-o", out, "--resume")
     assert 0 < summary["resumed"] < len(items) and [r["label"] for r in rows] == folder_labels
 

@@ -242,8 +242,8 @@ class RunIdentity:
         elif self.cwd != old.cwd:
             diffs.append(f"the folder relative inputs are named from ({old.cwd} then, {self.cwd} now)")
         if self.image_column != old.image_column:
-            diffs.append(f"--image-column ({old.image_column or 'not given'} then, "
-                         f"{self.image_column or 'not given'} now)")
+            then, now = ("not given" if c is None else repr(c) for c in (old.image_column, self.image_column))
+            diffs.append(f"--image-column ({then} then, {now} now)")
         return [visible(d) for d in diffs]
 
 
