@@ -468,6 +468,7 @@ Examples:
   fmnist-onnx classify photos/ | head                   # CSV on stdout, progress on stderr
   fmnist-onnx classify shards/*.tar -o preds.csv        # WebDataset shards, read in place
   fmnist-onnx classify train-00000.parquet -o preds.csv # Hugging Face layout: an image column, a label
+  fmnist-onnx classify shop.parquet --image-column photo -o preds.csv   # a table with several binary columns
   fmnist-onnx classify /data/shop/ -o preds.parquet --engine ray --ray-address auto   # on a Ray cluster
 \b
 Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors,
@@ -501,6 +502,10 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
 @click.option("--resume", is_flag=True, help="Continue an interrupted run's output (<output>.partial).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or interrupted run.")
 @click.option("--no-recursive", is_flag=True, help="Only the files directly inside each folder.")
+@click.option("--image-column", metavar="NAME",
+              help="The column of the Parquet inputs that holds the encoded images: a binary column, or a struct "
+                   "with a binary 'bytes' field (the Hugging Face layout) [the 'image' column, else the only "
+                   "binary column].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with -o -).")
 @click.option("--engine", type=click.Choice(ENGINE_NAMES), default="local", show_default=True,
               help=". ".join(map(engine_summary, ENGINE_NAMES)) + ". On one 2-core machine Ray "
@@ -515,7 +520,7 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
               help="Also write an HTML report of the run (self-contained: open it in a browser); the same page "
                    "as `fmnist-onnx report` makes of the output.")
 def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, invert, resume, overwrite,
-             no_recursive, as_json, engine, ray_address, actors, quiet, report_path, inference):
+             no_recursive, image_column, as_json, engine, ray_address, actors, quiet, report_path, inference):
     """Classify image files and folders into a table of predictions, one row per file.
 
     PATHS are folders (searched recursively) and image files, in any format Pillow reads (PNG, JPEG, BMP,
@@ -534,7 +539,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     from fmnist_onnx import classify as cl
 
     _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine,
-                            ray_address or actors, workers or inference != "auto")
+                            ray_address or actors, workers or inference != "auto", image_column)
 
     def on_provider(name: str) -> None:
         if not quiet:
@@ -547,16 +552,16 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
         s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
                         invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
                         progress=show_progress(quiet), on_provider=on_provider, report=report_path, engine=engine,
-                        **options)
+                        image_column=image_column, **options)
     except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         click.get_current_context().exit(141)
-    _show_run(s, output, as_json, report_path, model, invert, overwrite)
+    _show_run(s, output, as_json, report_path, model, invert, overwrite, image_column)
     click.get_current_context().exit(3 if s.failed else 0)  # 3: some files failed (their rows say why)
 
 
 def _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine, ray_options,
-                            local_options) -> None:
+                            local_options, image_column) -> None:
     """classify's usage errors, and the --report page's place, before the run (not after an hour of work)."""
     if as_json and output == "-":
         raise click.UsageError("--json prints the summary on stdout, where -o - writes the table: use -o FILE")
@@ -571,9 +576,14 @@ def _check_classify_options(output, as_json, report_path, overwrite, model, path
         raise click.UsageError("--ray-address and --actors are for --engine ray")
     if engine == "ray" and local_options:
         raise click.UsageError("--workers and --inference are for --engine local; with --engine ray, use --actors")
+    if image_column is not None:
+        from fmnist_onnx.classify.sources import kind_of
+
+        if not any(kind_of(p) == "parquet" for p in paths):
+            raise click.UsageError("--image-column is for Parquet inputs, and none of PATHS is a .parquet file")
 
 
-def _show_run(s, output, as_json, report_path, model, invert, overwrite) -> None:
+def _show_run(s, output, as_json, report_path, model, invert, overwrite, image_column) -> None:
     """The summary (text, or JSON on stdout), then the --report page, written under its lock."""
     import json
     from dataclasses import asdict
@@ -591,7 +601,7 @@ def _show_run(s, output, as_json, report_path, model, invert, overwrite) -> None
 
         with locked(report_path):
             r = build_report(s.output, report_path, model=model, invert=invert, run=s, overwrite=overwrite,
-                             what="--report")
+                             what="--report", image_column=image_column)
         click.echo(f"report: {visible(r.path)} ({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s)", err=as_json)
 
 
@@ -612,8 +622,10 @@ Examples:
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path, dir_okay=False),
               help="The JSON that `classify --json` printed: adds what the table does not hold (provider, "
                    "speed, skipped files).")
+@click.option("--image-column", metavar="NAME",
+              help="The run's --image-column: the images of Parquet rows are read from that column.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report (never one of the inputs).")
-def report(predictions, output, model, invert, summary_path, overwrite):
+def report(predictions, output, model, invert, summary_path, image_column, overwrite):
     """Make an HTML report of a classify output (CSV, JSONL or Parquet): one self-contained file.
 
     The run's counts and model; on labelled folders (ImageFolder layout) accuracy, precision and recall, and
@@ -632,7 +644,8 @@ def report(predictions, output, model, invert, summary_path, overwrite):
 
     dest = output or rp.default_output(predictions)
     with locked(dest):
-        r = rp.build_report(predictions, dest, model=model, invert=invert, summary=summary_path, overwrite=overwrite)
+        r = rp.build_report(predictions, dest, model=model, invert=invert, summary=summary_path, overwrite=overwrite,
+                            image_column=image_column)
     click.echo(f"wrote {visible(r.path)}: {r.rows:,} rows, {r.figures:,} images drawn, {r.bytes / 1e6:.1f} MB, "
                f"{r.seconds:.1f} s")
 

@@ -468,15 +468,16 @@ class Drawn:
     note: str = ""
 
 
-def draw(path: str, invert: str) -> Drawn:
+def draw(path: str, invert: str, image_column: str | None = None) -> Drawn:
     """A file as the model saw it and as it is, read again now (it may have changed since the run), with
-    classify's own bounded decoding (a big JPEG at a reduced scale, a pixel limit before any decoding)."""
+    classify's own bounded decoding (a big JPEG at a reduced scale, a pixel limit before any decoding).
+    ``image_column``: the run's --image-column, for a Parquet row."""
     from PIL import Image
 
     from fmnist_onnx.classify.sources import read_path
 
     try:
-        data = read_path(path)
+        data = read_path(path, image_column)
         gray = images.decode_gray(data, path)
         seen = images.preprocess_gray(gray, invert)
     except images.ImageError as e:
@@ -502,8 +503,8 @@ class Drawer:
     """``draw`` for one page, each file once: keyed by what the name leads to on disk (device, inode, size,
     modification time), so that many rows naming one file, or links to it, cost one read and one decode."""
 
-    def __init__(self, invert: str) -> None:
-        self.invert = invert
+    def __init__(self, invert: str, image_column: str | None = None) -> None:
+        self.invert, self.image_column = invert, image_column
         self.figures = 0
         self._done: dict[tuple, Drawn] = {}
 
@@ -520,7 +521,7 @@ class Drawer:
             key = (path,)
         drawn = self._done.get(key)
         if drawn is None:
-            drawn = self._done[key] = draw(path, self.invert)
+            drawn = self._done[key] = draw(path, self.invert, self.image_column)
         return drawn
 
 
@@ -698,13 +699,14 @@ def _nav(c: Collected, labelled: bool) -> list[tuple[str, str]]:
 
 
 def render(c: Collected, predictions: str, model: str | Path | None = None, invert: str = "auto",
-           run: dict | None = None, model_info: list[dict] | None = None) -> tuple[str, int]:
+           run: dict | None = None, model_info: list[dict] | None = None,
+           image_column: str | None = None) -> tuple[str, int]:
     """The page's HTML text, and the number of figures drawn on it. ``model_info``: ``model_rows(model)``,
     when the caller read it already."""
     from fmnist_onnx.report_page import render_page
 
     labelled = c.labelled
-    drawer = Drawer(invert)
+    drawer = Drawer(invert, image_column)
     figures = _Figures(drawer, c.top_k)
     wrong = _sorted_rows(c.wrong, reverse=True)
     unsure = _sorted_rows(c.unsure)
@@ -786,11 +788,12 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 def build_report(predictions: str | Path, dest: str | Path, model: str | Path | None = None,
                  invert: str = "auto", run=None, *, summary: str | Path | None = None, overwrite: bool = False,
-                 what: str = "report") -> ReportResult:
+                 what: str = "report", image_column: str | None = None) -> ReportResult:
     """Write the report of the table ``predictions`` to ``dest``, atomically, under the write policy (``files``):
     an existing ``dest`` only with ``overwrite``, never an input. ``run``: the run's summary (a ClassifySummary,
     or its JSON as a dict), for what the table does not hold; or ``summary``, the file of that JSON. ``what``
-    names the output in messages ("report", "--report")."""
+    names the output in messages ("report", "--report"). ``image_column``: the run's --image-column (the
+    images of Parquet rows are read from it)."""
     t0 = time.perf_counter()
     predictions = os.fspath(predictions)
     _check_inputs(predictions, model, invert)
@@ -809,7 +812,7 @@ def build_report(predictions: str | Path, dest: str | Path, model: str | Path | 
     if ident is not None:
         rows = _sparing(rows, ident, dest, predictions, what)
     c = collect(rows)
-    text, figures = render(c, predictions, model, invert, run, model_info)
+    text, figures = render(c, predictions, model, invert, run, model_info, image_column)
     data = text.encode("utf-8")
     if len(data) > MAX_BYTES:  # the samples' bounds make this impossible; say so loudly if they ever fail
         log.warning("%s is %d bytes, over the %d bound", dest, len(data), MAX_BYTES)

@@ -497,6 +497,28 @@ def test_cluster_reads_archives_and_parquet_and_resumes_a_local_run(cluster, con
     assert [got[p]["true_label"] for p in want] == [w["true_label"] for w in want.values()]
 
 
+def test_cluster_reads_the_image_column_as_the_local_engine(cluster, folder, model, tmp_path):
+    """--image-column reaches the actors (in the Members they read): a table of two binary columns, the images
+    in the named one and the same images reversed in the other, gives the local engine's rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    address, env, _ = cluster
+    data = [p.read_bytes() for p in sorted(folder.rglob("*.png"))
+            if p.parent != folder and p.is_file() and p.stat().st_size > 100][:100]
+    table = tmp_path / "two.parquet"
+    pq.write_table(pa.table({"thumb": pa.array(data[::-1], pa.binary()), "png": pa.array(data, pa.binary())}),
+                   table, row_group_size=25)
+    local, out = tmp_path / "local.csv", tmp_path / "ray.csv"
+    run_cli("classify", table, "--image-column", "png", "-m", model, "-o", local, "-k", TOP_K, "-q", check=True)
+    proc = run_cli("classify", table, "--image-column", "png", "-m", model, "-o", out, "-k", TOP_K, "--engine",
+                   "ray", "--ray-address", address, "--provider", "cpu", env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = by_path(read_rows(out))
+    assert len(got) == 100 and all(r["error"] is None for r in got.values())
+    assert_same_rows(got, by_path(read_rows(local)))
+
+
 def _local(inputs: list[Path], model: Path, out: Path) -> Path:
     proc = run_cli("classify", *inputs, "-m", model, "-o", out, "-k", TOP_K, "-q")
     assert proc.returncode == 0, proc.stderr

@@ -1,10 +1,15 @@
 """The Parquet source (classify/sources/parquet.py): the Hugging Face layout read as it is, rows named
-``<file>::row/N``, true classes from the label column, and damaged or unusable files."""
+``<file>::row/N``, true classes from the label column, the column named by --image-column, and damaged or
+unusable files."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +18,8 @@ import pytest
 
 from fmnist_onnx.sinks import read_rows
 from fmnist_onnx.spec import CLASSES
-from harness import assert_one_line_error, assert_report_draws, run_cli
+from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK
+from harness import Held, assert_one_line_error, assert_report_draws, run_cli
 
 HUB_NAMES = ["T - shirt / top", *CLASSES[1:]]  # the Hub's fashion_mnist spells the first class so
 PER_CLASS = 30
@@ -145,3 +151,105 @@ def test_the_report_draws_rows_from_inside_the_table(samples, onnx_model, tmp_pa
     table = write_hub(tmp_path / "t.parquet", items)
     _classify(table, "-m", onnx_model, "-o", tmp_path / "p.csv")
     assert_report_draws(tmp_path / "p.csv", tmp_path / "r.html")
+
+
+# ---------------------------------------------------------------------------------------------- --image-column
+
+@pytest.fixture(scope="module")
+def folder_labels(samples, onnx_model, tmp_path_factory) -> list[str]:
+    """The labels the folder of samples gets, in its walk's (sorted) order: what any table of them must give."""
+    folder, _ = samples
+    _, rows = _classify(folder, "-m", onnx_model, "-o", tmp_path_factory.mktemp("pq_dir") / "dir.csv")
+    return [r["label"] for r in rows]
+
+
+def write_columns(path: Path, items: list, images: str, image_struct: bool, other: str) -> Path:
+    """A table whose images are in column ``images`` (binary, or the Hub's struct) beside another binary
+    column ``other`` holding the same images in reverse order (reading it would give other labels), and the
+    Hub's label column."""
+    data = [b for _, b, _ in items]
+    image = pa.array([{"bytes": b, "path": p} for p, b, _ in items]) if image_struct else pa.array(data, pa.binary())
+    table = pa.table({other: pa.array(data[::-1], pa.large_binary()), images: image,
+                      "label": pa.array([c for _, _, c in items], pa.int64())})
+    features = {"label": {"names": HUB_NAMES, "_type": "ClassLabel"}}
+    pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": features}})}),
+                   path, row_group_size=64)
+    return path
+
+
+def assert_error_line(proc: subprocess.CompletedProcess, contains: str) -> str:
+    """Exit 2 and one 'Error:' line (after Click's usage lines, for a usage error) that says ``contains``."""
+    assert_one_line_error(proc, 2, contains)
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("Error:")]
+    assert contains in line
+    return line
+
+
+@pytest.mark.parametrize("images, image_struct, other", [("png", False, "thumb"), ("photo", True, "image")])
+def test_image_column_reads_the_named_column(samples, folder_labels, onnx_model, tmp_path, images, image_struct,
+                                             other):
+    """Two binary columns (or a struct beside a binary 'image' the rule would pick): the named one is read."""
+    _, items = samples
+    table = write_columns(tmp_path / "t.parquet", items, images, image_struct, other)
+    summary, rows = _classify(table, "--image-column", images, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert [r["label"] for r in rows] == folder_labels and summary["failed"] == 0
+    assert [r["true_label"] for r in rows] == [CLASSES[c] for _, _, c in items]
+
+
+def test_several_binary_columns_without_an_image_column_say_to_name_one(samples, onnx_model, tmp_path):
+    _, items = samples
+    table = write_columns(tmp_path / "t.parquet", items[:5], "png", False, "thumb")
+    line = assert_error_line(run_cli("classify", table, "-m", onnx_model, "-o", tmp_path / "p.csv"),
+                             "several columns of bytes (thumb, png)")
+    assert "--image-column" in line and list(tmp_path.iterdir()) == [table]
+
+
+def test_a_missing_image_column_names_the_file_and_its_columns(samples, onnx_model, tmp_path):
+    _, items = samples
+    table = write_columns(tmp_path / "t.parquet", items[:5], "png", False, "thumb")
+    proc = run_cli("classify", table, "--image-column", "jpeg", "-m", onnx_model, "-o", tmp_path / "p.csv")
+    line = assert_error_line(proc, f"{table}: no column 'jpeg'")
+    assert line.endswith("thumb, png, label") and list(tmp_path.iterdir()) == [table]
+
+
+def test_an_image_column_that_holds_no_bytes_is_one_line(samples, onnx_model, tmp_path):
+    _, items = samples
+    table = write_columns(tmp_path / "t.parquet", items[:5], "png", False, "thumb")
+    proc = run_cli("classify", table, "--image-column", "label", "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert_error_line(proc, "column 'label' (--image-column) is int64, not image bytes")
+
+
+def test_image_column_without_a_parquet_input_is_a_usage_error(samples, onnx_model, tmp_path):
+    folder, _ = samples
+    proc = run_cli("classify", folder, "--image-column", "png", "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert_error_line(proc, "--image-column is for Parquet inputs")
+    assert "Usage:" in proc.stderr and not (tmp_path / "p.csv").exists()
+
+
+def test_resume_continues_with_the_image_column_and_refuses_another(samples, folder_labels, onnx_model, tmp_path):
+    _, items = samples
+    table = write_columns(tmp_path / "t.parquet", items, "png", False, "thumb")
+    out = tmp_path / "p.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(table), "--image-column", "png", "-m",
+           str(onnx_model), "-o", str(out), "--workers", "1"]
+    with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", start_new_session=True, stdout=subprocess.DEVNULL,
+              stderr=subprocess.DEVNULL) as held:
+        held.wait()
+        os.killpg(held.proc.pid, signal.SIGKILL)
+        held.proc.wait()
+    other = run_cli("classify", table, "--image-column", "thumb", "-m", onnx_model, "-o", out, "--resume")
+    assert_error_line(other, "--image-column ('png' then, 'thumb' now)")
+    summary, rows = _classify(table, "--image-column", "png", "-m", onnx_model, "-o", out, "--resume")
+    assert 0 < summary["resumed"] < len(items) and [r["label"] for r in rows] == folder_labels
+
+
+def test_the_report_draws_rows_from_the_image_column(samples, onnx_model, tmp_path):
+    """classify --report, and `report --image-column`, read the images again from the named column."""
+    _, items = samples
+    table = write_columns(tmp_path / "t.parquet", items, "png", False, "thumb")
+    page = tmp_path / "r.html"
+    _classify(table, "--image-column", "png", "-m", onnx_model, "-o", tmp_path / "p.csv", "--report", page)
+    again = run_cli("report", tmp_path / "p.csv", "--image-column", "png", "-o", tmp_path / "again.html")
+    assert again.returncode == 0, again.stderr
+    for text in (page.read_text(), (tmp_path / "again.html").read_text()):
+        assert "cannot read it now" not in text and text.count("data:image/png") > 20

@@ -94,6 +94,7 @@ class Members:
     truth: Sequence[int]
     sizes: Sequence[int] = ()  # tar: the members' declared sizes, beside their offsets
     inline: bool = False  # the keys are the images' bytes themselves (a compressed tar, streamed by the walk)
+    column: str | None = None  # Parquet: the image column named by --image-column (None: the source's rule)
 
     def __len__(self) -> int:
         return len(self.units)
@@ -170,6 +171,7 @@ class Request:
     provider: str  # as asked: auto, or a name in runtime.PROVIDER_TABLE
     identity: RunIdentity | None  # None for stdout, which cannot be resumed
     own_files: tuple[str, ...] = ()  # what the run writes (run_files): the walk leaves them out
+    image_column: str | None = None  # --image-column: the Parquet inputs' column of images (None: the rule)
 
 
 @dataclass(frozen=True)
@@ -186,13 +188,16 @@ class RunIdentity:
     recursive: bool
     inputs: tuple[str, ...]  # as named on the command line: rows hold the paths the walk made of them
     cwd: str | None  # where relative inputs were named from (None when all are absolute)
+    image_column: str | None = None  # --image-column; left out of the record when not given (older records)
 
     @classmethod
-    def of(cls, model: str | Path, invert: str, top_k: int, recursive: bool, roots: Sequence[str]) -> RunIdentity:
+    def of(cls, model: str | Path, invert: str, top_k: int, recursive: bool, roots: Sequence[str],
+           image_column: str | None = None) -> RunIdentity:
         from fmnist_onnx.files import sha256_file
 
         relative = any(not os.path.isabs(r) for r in roots)
-        return cls(sha256_file(model), invert, top_k, recursive, tuple(roots), os.getcwd() if relative else None)
+        return cls(sha256_file(model), invert, top_k, recursive, tuple(roots), os.getcwd() if relative else None,
+                   image_column)
 
     @classmethod
     def from_json(cls, text: str) -> RunIdentity:
@@ -202,10 +207,12 @@ class RunIdentity:
         except RecursionError:
             raise ValueError("JSON nested too deep") from None
         types = {"model_sha256": str, "invert": str, "top_k": int, "recursive": bool, "inputs": list,
-                 "cwd": (str, type(None))}
-        if type(raw) is not dict or set(raw) != set(types):
-            raise ValueError(f"expected the fields {', '.join(types)}")
+                 "cwd": (str, type(None)), "image_column": str}
+        if type(raw) is not dict or not set(types) - {"image_column"} <= set(raw) <= set(types):
+            raise ValueError(f"expected the fields {', '.join(types)} (image_column where given)")
         for name, kind in types.items():
+            if name not in raw:
+                continue
             if not isinstance(raw[name], kind) or (kind is int and type(raw[name]) is bool):
                 raise ValueError(f"{name} is {type(raw[name]).__name__}")
         if not all(type(i) is str for i in raw["inputs"]):
@@ -213,7 +220,10 @@ class RunIdentity:
         return cls(**{**raw, "inputs": tuple(raw["inputs"])})
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1) + "\n"
+        record = asdict(self)
+        if self.image_column is None:  # a run without --image-column keeps the record it always had
+            del record["image_column"]
+        return json.dumps(record, indent=1) + "\n"
 
     def differences(self, old: RunIdentity) -> list[str]:
         """What differs from the run that wrote the journal, in words."""
@@ -231,6 +241,9 @@ class RunIdentity:
             diffs.append(f"the inputs ({' '.join(old.inputs)} then, {' '.join(self.inputs)} now)")
         elif self.cwd != old.cwd:
             diffs.append(f"the folder relative inputs are named from ({old.cwd} then, {self.cwd} now)")
+        if self.image_column != old.image_column:
+            then, now = ("not given" if c is None else repr(c) for c in (old.image_column, self.image_column))
+            diffs.append(f"--image-column ({then} then, {now} now)")
         return [visible(d) for d in diffs]
 
 

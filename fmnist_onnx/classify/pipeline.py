@@ -117,17 +117,19 @@ def classify(
     on_provider=None,
     engine: str = "local",
     report: str | Path | None = None,
+    image_column: str | None = None,
     **engine_options,
 ) -> ClassifySummary:
     """Classify every image file under ``paths`` into ``output`` ('-': CSV on stdout); see the module doc.
     ``engine``: a name in engines.ENGINES; ``engine_options`` go to it (local: workers, inference, stages; ray:
     address, actors).
     ``on_provider(name)`` is called once the engine is ready (the CLI says which provider runs). ``report``:
-    where the caller writes the run's report (the walk leaves it out). One run per output at a time: the
+    where the caller writes the run's report (the walk leaves it out). ``image_column``: the Parquet inputs'
+    column of images (--image-column; None: the source's rule). One run per output at a time: the
     output's lock (files.OutputLock) is held from before its journal is looked at to the end."""
     t0 = time.perf_counter()
     request = check_request(paths, model, output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
-                            provider, report, engine)
+                            provider, report, engine, image_column)
     with OutputLock(request.output) if request.output != "-" else contextlib.nullcontext():
         return _run(request, engine, progress, on_provider, engine_options, t0)
 
@@ -171,7 +173,8 @@ def _pipeline(request: Request, eng: Engine, sink: JournalSink | StdoutSink, don
     """The walk -> the engine -> the sink, counted in ``tally``; the final output."""
     bar = progress_bar(progress, tally.resumed)
     sizer = ChunkSizer(eng.max_chunk)
-    items = work_items(sources.walk(request.roots, request.recursive, request.own_files), done, tally, sizer)
+    walk = sources.walk(request.roots, request.recursive, request.own_files, request.image_column)
+    items = work_items(walk, done, tally, sizer)
     for rows in eng.rows(items, sink.encoding, sizer.observe):
         sink.write_encoded(rows.data)
         pause_point(CLASSIFY_AFTER_CHUNK)  # tests hold the run here (testing.py)

@@ -35,9 +35,11 @@ def _check_not_inputs(own: Sequence[str], roots: Sequence[str], model: str) -> N
 def check_request(paths: Sequence[str | Path], model: str | Path, output: str | Path = "-", fmt: str | None = None,
                   top_k: int = 1, batch_size: int | None = None, invert: str = "auto", recursive: bool = True,
                   resume: bool = False, overwrite: bool = False, provider: str = "auto",
-                  report: str | Path | None = None, engine: str = "local") -> Request:
+                  report: str | Path | None = None, engine: str = "local",
+                  image_column: str | None = None) -> Request:
     """The checks every engine makes before any work, each a one-line UserError. The state of the output
-    (a journal, a finished output) is checked under the output's lock: ``check_fresh``, ``resume_state``."""
+    (a journal, a finished output) is checked under the output's lock: ``check_fresh``, ``resume_state``.
+    ``image_column``: the Parquet inputs' column of images (--image-column; None: the source's rule)."""
     from fmnist_onnx.runtime import PROVIDER_CHOICES
 
     output = os.fspath(output)
@@ -54,7 +56,7 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
         raise UserError("--resume needs an --output file (stdout cannot be resumed)")
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    roots = sources.check_inputs(paths, engines.entry(engine).sources, engine)
+    roots = sources.check_inputs(paths, engines.entry(engine).sources, engine, image_column)
     if not Path(model).is_file():
         raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
     own = run_files(output, report)
@@ -62,9 +64,9 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
     if output != "-":
         JournalSink.check_writable(output)  # a read-only folder, a device: refused before any work
     # the model's hash only where there is a journal to resume
-    identity = RunIdentity.of(model, invert, top_k, recursive, roots) if output != "-" else None
+    identity = RunIdentity.of(model, invert, top_k, recursive, roots, image_column) if output != "-" else None
     return Request(roots, os.fspath(model), output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
-                   provider, identity, own)
+                   provider, identity, own, image_column)
 
 
 def check_fresh(request: Request) -> None:

@@ -85,7 +85,7 @@ def resume_state(request: Request, tally: Tally) -> tuple[ClassifySummary | None
         except OSError as e:
             raise UserError(f"cannot open {journal}: {e.strerror}") from None
         check_same_run(identity_path(output), request.identity, journal)
-        walked = Walked(sources.walk(request.roots, request.recursive, request.own_files))
+        walked = Walked(sources.walk(request.roots, request.recursive, request.own_files, request.image_column))
 
         def previous(row: dict) -> None:
             walked.mark(row["path"])
@@ -107,7 +107,7 @@ def _finished(request: Request) -> ClassifySummary:
     if not os.path.lexists(record) and os.path.lexists(identity_path(output)):
         record = identity_path(output)  # the run ended between the output's rename and the record's
     check_same_run(record, request.identity, output)
-    walked = Walked(sources.walk(request.roots, request.recursive, request.own_files))
+    walked = Walked(sources.walk(request.roots, request.recursive, request.own_files, request.image_column))
     tally = Tally()
     for n, row in enumerate(read_rows(output), 1):
         try:

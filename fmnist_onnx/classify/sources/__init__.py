@@ -11,7 +11,8 @@ container input (``check_inputs`` refuses a folder or file input named ``<contai
 
 Adding a source: a module here with ``check`` and ``walk_batches`` (contract.Source; and ``read``, for
 Members), an entry in SOURCES, a test in ``kind_of`` for its inputs, and its name in the sources of each engine
-that reads it (engines/__init__.py).
+that reads it (engines/__init__.py). An option of one source (the Parquet source's --image-column) reaches its
+``check`` and ``walk_batches`` as a keyword (``_options``), and its workers through the Members it makes.
 """
 
 from __future__ import annotations
@@ -71,10 +72,10 @@ def read(members: Members) -> list:
     return source(members.kind).read(members)
 
 
-def read_path(path: str) -> bytes:
+def read_path(path: str, image_column: str | None = None) -> bytes:
     """The bytes of a row's image, read again (the report): a loose file, or ``<container>::<member>``, the
     container being the first prefix before a ``::`` that is an existing container file; images.ImageError
-    where it cannot be read."""
+    where it cannot be read. ``image_column``: the run's --image-column, for a Parquet row."""
     from fmnist_onnx import images
 
     if os.path.lexists(path) or SEPARATOR not in path:
@@ -85,7 +86,7 @@ def read_path(path: str) -> bytes:
         kind = container_kind(container)
         if kind is not None and os.path.isfile(container):
             try:
-                return source(kind).read_one(container, member)
+                return source(kind).read_one(container, member, **_options(kind, image_column))
             except images.ImageError:
                 raise
             except Exception as e:  # noqa: BLE001 - a damaged archive, an Arrow error: the figure's note
@@ -94,13 +95,22 @@ def read_path(path: str) -> bytes:
     return images.read_file(path)  # its own error: file not found
 
 
-def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str) -> list[str]:
+def _options(kind: str, image_column: str | None) -> dict:
+    """The keywords a source takes beyond the Source protocol's: the Parquet source's image column."""
+    return {"image_column": image_column} if kind == "parquet" else {}
+
+
+def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str,
+                 image_column: str | None = None) -> list[str]:
     """The inputs, each checked by its source before any work; one a chosen engine cannot read (``readable``:
-    its sources) is a UserError naming the engines that can."""
+    its sources) is a UserError naming the engines that can. ``image_column``: the Parquet inputs' column of
+    images (--image-column), an error where no input is Parquet."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise UserError("no PATH given: name folders or image files to classify")
     kinds = [kind_of(p) for p in paths]
+    if image_column is not None and "parquet" not in kinds:
+        raise UserError("--image-column names the image column of Parquet inputs, and no input is a .parquet file")
     for p, kind in zip(paths, kinds, strict=True):
         if kind not in readable:
             raise UserError(f"{visible(p)}: a {kind} input, which --engine {engine} cannot read (it reads "
@@ -112,12 +122,14 @@ def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str) -> 
             raise UserError(f"{visible(p)}: its name starts with the input {visible(inside[:-2])} and '::', which "
                             f"would make its rows read as that container's; rename it, or classify it apart")
     for kind in dict.fromkeys(kinds):
-        source(kind).check([p for p, k in zip(paths, kinds, strict=True) if k == kind])
+        source(kind).check([p for p, k in zip(paths, kinds, strict=True) if k == kind],
+                           **_options(kind, image_column))
     return list(paths)
 
 
-def walk(roots: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[Batch]:
+def walk(roots: Sequence[str], recursive: bool, exclude: Sequence[str] = (),
+         image_column: str | None = None) -> Iterator[Batch]:
     """Every unit under ``roots``, in the order they are named: consecutive inputs of one source walked by
-    it together (a folder reached twice is walked once)."""
+    it together (a folder reached twice is walked once). ``image_column``: as for ``check_inputs``."""
     for kind, group in groupby(roots, key=kind_of):
-        yield from source(kind).walk_batches(list(group), recursive, exclude)
+        yield from source(kind).walk_batches(list(group), recursive, exclude, **_options(kind, image_column))

@@ -1,7 +1,8 @@
 """The Parquet source: tables with a column of encoded images, the layout of the image datasets on the Hugging
 Face Hub (an ``image`` struct of ``bytes`` and ``path``, a ``label`` whose class names are in the schema's
-``huggingface`` metadata), or any table with one column of image bytes. Rows are named
-``<file>::row/<N>`` (N from 0, in the file's order).
+``huggingface`` metadata), or any table with one column of image bytes; or the column named by
+``--image-column`` (``image_column``: a binary column, or a struct with a binary ``bytes`` field). Rows are
+named ``<file>::row/<N>`` (N from 0, in the file's order).
 
 The walk (this process) reads the metadata and the label column only; the workers read the image column a
 row group at a time (the last one kept: chunks and row groups need not line up), so memory is bounded by the
@@ -26,8 +27,8 @@ from fmnist_onnx.text import first_line, visible
 log = logging.getLogger(__name__)
 
 MAX_GROUP_BYTES = 1 << 30  # a row group's image column, uncompressed, read at once by a worker
-_files: dict[str, tuple] = {}  # per process: path -> (ParquetFile, image column, first row of each group)
-_group: dict[tuple[str, int], list] = {}  # per process: the last row group read: (path, group) -> images
+_files: dict[tuple, tuple] = {}  # per process: (path, column asked) -> (ParquetFile, column, first row of groups)
+_group: dict[tuple, list] = {}  # per process: the last row group read: (path, column, group) -> images
 
 
 def _pq():
@@ -38,18 +39,14 @@ def _pq():
     return pq
 
 
-def image_column(schema) -> tuple[str, bool]:
-    """(the column of image bytes, whether it is a struct whose ``bytes`` field holds them); UserError where
-    the table has none, or several and none named ``image``."""
-    import pyarrow as pa
-
-    found = []
-    for field in schema:
-        t = field.type
-        if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_binary(t.field("bytes").type):
-            found.append((field.name, True))
-        elif _is_binary(t):
-            found.append((field.name, False))
+def image_column(schema, name: str | None = None) -> tuple[str, bool]:
+    """(the column of image bytes, whether it is a struct whose ``bytes`` field holds them): the column
+    ``name`` (--image-column), else the only one, else the one named ``image``; UserError where the named
+    column is missing or holds no bytes, or the table has none, or several and none named ``image``."""
+    found = [(field.name, _is_struct_of_bytes(field.type)) for field in schema
+             if _is_binary(field.type) or _is_struct_of_bytes(field.type)]
+    if name is not None:
+        return _named(schema, name, found)
     if not found:
         raise UserError(f"no column of image bytes (columns: {', '.join(visible(n) for n in schema.names)}); "
                         "a Parquet input needs a binary column, or a struct with a 'bytes' field (the Hugging "
@@ -58,15 +55,37 @@ def image_column(schema) -> tuple[str, bool]:
         named = [f for f in found if f[0] == "image"]
         if not named:
             raise UserError(f"several columns of bytes ({', '.join(visible(f[0]) for f in found)}) and none "
-                            "named 'image': cannot tell which holds the images")
+                            "named 'image': name the one that holds the images with --image-column")
         return named[0]
     return found[0]
+
+
+def _named(schema, name: str, found: list[tuple[str, bool]]) -> tuple[str, bool]:
+    """The column ``name`` of ``found`` (the columns of bytes), or a UserError saying why not."""
+    count = schema.names.count(name)
+    if count == 0:
+        raise UserError(f"no column {visible(name)!r} (--image-column); its columns: "
+                        f"{', '.join(visible(n) for n in schema.names)}")
+    if count > 1:
+        raise UserError(f"{count} columns are named {visible(name)!r} (--image-column): cannot tell which to read")
+    for column in found:
+        if column[0] == name:
+            return column
+    raise UserError(f"column {visible(name)!r} (--image-column) is {visible(str(schema.field(name).type))}, not "
+                    "image bytes: name a binary column, or a struct with a binary 'bytes' field")
 
 
 def _is_binary(t) -> bool:
     import pyarrow as pa
 
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _is_struct_of_bytes(t) -> bool:
+    """The Hugging Face Image feature's layout: a struct whose ``bytes`` field is binary."""
+    import pyarrow as pa
+
+    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_binary(t.field("bytes").type)
 
 
 def label_map(schema) -> tuple[str, np.ndarray] | None:
@@ -98,7 +117,7 @@ def _class_names(metadata: dict) -> list | None:
     return names if isinstance(names, list) and len(names) <= 100_000 else None
 
 
-def _open(path: str):
+def _open(path: str, name: str | None = None):
     pq = _pq()
     import pyarrow as pa
 
@@ -107,29 +126,32 @@ def _open(path: str):
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{visible(path)}: not a readable Parquet file ({first_line(e)})") from None
     try:
-        return pf, image_column(pf.schema_arrow)
+        return pf, image_column(pf.schema_arrow, name)
     except UserError as e:
         raise UserError(f"{visible(path)}: {e}") from None
 
 
-def check(paths: Sequence[str]) -> list[str]:
+def check(paths: Sequence[str], image_column: str | None = None) -> list[str]:
     members.check_files(paths, "Parquet")
     for p in paths:
-        _open(p)
+        _open(p, image_column)
     return list(paths)
 
 
-def walk_batches(paths: Sequence[str], recursive: bool = True, exclude: Sequence[str] = ()) -> Iterator[Batch]:
-    """A Batch per row group: its rows' units, their row numbers, and their true classes."""
+def walk_batches(paths: Sequence[str], recursive: bool = True, exclude: Sequence[str] = (),
+                 image_column: str | None = None) -> Iterator[Batch]:
+    """A Batch per row group: its rows' units, their row numbers, and their true classes; the Members carry
+    ``image_column`` to the workers that read them."""
     for path in paths:
-        pf, _ = _open(path)
+        pf, _ = _open(path, image_column)
         labels = label_map(pf.schema_arrow)
         start = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             truth = _truth(pf, g, n, labels)
             units = [f"{path}::row/{i}" for i in range(start, start + n)]
-            yield Batch(units, [], None, Members("parquet", path, units, range(start, start + n), truth))
+            yield Batch(units, [], None, Members("parquet", path, units, range(start, start + n), truth,
+                                                 column=image_column))
             start += n
 
 
@@ -153,11 +175,11 @@ def _truth(pf, g: int, n: int, labels: tuple[str, np.ndarray] | None) -> list[in
 
 def read(m: Members) -> list:
     """The images' bytes (or ImageError each), a row group at a time."""
-    if m.container not in _files:
-        pf, column = _open(m.container)
+    if (m.container, m.column) not in _files:
+        pf, column = _open(m.container, m.column)
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
-        _files[m.container] = (pf, column, starts)
-    pf, column, starts = _files[m.container]
+        _files[m.container, m.column] = (pf, column, starts)
+    pf, column, starts = _files[m.container, m.column]
     out = []
     for row in m.keys:
         g = int(np.searchsorted(starts, row, side="right")) - 1
@@ -169,7 +191,7 @@ def read(m: Members) -> list:
 def _read_group(path: str, pf, column: tuple[str, bool], g: int) -> list | ImageError:
     import pyarrow as pa
 
-    key = (path, g)
+    key = (path, column[0], g)
     if key not in _group:
         _group.clear()
         size = pf.metadata.row_group(g).total_byte_size
@@ -194,9 +216,9 @@ def _value(data) -> bytes | ImageError:
     return data
 
 
-def read_one(path: str, member: str) -> bytes:
+def read_one(path: str, member: str, image_column: str | None = None) -> bytes:
     """One row's image bytes, by its name ``row/N`` (the report draws a few images again)."""
     row = member.removeprefix("row/")
     if not member.startswith("row/") or not row.isdigit():
         raise ImageError(f"no row {member!r}: Parquet rows are named row/N")
-    return members.one(read(Members("parquet", path, [member], [int(row)], [-1])), member)
+    return members.one(read(Members("parquet", path, [member], [int(row)], [-1], column=image_column)), member)
