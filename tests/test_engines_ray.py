@@ -497,6 +497,27 @@ def test_cluster_reads_archives_and_parquet_and_resumes_a_local_run(cluster, con
     assert [got[p]["true_label"] for p in want] == [w["true_label"] for w in want.values()]
 
 
+def test_cluster_run_killed_then_resumed_gives_each_member_once(cluster, containers, model, tmp_path):
+    """A Ray-engine run SIGKILLed once its first chunk is in the journal (the rows of chunks done on the actors
+    meanwhile die with the driver), finished by a Ray-engine --resume: no member or row lost, none twice."""
+    address, env, _ = cluster
+    inputs = [containers[0], containers[2]]  # a tar shard and a Parquet file
+    want = by_path(read_rows(_local(inputs, model, tmp_path / "local.csv")))
+    out = tmp_path / "preds.csv"
+    args = [*map(str, inputs), "-m", str(model), "-o", str(out), "-k", TOP_K, "--engine", "ray", "--ray-address",
+            address, "--provider", "cpu"]
+    with Held([sys.executable, "-m", "fmnist_onnx", "classify", *args], f"{CLASSIFY_AFTER_CHUNK}:1", env=env,
+              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as held:
+        held.wait()
+        os.killpg(held.proc.pid, signal.SIGKILL)  # the driver, with no chance to clean up
+        assert held.proc.wait() == -signal.SIGKILL
+    done = journal_rows(tmp_path / "preds.csv.partial")
+    proc = run_cli("classify", *args, "--resume", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < json.loads(proc.stdout)["resumed"] == done < len(want) == 240
+    assert_same_rows(by_path(read_rows(out)), want)
+
+
 def _local(inputs: list[Path], model: Path, out: Path) -> Path:
     proc = run_cli("classify", *inputs, "-m", model, "-o", out, "-k", TOP_K, "-q")
     assert proc.returncode == 0, proc.stderr
