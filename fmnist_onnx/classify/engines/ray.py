@@ -58,6 +58,7 @@ from fmnist_onnx.classify.sources import is_uri
 from fmnist_onnx.classify.sources.uri import _uri_fs, read_uri
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
+from fmnist_onnx.testing import crash_env, crash_point
 from fmnist_onnx.text import first_line, visible
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Predictor:
         """The chunk's Rows (without their paths: the driver has them), or the fatal error."""
         if self.fatal is not None:
             return self.fatal
+        crash_point(units_of(item))  # tests kill the actor here, on a file they name (testing.py)
         try:
             t0 = time.perf_counter()
             data = sources.read(item) if isinstance(item, Members) else self._data(item)
@@ -380,6 +382,8 @@ class RayEngine:
             self.provider, self.workers, per_cpu, per_gpu = plan_pool(self.ray.cluster_resources(), request.provider,
                                                                       actors, local_cuda)
             options = {"num_cpus": per_cpu, **({"num_gpus": per_gpu} if per_gpu else {})}
+            if env := crash_env():  # a test's crash point (testing.py): actors on a cluster do not inherit it
+                options["runtime_env"] = {"env_vars": env}
             args = (self.ray.put(Path(request.model).read_bytes()), self.provider, request.invert, request.top_k,
                     request.batch_size or DEFAULT_BATCH)
             self.pool = _Pool(self.ray, self.workers, options, args)
