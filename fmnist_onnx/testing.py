@@ -19,14 +19,25 @@ handler raises (Ctrl-C, and SIGTERM in classify) ends the wait with that excepti
 work at that point; a signal whose handler only takes note (train's) is seen once the test releases the run.
 Why a socket (or pipe) and not a named file: the test waits for the line without polling, and its release never
 blocks, even when the process is gone. The environment is read once, at import.
+
+A crash point makes a process die as a decoder crash (or the OOM killer) would have killed it, on a file the
+test names, so that a test sees what a run does then with a real process death:
+
+  FMNIST_ONNX_DIE_ON=SUFFIX    the process that is about to decode a chunk with a file (or a container's image)
+                               whose path ends with SUFFIX SIGKILLs itself: a Ray actor (engines/ray.py, which
+                               passes the variable to its actors: on a cluster they do not inherit the driver's
+                               environment)
 """
 
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Sequence
 
 PAUSE_ENV = "FMNIST_ONNX_PAUSE"
 FD_ENV = "FMNIST_ONNX_PAUSE_FD"
+DIE_ON_ENV = "FMNIST_ONNX_DIE_ON"
 
 # The pause points' names, for the code that passes them and the tests that hold a run there (see above)
 MAIN_STARTED = "main.started"
@@ -47,6 +58,7 @@ def _parse(spec: str) -> tuple[str | None, int]:
 
 _POINT, _AT = _parse(os.environ.get(PAUSE_ENV, ""))
 _passes = 0
+_DIE_ON = os.environ.get(DIE_ON_ENV, "")
 
 
 def pause_point(name: str) -> None:
@@ -61,7 +73,6 @@ def pause_point(name: str) -> None:
 
 def _hold(where: str) -> None:
     import select
-    import signal
 
     fd = int(os.environ[FD_ENV])
     # A signal may come as soon as the line is out, before this process blocks: with a plain read(2) its handler
@@ -86,3 +97,16 @@ def _hold(where: str) -> None:
             signal.set_wakeup_fd(old)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def crash_point(paths: Sequence[str]) -> None:
+    """Die here, killed as by a crash (SIGKILL: nothing runs after it), if FMNIST_ONNX_DIE_ON is set and one of
+    ``paths`` ends with it (see the module doc)."""
+    if _DIE_ON and any(p.endswith(_DIE_ON) for p in paths):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_env() -> dict[str, str]:
+    """The crash point's variable, where it is set, for processes that do not inherit this one's environment
+    (Ray actors on a cluster): empty outside tests."""
+    return {DIE_ON_ENV: _DIE_ON} if _DIE_ON else {}

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK
+from fmnist_onnx.classify.contract import CRASHED
+from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, DIE_ON_ENV
 from harness import Held, assert_one_line_error, run_cli, wait_for_exit
 
 pytest.importorskip("ray", reason='the Ray engine needs the [ray] extra: pip install -e ".[ray]"')
@@ -517,6 +518,45 @@ def test_cluster_reads_the_image_column_as_the_local_engine(cluster, folder, mod
     got = by_path(read_rows(out))
     assert len(got) == 100 and all(r["error"] is None for r in got.values())
     assert_same_rows(got, by_path(read_rows(local)))
+
+
+def test_cluster_run_killed_then_resumed_gives_each_member_once(cluster, containers, model, tmp_path):
+    """A Ray-engine run SIGKILLed once its first chunk is in the journal (the rows of chunks done on the actors
+    meanwhile die with the driver), finished by a Ray-engine --resume: no member or row lost, none twice."""
+    address, env, _ = cluster
+    inputs = [containers[0], containers[2]]  # a tar shard and a Parquet file
+    want = by_path(read_rows(_local(inputs, model, tmp_path / "local.csv")))
+    out = tmp_path / "preds.csv"
+    args = [*map(str, inputs), "-m", str(model), "-o", str(out), "-k", TOP_K, "--engine", "ray", "--ray-address",
+            address, "--provider", "cpu"]
+    with Held([sys.executable, "-m", "fmnist_onnx", "classify", *args], f"{CLASSIFY_AFTER_CHUNK}:1", env=env,
+              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as held:
+        held.wait()
+        os.killpg(held.proc.pid, signal.SIGKILL)  # the driver, with no chance to clean up
+        assert held.proc.wait() == -signal.SIGKILL
+    done = journal_rows(tmp_path / "preds.csv.partial")
+    proc = run_cli("classify", *args, "--resume", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < json.loads(proc.stdout)["resumed"] == done < len(want) == 240
+    assert_same_rows(by_path(read_rows(out)), want)
+
+
+def test_an_actor_that_dies_on_a_member_costs_that_member_alone(cluster, containers, model, tmp_path):
+    """An actor killed (as by a decoder crash) on one member, on every try: its chunk is tried again, then member
+    by member; that member gets the crash's error row, every other member its row. The test's crash point
+    (testing.py) reaches the cluster's actors through their runtime_env: they do not inherit the CLI's environment."""
+    address, env, _ = cluster
+    want = by_path(read_rows(_local(containers[:1], model, tmp_path / "local.csv")))
+    culprit = sorted(want)[len(want) // 2]  # in a chunk of many: the others in it must not go with it
+    out = tmp_path / "preds.csv"
+    proc = run_cli("classify", containers[0], "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray",
+                   "--ray-address", address, "--provider", "cpu", "--json", env={**env, DIE_ON_ENV: culprit})
+    assert proc.returncode == 3, proc.stderr
+    assert json.loads(proc.stdout)["failed"] == 1  # stdout is the summary alone: no line of Ray's about the death
+    got = by_path(read_rows(out))
+    assert got.pop(culprit)["error"] == CRASHED
+    del want[culprit]
+    assert_same_rows(got, want)
 
 
 def _local(inputs: list[Path], model: Path, out: Path) -> Path:

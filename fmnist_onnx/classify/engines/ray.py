@@ -58,6 +58,7 @@ from fmnist_onnx.classify.sources import is_uri
 from fmnist_onnx.classify.sources.uri import _uri_fs, read_uri
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
+from fmnist_onnx.testing import crash_env, crash_point
 from fmnist_onnx.text import first_line, visible
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Predictor:
         """The chunk's Rows (without their paths: the driver has them), or the fatal error."""
         if self.fatal is not None:
             return self.fatal
+        crash_point(units_of(item))  # tests kill the actor here, on a file they name (testing.py)
         try:
             t0 = time.perf_counter()
             data = sources.read(item) if isinstance(item, Members) else self._data(item)
@@ -323,6 +325,33 @@ def _connect(ray, address: str | None) -> bool:
     return True
 
 
+def _errors_to_log() -> Callable[[], None] | None:
+    """Send the cluster's error messages that Ray's driver prints to the log (-v shows them, on stderr), not to
+    stdout; returns the undo (None where this Ray has no such printer).
+
+    Why: a thread of the driver (listen_error_messages, ray/_private/worker.py) prints them on stdout, whatever
+    log_to_driver says, such as "(raylet) A worker died or was killed while executing a task" when an actor
+    dies: in the CSV that -o - writes, or before --json's summary, where they break what reads it. The engine
+    meets those deaths itself (the chunk tried again, a CRASHED row, a warning). Only for a connection of this
+    engine's own: a caller's runtime is left as it was. The thread looks the printer up at each message; it is
+    stopped (joined) by ray.shutdown, after which the undo runs."""
+    try:
+        from ray._private import worker
+        original = worker.print_to_stdstream
+    except (ImportError, AttributeError):  # another Ray than the one this was written for: its own way
+        return None
+
+    def to_log(data: dict, ignore_prefix: bool) -> None:
+        if data.get("is_err") or data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        for line in data.get("lines", ()):
+            log.info("Ray: %s", line)
+        return None
+
+    worker.print_to_stdstream = to_log
+    return lambda: setattr(worker, "print_to_stdstream", original)
+
+
 class RayEngine:
     """The pipeline's engine on Ray (classify.Engine): connects (or starts a local runtime), plans and starts the
     actor pool, and turns the walk's chunks into Rows. Rows come in the order they are done."""
@@ -336,7 +365,7 @@ class RayEngine:
         open_session(request.model, "cpu")  # a broken or wrong model is one clear error here, before any cluster work
         self.request = request
         self.pool: _Pool | None = None
-        self.started, self.warnings = False, None
+        self.started, self.warnings, self.undo_errors = False, None, None
         if not _verbose():
             # Ray's warnings (an idle actor, a deprecation) are about Ray, not about this run; -v shows them. The
             # filter holds until close(): Ray may warn from its own threads.
@@ -345,6 +374,7 @@ class RayEngine:
             warnings.filterwarnings("ignore", module=r"ray(\.|$)")
         try:
             self.started = _connect(self.ray, address)
+            self.undo_errors = _errors_to_log() if self.started else None
             local_runtime = self.started and not (address or os.environ.get("RAY_ADDRESS"))
             local_cuda = PROVIDERS["cuda"] in available_providers() if local_runtime else None
             if local_runtime and request.provider == "cuda" and not local_cuda:
@@ -352,6 +382,8 @@ class RayEngine:
             self.provider, self.workers, per_cpu, per_gpu = plan_pool(self.ray.cluster_resources(), request.provider,
                                                                       actors, local_cuda)
             options = {"num_cpus": per_cpu, **({"num_gpus": per_gpu} if per_gpu else {})}
+            if env := crash_env():  # a test's crash point (testing.py): actors on a cluster do not inherit it
+                options["runtime_env"] = {"env_vars": env}
             args = (self.ray.put(Path(request.model).read_bytes()), self.provider, request.invert, request.top_k,
                     request.batch_size or DEFAULT_BATCH)
             self.pool = _Pool(self.ray, self.workers, options, args)
@@ -430,6 +462,9 @@ class RayEngine:
         if self.started:
             self.ray.shutdown()
             self.started = False
+        if self.undo_errors is not None:
+            self.undo_errors()
+            self.undo_errors = None
         if self.warnings is not None:
             self.warnings.__exit__(None, None, None)
             self.warnings = None
