@@ -24,9 +24,9 @@ A crash point makes a process die as a decoder crash (or the OOM killer) would h
 test names, so that a test sees what a run does then with a real process death:
 
   FMNIST_ONNX_DIE_ON=SUFFIX    the process that is about to decode a chunk with a file (or a container's image)
-                               whose path ends with SUFFIX SIGKILLs itself: a Ray actor (engines/ray.py, which
-                               passes the variable to its actors: on a cluster they do not inherit the driver's
-                               environment)
+                               whose path ends with SUFFIX SIGKILLs itself: a local decoding worker
+                               (engines/local.py), or a Ray actor (engines/ray.py, which passes the variable to
+                               its actors: on a cluster they do not inherit the driver's environment)
 """
 
 from __future__ import annotations

@@ -1,10 +1,16 @@
 """engines/local.py: the two places the model runs (in the decoding workers, in a batched stage) give the same
-rows."""
+rows; a file that kills its worker costs that file alone."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
+from fmnist_onnx.classify.contract import CRASHED
+from fmnist_onnx.sinks import read_rows
+from fmnist_onnx.testing import DIE_ON_ENV
 from harness import run_cli
 
 
@@ -34,3 +40,24 @@ def test_three_inference_processes_keep_the_walk_order(onnx_model, test_pngs, tm
         assert s.classified == 2000
         runs[inference] = out.read_bytes()
     assert runs["batched"] == runs["workers"]
+
+
+@pytest.mark.parametrize("inference", ["workers", "batched"])
+def test_a_file_that_kills_its_worker_costs_that_file_alone(inference, onnx_model, test_pngs, tmp_path):
+    """A real process death on one file (testing.crash_point: as a decoder crash would): its chunk is decoded
+    again file by file, the culprit gets the CRASHED row, every other file its row, exit 3."""
+    folder = tmp_path / "in" / "Bag"
+    folder.mkdir(parents=True)
+    for src in sorted((test_pngs / "Bag").glob("*.png"))[:200]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    culprit = sorted(folder.glob("*.png"))[120]
+    args = ["classify", folder.parent, "-m", onnx_model, "--json", "--inference", inference, "--provider", "cpu"]
+    clean = run_cli(*args, "-o", tmp_path / "clean.csv")
+    crashed = run_cli(*args, "-o", tmp_path / "crashed.csv", env={**os.environ, DIE_ON_ENV: "/" + culprit.name})
+    assert clean.returncode == 0 and crashed.returncode == 3, crashed.stderr
+    want = {r["path"]: r for r in read_rows(tmp_path / "clean.csv")}
+    got = {r["path"]: r for r in read_rows(tmp_path / "crashed.csv")}
+    assert got.pop(str(culprit))["error"] == CRASHED
+    del want[str(culprit)]
+    assert got == want
+    assert json.loads(crashed.stdout)["failed"] == 1

@@ -50,6 +50,7 @@ from fmnist_onnx.classify.predict import decoder_name, make_rows, rows_of
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import Row
 from fmnist_onnx.spec import IMAGE_SIZE
+from fmnist_onnx.testing import crash_point
 from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ def _stage_init(parent: int, slots: Slots | None, foreign: Sequence[int], model:
 
 def _decode(item: Sequence[str] | Members, invert: str) -> tuple[np.ndarray, list[str], float]:
     """A chunk of loose files (paths: read here) or of a container's images (read by their source)."""
+    crash_point(units_of(item))  # tests kill the worker here, on a file they name (testing.py)
     t0 = time.perf_counter()
     imgs, errors = images.preprocess_batch(sources.read(item) if isinstance(item, Members) else item, invert)
     return imgs, errors, time.perf_counter() - t0
@@ -390,17 +392,24 @@ class LocalEngine:
                 staged.append((paths, self._stage_submit(paths, encoding, slot, res), slot))
 
     def _after_worker_died(self, paths: list[str], slot: int | None, encoding: str, decoding: deque):
-        """A worker died (the OOM killer, a decoder crash): a new pool, this chunk decoded file by file (a file
-        that kills its worker gets an error row), and the chunks in flight submitted again."""
-        log.warning("a worker process died; decoding its chunk file by file")
+        """A worker died (the OOM killer, a decoder crash), and every chunk in flight in its pool failed with it,
+        this one perhaps as a bystander: a new pool, this chunk tried again alone, and if a worker dies on it
+        again, file by file (a file that kills its worker gets an error row); only then the chunks in flight
+        submitted again, each of which, should it fail, comes here in its turn."""
+        log.warning("a worker process died; trying its chunks again")
         self._start_pool()
-        res = self._isolate(paths)
-        if slot is not None:  # the isolated images go where the chunk's worker would have put them
-            self.slots.view(slot, len(paths))[:] = res[0]
-            res = res[1:]
+        try:
+            res = self._submit(paths, encoding, slot).result()
+        except BrokenProcessPool:
+            log.warning("a worker process died on the same chunk; decoding it file by file")
+            self._start_pool()
+            res = self._isolate(paths)
+            if slot is not None:  # the isolated images go where the chunk's worker would have put them
+                self.slots.view(slot, len(paths))[:] = res[0]
+                res = res[1:]
+            if not self.batched:  # the workers' path: classify here what was decoded there
+                res = self.pool.submit(_classify_decoded, paths, *res, self.job, encoding).result()
         decoding = deque((p, self._submit(p, encoding, s) if p is not None else f, s) for p, f, s in decoding)
-        if not self.batched:  # the workers' path: classify here what was decoded there
-            res = self.pool.submit(_classify_decoded, paths, *res, self.job, encoding).result()
         return res, decoding
 
     def close(self) -> None:
