@@ -11,6 +11,7 @@ that cannot be read (a damaged file) gives its rows error rows; the run goes on.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -180,11 +181,19 @@ def read(m: Members) -> list:
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
         _files[m.container, m.column] = (pf, column, starts)
     pf, column, starts = _files[m.container, m.column]
-    out = []
-    for row in m.keys:
-        g = int(np.searchsorted(starts, row, side="right")) - 1
+    rows = np.asarray(m.keys, np.int64)
+    if not len(rows):
+        return []
+    groups = np.searchsorted(starts, rows, side="right") - 1
+    cuts = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(rows)]  # runs of rows in one row group
+    out: list = []
+    for a, b in itertools.pairwise(cuts):
+        g = int(groups[a])
         group = _read_group(m.container, pf, column, g)
-        out.append(group if isinstance(group, ImageError) else _value(group[row - int(starts[g])]))
+        if isinstance(group, ImageError):
+            out += [group] * (b - a)
+        else:
+            out += [_value(group[r]) for r in (rows[a:b] - starts[g]).tolist()]
     return out
 
 
