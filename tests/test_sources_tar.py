@@ -144,8 +144,17 @@ def test_a_missing_archive_is_one_line(onnx_model, tmp_path):
     assert_one_line_error(run_cli("classify", tmp_path / "gone.tar", "-m", onnx_model), 2, "gone.tar")
 
 
-def test_sigkill_then_resume_gives_every_member_once(pngs, onnx_model, tmp_path):
-    tar = write_tar(tmp_path / "t.tar", pngs)
+def write_zip(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members:
+            z.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["t.tar", "t.tar.gz", "t.zip"])  # read at offsets, streamed, by index
+def test_sigkill_then_resume_gives_every_member_once(pngs, onnx_model, tmp_path, name):
+    path = tmp_path / name
+    tar = write_zip(path, pngs) if name.endswith(".zip") else write_tar(path, pngs, "w:gz" if ".gz" in name else "w")
     out = tmp_path / "t.csv"
     cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(tar), "-m", str(onnx_model), "-o", str(out),
            "--workers", "1"]
