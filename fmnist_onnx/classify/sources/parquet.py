@@ -164,7 +164,7 @@ def _truth(pf, g: int, n: int, labels: tuple[str, np.ndarray] | None) -> list[in
     column, lookup = labels
     try:
         # to_pylist, not to_numpy: pyarrow's to_numpy imports pandas (seconds, once)
-        values = pf.read_row_group(g, columns=[column]).column(0).to_pylist()
+        values = pf.read_row_group(g, columns=[column], use_threads=False).column(0).to_pylist()
     except (pa.ArrowException, OSError, ValueError):
         return [-1] * n  # the images' read fails too, and says why in their rows
     idx = np.array([-1 if v is None else v for v in values], np.int64)
@@ -210,7 +210,8 @@ def _read_group(path: str, pf, column: tuple[str, bool], g: int) -> list | Image
             return _group[key]
         name, struct = column
         try:
-            col = pf.read_row_group(g, columns=[name]).column(0).combine_chunks()
+            # one thread: a worker per core is the pipeline's design, and pyarrow's pool would add one per core
+            col = pf.read_row_group(g, columns=[name], use_threads=False).column(0).combine_chunks()
             _group[key] = (col.field("bytes") if struct else col).to_pylist()
         except (pa.ArrowException, OSError, ValueError) as e:
             _group[key] = ImageError(f"cannot read row group {g} of the file: {first_line(e)}")
