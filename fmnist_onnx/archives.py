@@ -43,6 +43,7 @@ MAX_EXTENDED_BYTES = 1 << 20  # a pax or GNU long-name record; real ones are a f
 _ZERO_BLOCK = bytes(BLOCK)
 _USTAR = np.frombuffer(b"ustar", np.uint8)
 _WINDOW = 1 << 15  # headers checked at once: 16 MB of copied blocks
+MAX_SPAN_BYTES = 64 << 20  # read_tar's one read of a chunk's members
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode's
 _ASCII = bytes(range(128))  # deleted by translate, what is left counts the bytes a signed checksum sees < 0
 # typeflags as ints (block[156])
@@ -365,9 +366,27 @@ def read_small(path: str, offsets: Sequence[int], sizes: Sequence[int], limit: i
     return out
 
 
+def _reader(fd: int, offsets: Sequence[int], sizes: Sequence[int], limit: int) -> Callable[[int, int], bytes]:
+    """How read_tar reads a member: sliced from one read of the members' whole span where they lie close
+    together (a chunk of a shard: its images, their headers and sidecars between them), else a pread each.
+    A pread costs more than the few blocks between two members; a span is read only where it holds little else
+    and at most MAX_SPAN_BYTES."""
+    wanted = [(at, size) for at, size in zip(offsets, sizes, strict=True) if size <= limit]
+    if len(wanted) > 1:
+        lo, hi = min(at for at, _ in wanted), max(at + size for at, size in wanted)
+        if hi - lo <= min(MAX_SPAN_BYTES, sum(size for _, size in wanted) + 4 * BLOCK * len(wanted)):
+            try:
+                span = os.pread(fd, hi - lo, lo)
+            except OSError:  # each member read alone, each its own error
+                pass
+            else:
+                return lambda at, size: span[at - lo:at - lo + size]
+    return lambda at, size: os.pread(fd, size, at)
+
+
 def read_tar(path: str, offsets: Sequence[int], sizes: Sequence[int]) -> list[bytes | ImageError]:
-    """The bytes of members (from index_tar), one pread each; an ImageError in the place of one that is too
-    large, empty, cut short by the end of the file or unreadable."""
+    """The bytes of members (from index_tar), read at their offsets (_reader); an ImageError in the place of one
+    that is too large, empty, cut short by the end of the file or unreadable."""
     limit = images.MAX_FILE_BYTES
     try:
         _check_regular(path)
@@ -376,12 +395,13 @@ def read_tar(path: str, offsets: Sequence[int], sizes: Sequence[int]) -> list[by
         return [ImageError(f"cannot open the archive: {getattr(e, 'strerror', None) or e}") for _ in offsets]
     out: list[bytes | ImageError] = []
     try:
+        read = _reader(fd, offsets, sizes, limit)
         for at, size in zip(offsets, sizes, strict=True):
             if size > limit:
                 out.append(_too_large(size, limit))
                 continue
             try:
-                data = os.pread(fd, size, at)
+                data = read(at, size)
             except OSError as e:
                 out.append(ImageError(f"cannot read: {e.strerror or e}"))
                 continue
