@@ -58,10 +58,9 @@ def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes
     """The walk's Batch of a container's members (``keys``/``sizes``: what the source reads them by), with
     an error row for the damage that ended its listing, if any."""
     pics, cls, other = split(names)
-    # WebDataset's key of a member: its name up to the first dot of its base name (sample_key, inlined)
-    labels = {(n := names[i])[:n.find(".", n.rfind("/") + 1)]: class_of_sidecar(data)
+    labels = {sample_key(names[i]): class_of_sidecar(data)
               for i, data in zip(cls, read_sidecars(cls), strict=True) if isinstance(data, bytes)}
-    truth = [labels.get((n := names[i])[:n.find(".", n.rfind("/") + 1)], None) for i in pics]
+    truth = [labels.get(sample_key(names[i])) for i in pics]
     if None in truth:  # no sidecar: the ImageFolder layout inside
         truth = [_folder_class(names[i]) if t is None else t for i, t in zip(pics, truth, strict=True)]
     prefix = container + "::"
