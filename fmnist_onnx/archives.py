@@ -304,7 +304,8 @@ def _vector_chain(blocks: np.ndarray, length: int, index: ArchiveIndex) -> int:
         after = where + 1 + (size + BLOCK - 1) // BLOCK
         good = digits & digits_too & (stored == unsigned) & ((where + 1) * BLOCK + size <= length)
         chained = np.append(after[:-1] == where[1:], True)  # the last one's successor: the next window's first
-        n = int(np.argmin(good & chained)) if not (good & chained).all() else len(where)
+        kept = good & chained
+        n = len(where) if kept.all() else int(np.argmin(kept))
         n += bool(n < len(where) and good[n])  # the member is right, its successor is no plain header
         if not n:
             break
