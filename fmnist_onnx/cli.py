@@ -709,6 +709,7 @@ def export_png(split, out, fmt, shard_size, limit, data_dir, overwrite, quiet):
 def _export(fmt, pixels, labels, out: Path, split: str, shard_size, overwrite: bool, progress: bool) -> None:
     """export-png's writing, in the format asked, and its one line on stdout."""
     from fmnist_onnx import layouts
+    from fmnist_onnx.files import check_locks
     from fmnist_onnx.images import ImageError
     from fmnist_onnx.images import export_png as write_pngs
 
@@ -717,6 +718,7 @@ def _export(fmt, pixels, labels, out: Path, split: str, shard_size, overwrite: b
             n = write_pngs(pixels, labels, out, overwrite=overwrite, progress=progress)
         except ImageError as e:
             raise UserError(str(e)) from None
+        check_locks()  # each PNG is renamed by images.py, not files.publish: a lock lost meanwhile is told here
         click.echo(f"wrote {n} PNG files to {out} ({split} split, ImageFolder layout)")
     elif fmt == "tar":
         w = layouts.export_tar(pixels, labels, out, split, shard_size or layouts.SHARD_SIZE, overwrite, progress)

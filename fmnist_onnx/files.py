@@ -7,7 +7,9 @@
   re-opened by path), then renamed onto the name. A symlink at the name is replaced itself, never its target.
 - No output may be one of the command's own inputs, even with ``overwrite`` (``check_output(inputs=...)``).
 - One run per output at a time: ``OutputLock`` holds an OS lock beside it for the whole run (a SIGKILLed holder
-  releases it by itself) with the holder's process id in it, and a second run is refused naming that id.
+  releases it by itself) with the holder's process id in it, and a second run is refused naming that id. The
+  lock file is the only one it writes: anything else found at its name (a hard link, a FIFO, other content) is
+  refused, and a lock removed under a run stops it before anything more is published (``LockLost``).
 
 Library functions take an explicit ``overwrite``; the commands decide it. No torch here: the inference path
 uses this module.
@@ -24,13 +26,13 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from fmnist_onnx.errors import UserError
 
 LOCK_SUFFIX = ".lock"
-_HELD: dict[tuple[int, int], int] = {}  # (device, inode) of the lock files this process holds: POSIX locks
-# do not conflict within one process, so a second holder here is refused from this table
+_HELD: dict[tuple[int, int], OutputLock] = {}  # the locks this process holds, by their file's (device, inode):
+# POSIX locks do not conflict within one process, so a second holder here is refused from this table
 
 
 def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = (), what: str = "") -> Path:
@@ -123,6 +125,7 @@ def temp_beside(path: str | Path) -> Iterator[tuple[Path, BinaryIO]]:
 def publish(tmp: Path, f: BinaryIO, path: str | Path, overwrite: bool) -> None:
     """Give the temporary file ``tmp`` (open as ``f``) the name ``path``, durably: see ``atomic_write``."""
     path = Path(path)
+    check_locks()  # never under a lock that is no longer ours
     f.flush()
     os.fsync(f.fileno())
     os.fchmod(f.fileno(), 0o644 & ~_umask())
@@ -206,11 +209,21 @@ def lock_path(output: str | Path) -> Path:
     return output.with_name(output.name + LOCK_SUFFIX)
 
 
+class LockLost(UserError):
+    """This run's lock file was removed or replaced under it: another run may be writing the same output, so
+    nothing more is published and nothing of the run's state is renamed or removed (exit 2)."""
+
+
 class OutputLock:
-    """``with OutputLock(output):`` one run at a time on ``output``. The lock file ``<output>.lock`` is opened
-    without following links, locked with fcntl (POSIX record locks: released when the holder exits, SIGKILL
-    included, and not inherited by forked workers), and holds the holder's process id. A run that finds it held
-    is refused (UserError, exit 2) naming that process. The file is removed on release."""
+    """``with OutputLock(output):`` one run at a time on ``output``. The lock file ``<output>.lock`` is this
+    tool's own and nothing else is ever written: it is created exclusively, or the file found there is opened as
+    it is (not truncated, not through a link, not blocking on a FIFO) and taken only if it is a regular file with
+    one link, empty or holding a process id (what a killed holder leaves); anything else is refused naming it.
+    It is locked with fcntl (POSIX record locks: released when the holder exits, SIGKILL included, and not
+    inherited by forked workers) and then holds the holder's process id. A run that finds it held is refused
+    (UserError, exit 2) naming that process. ``check_held`` says whether the file at the name is still the one
+    locked (a lock removed under a run lets a second run in); every ``publish`` checks it, and so does the end
+    of the block. The file is removed on release, if it is still ours."""
 
     def __init__(self, output: str | Path) -> None:
         self.output = Path(output)
@@ -221,15 +234,19 @@ class OutputLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.check_held()  # a block that ends well has published under its lock: say if it was lost
+        finally:
+            self.release()
 
     def acquire(self) -> None:
         check_folder(self.output, str(self.output))  # a missing folder said as such, not as a lock file's error
         while True:  # until the file we lock is the one at the name (a releasing holder may unlink it meanwhile)
             fd = self._open()
-            key = _key(os.fstat(fd))
             try:
+                key = self._check_kind(fd)
                 if key in _HELD:
                     raise BlockingIOError(errno.EAGAIN, "held by this process")
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -241,41 +258,115 @@ class OutputLock:
                 who = f"process {holder}" if holder else "another process"
                 raise UserError(f"{self.output} is being written by another run ({who} holds {self.path}); "
                                 "wait for it to end, or stop it") from None
-            try:
-                same = _key(os.lstat(self.path)) == key
-            except FileNotFoundError:
-                same = False
-            if same:
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._at_name(key):
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
+        try:
+            self._check_content(fd)  # locked: no run of ours writes it now
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)  # ours: created here, or proven a lock file left by a run of this tool
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _HELD[key] = fd
+        _HELD[key] = self
         self.fd = fd
 
     def _open(self) -> int:
+        """A descriptor on a new lock file (created exclusively), or on the file at the name as it is: O_NONBLOCK
+        so that a FIFO there never blocks, O_NOCTTY so that a terminal there is not taken."""
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+        while True:
+            try:
+                return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise UserError(f"cannot create {self.path}: {e.strerror}") from None
+            try:
+                return os.open(self.path, flags | os.O_NONBLOCK)
+            except FileNotFoundError:  # removed by its releasing holder meanwhile: create it
+                continue
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UserError(f"{self.path} is a symbolic link; remove it (a lock is never taken through "
+                                    "one)") from None
+                kind = _kind_at(self.path)
+                if kind is None:  # a regular file that cannot be opened, or gone again
+                    raise UserError(f"cannot open {self.path}: {e.strerror}") from None
+                self._refuse(kind)
+
+    def _check_kind(self, fd: int) -> tuple[int, int]:
+        """The (device, inode) of the file open at ``fd``, refused unless a regular file with one link: a hard
+        link planted at the name would make the lock write into the file it shares."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            self._refuse(_kind(st.st_mode))
+        if st.st_nlink != 1:
+            self._refuse(f"a file with {st.st_nlink} names (a hard link)")
+        return _key(st)
+
+    def _check_content(self, fd: int) -> None:
+        """Refused unless empty or a process id and a newline: what a run of this tool leaves, killed or not."""
+        data = os.pread(fd, 32, 0)
+        if data and not (data.endswith(b"\n") and data[:-1].isdigit() and len(data) <= 21):
+            self._refuse("a file with other content")
+
+    def _refuse(self, what: str) -> NoReturn:
+        raise UserError(f"{self.path} is {what}, not a lock file of this tool; it is left as it is: move it away "
+                        f"to write {self.output}")
+
+    def _at_name(self, key: tuple[int, int]) -> bool:
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UserError(f"{self.path} is a symbolic link; remove it (a lock is never taken through "
-                                "one)") from None
-            raise UserError(f"cannot create {self.path}: {e.strerror}") from None
+            return _key(os.lstat(self.path)) == key
+        except FileNotFoundError:
+            return False
+
+    def check_held(self) -> None:
+        """LockLost unless the lock file at the name is still the one this run holds."""
+        if self.fd >= 0 and not self._at_name(_key(os.fstat(self.fd))):
+            raise LockLost(f"{self.path} was removed or replaced during this run: another run may be writing "
+                           f"{self.output}; stopped, leaving the run's files as they are")
 
     def release(self) -> None:
         if self.fd < 0:
             return
-        _HELD.pop(_key(os.fstat(self.fd)), None)
-        try:
-            os.unlink(self.path)  # while still held: whoever opens the name next makes a new file
-        except OSError:
-            pass
+        key = _key(os.fstat(self.fd))
+        _HELD.pop(key, None)
+        if self._at_name(key):  # never another run's lock (ours was removed, and it made its own)
+            try:
+                os.unlink(self.path)  # while still held: whoever opens the name next makes a new file
+            except OSError:
+                pass
         os.close(self.fd)
         self.fd = -1
 
 
+def check_locks() -> None:
+    """LockLost if a lock this process holds was removed or replaced: nothing is published under it then."""
+    for lock in list(_HELD.values()):
+        lock.check_held()
+
+
 def _key(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
+
+
+def _kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+def _kind_at(path: Path) -> str | None:
+    """What is at ``path`` when it is no regular file; None for a regular file, or nothing."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _kind(mode)
 
 
 def _read_pid(fd: int) -> int | None:

@@ -40,7 +40,7 @@ from fmnist_onnx.classify.request import check_fresh, check_request
 from fmnist_onnx.classify.resume import Done, resume_state
 from fmnist_onnx.classify.tally import Tally, summarize
 from fmnist_onnx.errors import Interrupted, UserError
-from fmnist_onnx.files import OutputLock
+from fmnist_onnx.files import OutputLock, check_locks
 from fmnist_onnx.runtime import ModelRunError
 from fmnist_onnx.signals import StopSignals, signum_of
 from fmnist_onnx.sinks import JournalSink, OutputError, Row, StdoutSink, journal_path, remove_own
@@ -157,6 +157,7 @@ def _run(request: Request, engine: str, progress: bool, on_provider, engine_opti
             sink = sink or open_sink(request)
             final = _pipeline(request, eng, sink, done, tally, progress)
     except BaseException as e:
+        _lock_still_held(sink)
         close_on_error(sink, e)  # Ctrl-C and SIGTERM leave here as Interrupted
         _after_failure(request, sink, tally, e)
         raise
@@ -183,7 +184,19 @@ def _pipeline(request: Request, eng: Engine, sink: JournalSink | StdoutSink, don
             bar.update(len(rows))
     if bar is not None:
         bar.close()
+    check_locks()  # a run whose lock was removed may share its output with another: nothing is renamed then
     return finish_sink(sink, request.output)
+
+
+def _lock_still_held(sink) -> None:
+    """A run that fails or is stopped after its lock was removed under it (files.LockLost) says so, and only
+    that: its journal is neither removed nor named as where its rows are (another run may be writing it)."""
+    try:
+        check_locks()
+    except UserError:
+        if sink is not None:
+            sink.close()
+        raise
 
 
 def _after_failure(request: Request, sink, tally: Tally, e: BaseException) -> None:
