@@ -548,15 +548,18 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
 
     options = {"address": ray_address, "actors": actors} if engine == "ray" else \
         {"workers": workers, "inference": inference}
-    try:
-        s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
-                        invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
-                        progress=show_progress(quiet), on_provider=on_provider, report=report_path, engine=engine,
-                        image_column=image_column, **options)
-    except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        click.get_current_context().exit(141)
-    _show_run(s, output, as_json, report_path, model, invert, overwrite, image_column)
+    from fmnist_onnx.files import locked
+
+    with locked(report_path):  # the --report page's lock, from before the run: refused before an hour of work
+        try:
+            s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
+                            invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
+                            progress=show_progress(quiet), on_provider=on_provider, report=report_path,
+                            engine=engine, image_column=image_column, **options)
+        except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            click.get_current_context().exit(141)
+        _show_run(s, as_json, report_path, model, invert, overwrite, image_column)
     click.get_current_context().exit(3 if s.failed else 0)  # 3: some files failed (their rows say why)
 
 
@@ -583,8 +586,9 @@ def _check_classify_options(output, as_json, report_path, overwrite, model, path
             raise click.UsageError("--image-column is for Parquet inputs, and none of PATHS is a .parquet file")
 
 
-def _show_run(s, output, as_json, report_path, model, invert, overwrite, image_column) -> None:
-    """The summary (text, or JSON on stdout), then the --report page, written under its lock."""
+def _show_run(s, as_json, report_path, model, invert, overwrite, image_column) -> None:
+    """The summary (text on stderr, or JSON on stdout: stdout holds data alone), then the --report page (its
+    lock is held by the caller)."""
     import json
     from dataclasses import asdict
 
@@ -593,16 +597,14 @@ def _show_run(s, output, as_json, report_path, model, invert, overwrite, image_c
     if as_json:
         click.echo(json.dumps(asdict(s), indent=2))
     else:
-        click.echo(format_summary(s), err=output == "-")
+        click.echo(format_summary(s), err=True)
     if report_path:
-        from fmnist_onnx.files import locked
         from fmnist_onnx.report import build_report
         from fmnist_onnx.text import visible
 
-        with locked(report_path):
-            r = build_report(s.output, report_path, model=model, invert=invert, run=s, overwrite=overwrite,
-                             what="--report", image_column=image_column)
-        click.echo(f"report: {visible(r.path)} ({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s)", err=as_json)
+        r = build_report(s.output, report_path, model=model, invert=invert, run=s, overwrite=overwrite,
+                         what="--report", image_column=image_column)
+        click.echo(f"report: {visible(r.path)} ({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s)", err=True)
 
 
 @cli.command(epilog="""\b

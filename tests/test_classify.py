@@ -144,8 +144,8 @@ def test_every_file_gets_exactly_one_row_broken_ones_an_error(odd_folder, onnx_m
         assert rows[rel]["label_2"] and rows[rel]["score_2"] <= rows[rel]["score"]
     assert "too large" in rows["broken/bomb.png"]["error"]
     assert rows["broken/dangling.png"]["error"] == "dangling symbolic link"
-    assert "classified" in proc.stdout and f"{len(odd_folder['errors'])} failed" in proc.stdout
-    assert f"{odd_folder['skipped']} other files skipped" in proc.stdout
+    assert "classified" in proc.stderr and f"{len(odd_folder['errors'])} failed" in proc.stderr
+    assert f"{odd_folder['skipped']} other files skipped" in proc.stderr
 
 
 def test_unreadable_files_and_folders_are_error_rows(nobody, test_pngs, onnx_model):

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from fmnist_onnx.classify import RunIdentity, confusion_png_path, identity_path, record_path
-from fmnist_onnx.files import lock_path
+from fmnist_onnx.files import OutputLock, lock_path
 from fmnist_onnx.sinks import journal_path, read_rows
-from fmnist_onnx.testing import CLASSIFY_ENGINE_READY
+from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, CLASSIFY_ENGINE_READY
 from harness import Held, assert_one_line_error, run_cli
 
 N = 20
@@ -87,6 +87,29 @@ def test_a_second_run_on_a_held_output_is_refused_naming_the_first_and_a_kill_fr
     third = _classify(small, onnx_model, out, "--overwrite")
     assert third.returncode == 0, third.stderr
     assert len(list(read_rows(out))) == N and not lock_path(out).exists()
+
+
+@pytest.mark.parametrize("then", ["it finishes", "Ctrl-C"])
+def test_a_lock_removed_under_a_run_stops_it_before_its_journal_is_renamed_or_named(then, small, onnx_model,
+                                                                                    tmp_path):
+    """The lock file deleted while the run holds it, and a second run (this test) locking the name anew: the
+    first one says so in one line, exit 2, its journal neither renamed nor removed, the second's lock kept."""
+    out = tmp_path / "preds.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(small), "-m", str(onnx_model), "-o", str(out),
+           "--workers", "1", "-q"]
+    with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", start_new_session=True, stdout=subprocess.DEVNULL,
+              stderr=subprocess.PIPE, text=True) as held:
+        held.wait()
+        lock_path(out).unlink()
+        with OutputLock(out):
+            if then == "Ctrl-C":
+                os.killpg(held.proc.pid, signal.SIGINT)
+            held.release()
+            _, stderr = held.proc.communicate(timeout=120)
+            assert lock_path(out).read_text() == f"{os.getpid()}\n"  # ours, left in place
+    assert held.proc.returncode == 2, stderr
+    assert stderr.count("\n") == 1 and f"Error: {lock_path(out)} was removed or replaced during this run" in stderr
+    assert journal_path(out).exists() and not out.exists() and "--resume" not in stderr
 
 
 # ---------------------------------------------------------------------------------------------- links
@@ -222,7 +245,7 @@ def test_the_run_never_reads_its_own_files_in_an_input_folder(small, onnx_model,
     for _ in range(2):  # the second run finds the first's output, record, confusion PNG and report
         proc = _classify(folder, onnx_model, out, "--overwrite", "--json", "--report", folder / "Bag" / "r.html")
         assert proc.returncode == 0, proc.stderr
-        summary = json.loads(proc.stdout.split("\nreport:")[0])
+        summary = json.loads(proc.stdout)
         assert summary["files"] == N and summary["skipped"] == 0, summary
     assert confusion_png_path(out).exists() and (folder / "Bag" / "r.html").exists()
 
@@ -278,4 +301,4 @@ def test_names_reach_the_terminal_with_their_control_characters_escaped(onnx_mod
     assert proc.returncode == 3, proc.stderr
     for text in (proc.stdout, proc.stderr):
         assert "\x1b" not in text and "\u202e" not in text and "\x07" not in text
-    assert "\\x1b]0;owned\\x07cat_\\u202egnp.png" in proc.stdout
+    assert "\\x1b]0;owned\\x07cat_\\u202egnp.png" in proc.stderr

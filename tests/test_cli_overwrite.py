@@ -3,10 +3,12 @@ an input is never an output, even with it. Each row is a real command on real fi
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 
+from fmnist_onnx.files import lock_path
 from harness import assert_one_line_error, run_cli
 
 # (name, the output the row writes, the command's arguments once the files are in place: {d} is the folder)
@@ -96,3 +98,38 @@ def test_data_export_png_never_writes_through_a_planted_class_folder(tmp_path):
     assert_one_line_error(run_cli("data", "export-png", "--out", out, "--limit", "3", "--overwrite"), 2,
                           "symbolic link")
     assert list(elsewhere.iterdir()) == []
+
+
+# (name, the output whose lock file <output>.lock is planted, the command's arguments: {d} is the folder)
+LOCKED = [
+    ("classify", "p.csv", ["classify", "{d}/in", "-m", "{d}/model.onnx", "-o", "{d}/p.csv", "--workers", "1", "-q"]),
+    ("classify --report", "r.html", ["classify", "{d}/in", "-m", "{d}/model.onnx", "-o", "{d}/p.csv", "--workers",
+                                     "1", "-q", "--report", "{d}/r.html"]),
+    ("report", "r.html", ["report", "{d}/table.csv", "-o", "{d}/r.html"]),
+    ("data export-png", "pngs", ["data", "export-png", "--out", "{d}/pngs", "--limit", "3", "-q"]),
+]
+
+
+@pytest.mark.parametrize("planted", ["hard link", "FIFO", "other content"])
+@pytest.mark.parametrize("name,output,args", LOCKED, ids=[c[0] for c in LOCKED])
+def test_a_file_planted_at_the_lock_is_refused_and_left_as_it_is(work, name, output, args, planted):
+    """A hard link to the user's file, a FIFO or a file of other content at an output's lock name: one line,
+    exit 2, naming it, and not a byte of it (or of the file it shares) changed; no output."""
+    from PIL import Image
+
+    (work / "in").mkdir()
+    for i in range(3):
+        Image.new("L", (28, 28), 40 * i).save(work / "in" / f"{i}.png")
+    (work / "table.csv").write_text(f"path,label,index,score,error,true_label\n{work}/in/0.png,,,,cannot read,\n")
+    user, lock = work / "notes.txt", lock_path(work / output)
+    user.write_text("precious\n")
+    {"hard link": lambda: os.link(user, lock), "FIFO": lambda: os.mkfifo(lock),
+     "other content": lambda: lock.write_text("precious\n")}[planted]()
+    before = sorted(os.listdir(work))
+    proc = run_cli(*_args(args, work), timeout=300)  # a FIFO that blocked the run would fail here
+    assert_one_line_error(proc, 2, f"{lock} is ")
+    assert "not a lock file" in proc.stderr
+    assert user.read_text() == "precious\n" and sorted(os.listdir(work)) == before
+    assert os.lstat(lock).st_nlink == (2 if planted == "hard link" else 1)
+    if planted != "FIFO":
+        assert lock.read_text() == "precious\n"
