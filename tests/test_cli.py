@@ -1,7 +1,9 @@
-"""The command line as a whole: help, speed of --help, the README/CI contract, the --provider choice lists."""
+"""The command line as a whole: help, speed of --help, the README/CI contract, the --provider choice lists, and
+nothing written outside the outputs asked for (the home folder, onnxruntime's telemetry)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -99,3 +101,54 @@ def test_every_provider_choice_list_is_the_tables():
     for where, opt in found:
         assert tuple(opt.type.choices) == PROVIDER_CHOICES, where
     assert PROVIDER_CHOICES == ("auto", *PROVIDER_TABLE)
+
+
+def _no_cache_env(home) -> dict:
+    """This environment with an empty ``home`` as HOME and no XDG_CACHE_HOME (the suite sets one): any cache a
+    command writes lands in ``home``; no ORT_DISABLE_TELEMETRY but what the package sets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_") and k != "ORT_DISABLE_TELEMETRY"}
+    return {**env, "HOME": str(home)}
+
+
+def test_commands_that_load_onnxruntime_write_nothing_into_home(onnx_model, weights, test_pngs, tmp_path):
+    from fmnist_onnx.data import find_root
+
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    data = {"FMNIST_DATA": str(find_root())}  # the suite's unpacked copy, read in place: no dataset cache written
+    runs = [["info", onnx_model],
+            ["classify", test_pngs / "Bag", "-m", onnx_model, "-o", out / "p.csv", "--workers", "1", "-q"],
+            ["report", out / "p.csv", "-m", onnx_model],
+            ["verify", "--weights", weights, "-m", onnx_model, "--samples", "50", "--provider", "cpu"],
+            ["bench", "-m", onnx_model, "--batch-sizes", "1", "--duration", "0.05", "--provider", "cpu", "-q",
+             "--json", out / "b.json"]]
+    for args in runs:
+        proc = run_cli(*args, env=_no_cache_env(home) | data, cwd=out)
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == [], args
+
+
+TASKS = """
+import os
+import numpy  # its threads (OpenBLAS) before the count
+import fmnist_onnx
+before = len(os.listdir("/proc/self/task"))
+import onnxruntime
+print(before, len(os.listdir("/proc/self/task")))
+"""
+
+
+def test_importing_onnxruntime_after_the_package_starts_no_telemetry_unless_the_user_asks(tmp_path):
+    """No thread and no file of onnxruntime's telemetry; a user's own ORT_DISABLE_TELEMETRY=0 turns it back on
+    (which shows the count sees the thread)."""
+    counts = {}
+    for user in (None, "0"):
+        home = tmp_path / f"home-{user}"
+        home.mkdir()
+        env = _no_cache_env(home) | ({"ORT_DISABLE_TELEMETRY": user} if user else {})
+        proc = subprocess.run([sys.executable, "-c", TASKS], env=env, capture_output=True, text=True, check=True)
+        counts[user] = list(map(int, proc.stdout.split()))
+        counts[user].append(len(list(home.rglob("*"))))
+    assert counts[None][0] == counts[None][1] and counts[None][2] == 0, counts
+    assert counts["0"][1] > counts["0"][0] and counts["0"][2] > 0, counts

@@ -40,7 +40,7 @@ from fmnist_onnx.classify.request import check_fresh, check_request
 from fmnist_onnx.classify.resume import Done, resume_state
 from fmnist_onnx.classify.tally import Tally, summarize
 from fmnist_onnx.errors import Interrupted, UserError
-from fmnist_onnx.files import OutputLock, check_locks
+from fmnist_onnx.files import LockLost, OutputLock, check_locks
 from fmnist_onnx.runtime import ModelRunError
 from fmnist_onnx.signals import StopSignals, signum_of
 from fmnist_onnx.sinks import JournalSink, OutputError, Row, StdoutSink, journal_path, remove_own
@@ -193,7 +193,7 @@ def _lock_still_held(sink) -> None:
     that: its journal is neither removed nor named as where its rows are (another run may be writing it)."""
     try:
         check_locks()
-    except UserError:
+    except LockLost:
         if sink is not None:
             sink.close()
         raise

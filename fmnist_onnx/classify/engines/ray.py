@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fmnist_onnx import images
+from fmnist_onnx import TELEMETRY_ENV, images
 from fmnist_onnx.classify import sources
 from fmnist_onnx.classify.contract import (
     CRASHED,
@@ -382,8 +382,10 @@ class RayEngine:
             self.provider, self.workers, per_cpu, per_gpu = plan_pool(self.ray.cluster_resources(), request.provider,
                                                                       actors, local_cuda)
             options = {"num_cpus": per_cpu, **({"num_gpus": per_gpu} if per_gpu else {})}
-            if env := crash_env():  # a test's crash point (testing.py): actors on a cluster do not inherit it
-                options["runtime_env"] = {"env_vars": env}
+            # Actors on a cluster do not inherit the driver's environment: onnxruntime's telemetry as the driver
+            # has it (off unless the user turned it on: fmnist_onnx/__init__.py), and a test's crash point
+            env = {TELEMETRY_ENV: os.environ.get(TELEMETRY_ENV, "1"), **crash_env()}
+            options["runtime_env"] = {"env_vars": env}
             args = (self.ray.put(Path(request.model).read_bytes()), self.provider, request.invert, request.top_k,
                     request.batch_size or DEFAULT_BATCH)
             self.pool = _Pool(self.ray, self.workers, options, args)
