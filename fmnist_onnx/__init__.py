@@ -5,7 +5,7 @@ import os
 # onnxruntime keeps telemetry unless this is set when it is imported: a queue of events under the user's cache
 # (~/.cache/Microsoft/DeveloperTools/.onnxruntime: a database and a device id), a thread, and uploads. Set here,
 # before any module can import onnxruntime, for the command line and library users alike; a user's own
-# ORT_DISABLE_TELEMETRY=0 turns it back on (docs/reliability.md). Ray actors get it through their runtime_env.
+# ORT_DISABLE_TELEMETRY=0 turns it back on (docs/reliability.md), Ray actors included (engines/ray.py).
 TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
 os.environ.setdefault(TELEMETRY_ENV, "1")
 

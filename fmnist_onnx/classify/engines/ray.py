@@ -382,10 +382,15 @@ class RayEngine:
             self.provider, self.workers, per_cpu, per_gpu = plan_pool(self.ray.cluster_resources(), request.provider,
                                                                       actors, local_cuda)
             options = {"num_cpus": per_cpu, **({"num_gpus": per_gpu} if per_gpu else {})}
-            # Actors on a cluster do not inherit the driver's environment: onnxruntime's telemetry as the driver
-            # has it (off unless the user turned it on: fmnist_onnx/__init__.py), and a test's crash point
-            env = {TELEMETRY_ENV: os.environ.get(TELEMETRY_ENV, "1"), **crash_env()}
-            options["runtime_env"] = {"env_vars": env}
+            # Actors on a cluster do not inherit the driver's environment. Importing this package turns onnxruntime's
+            # telemetry off in them as here (fmnist_onnx/__init__.py); a user's own ORT_DISABLE_TELEMETRY=0 goes to
+            # them in a runtime_env, as a test's crash point does. Only then: an actor with a runtime_env cannot
+            # take a worker that Ray started ahead (ray-project/ray#47212), so it starts slower.
+            env = crash_env()
+            if os.environ.get(TELEMETRY_ENV, "1") != "1":
+                env[TELEMETRY_ENV] = os.environ[TELEMETRY_ENV]
+            if env:
+                options["runtime_env"] = {"env_vars": env}
             args = (self.ray.put(Path(request.model).read_bytes()), self.provider, request.invert, request.top_k,
                     request.batch_size or DEFAULT_BATCH)
             self.pool = _Pool(self.ray, self.workers, options, args)
