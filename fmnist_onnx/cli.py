@@ -735,9 +735,9 @@ def _export(fmt, pixels, labels, out: Path, split: str, shard_size, overwrite: b
 
 
 def main() -> None:
-    from fmnist_onnx.errors import exit_at_once_on_ctrl_c
+    from fmnist_onnx.errors import exit_at_once_on_signals
 
-    exit_at_once_on_ctrl_c()
+    exit_at_once_on_signals()
     cli(prog_name="fmnist-onnx")
 
 

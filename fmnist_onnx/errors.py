@@ -12,7 +12,7 @@ a number. The codes:
   128+N  Interrupted            stopped by signal N after saving what can be resumed (130: Ctrl-C, 143: SIGTERM)
 
 This module imports nothing at the top: ``__main__`` imports it before anything else (see
-``exit_at_once_on_ctrl_c``).
+``exit_at_once_on_signals``).
 """
 
 from __future__ import annotations
@@ -91,24 +91,39 @@ class Interrupted(CommandExit):
         return self.line()
 
 
-def _exit_130(signum, frame) -> None:
+_OWNER = 0  # the process that installed ``_exit_at_once``: the one whose stop it announces
+
+
+def _exit_at_once(signum, frame) -> None:
     import os
 
+    if os.getpid() != _OWNER:  # a process forked from it (a pool's worker) dies of the signal, saying nothing
+        import _signal
+
+        _signal.signal(signum, _signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     os.write(2, b"Interrupted.\n")
     os._exit(128 + signum)
 
 
-def exit_at_once_on_ctrl_c() -> None:
-    """Until a command has something to save, Ctrl-C ends the process at once: exit 130 and one line.
+def exit_at_once_on_signals() -> None:
+    """Until a command has something to save, Ctrl-C and SIGTERM end the process at once: one line and exit
+    130 or 143.
 
     Python's default raises KeyboardInterrupt wherever the main thread is, which in the first fraction of a
     second means inside an import (onnxruntime's C initialisation turns it into ``ImportError: initialization
-    failed``) or Click's own handler ("Aborted!", exit 1). Commands that keep state (classify's journal,
-    train's checkpoint) install their own handling once that state exists (``signals.on_signals``).
-    ``_signal``, not ``signal``: importing the latter builds enums for a few milliseconds, long enough to be
-    interrupted itself.
+    failed``) or Click's own handler ("Aborted!", exit 1); SIGTERM's default ends the process with no word.
+    Commands that keep state (classify's journal, train's checkpoint) install their own handling once that
+    state exists (``signals.StopSignals``). ``_signal``, not ``signal``: importing the latter builds enums for
+    a few milliseconds, long enough to be interrupted itself. A signal ignored when the process started
+    (Ctrl-C in a job started with ``&`` or ``nohup``) stays ignored.
     """
+    global _OWNER
     import _signal
+    import os
 
-    if _signal.getsignal(_signal.SIGINT) is not _signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, &): keep it
-        _signal.signal(_signal.SIGINT, _exit_130)
+    _OWNER = os.getpid()
+    for signum in (_signal.SIGINT, _signal.SIGTERM):
+        if _signal.getsignal(signum) is not _signal.SIG_IGN:
+            _signal.signal(signum, _exit_at_once)

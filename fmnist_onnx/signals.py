@@ -30,7 +30,7 @@
 
 In both modes the previous handlers are back when the block ends, whatever ends it. Nothing is installed outside
 the main thread (Python runs handlers there alone), and a SIGINT that was ignored when the block began (a job
-started with ``&`` by a shell, ``nohup``) stays ignored, as ``errors.exit_at_once_on_ctrl_c`` leaves it.
+started with ``&`` by a shell, ``nohup``) stays ignored, as ``errors.exit_at_once_on_signals`` leaves it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ one of its workers) without racing it. Outside tests nothing is set and a pause 
 A test sets two environment variables for the process it starts (tests/harness.py, ``Held``, is that side):
 
   FMNIST_ONNX_PAUSE=NAME[:N]   hold at the N-th pass (default 1) of the pause point NAME:
-      main.started             the command line's process, Ctrl-C's handler installed, nothing imported yet
+      main.started             the command line's process, Ctrl-C's and SIGTERM's handler set, nothing imported yet
       classify.before_engine   the request is checked; the engine (workers, onnxruntime, Ray) is not started
       classify.engine_ready    the engine is started; no journal yet
       classify.after_chunk     a chunk of rows has been appended to the journal, with either engine (the rows

@@ -63,11 +63,14 @@ def test_a_fixed_batch_model_gives_the_dynamic_models_rows(batch, onnx_model, te
     assert len(rows["fixed"]) == 1000 and rows["fixed"] == rows["dynamic"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
 @pytest.mark.parametrize("point", [f"{MAIN_STARTED}:1", f"{CLASSIFY_BEFORE_ENGINE}:1", f"{CLASSIFY_ENGINE_READY}:1",
                                    f"{CLASSIFY_AFTER_CHUNK}:1"])
-def test_ctrl_c_at_any_moment_is_exit_130_and_one_line(point, onnx_model, test_pngs, tmp_path):
+def test_a_stop_signal_at_any_moment_is_one_line_and_128_plus_its_number(sig, point, onnx_model, test_pngs,
+                                                                        tmp_path):
     """Held at each stage of its start (before the imports, before the workers and onnxruntime, before the
-    journal) and in the run, a Ctrl-C gives 130, one line and no traceback; a journal only once it has rows."""
+    journal) and in the run, a Ctrl-C gives 130 and a SIGTERM 143, one line and no traceback; a journal only
+    once it has rows."""
     import os
 
     from harness import Held
@@ -77,9 +80,13 @@ def test_ctrl_c_at_any_moment_is_exit_130_and_one_line(point, onnx_model, test_p
            "--quiet"]
     with Held(cmd, point, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
               text=True) as held:
-        os.killpg(held.wait(), signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+        pid = held.wait()
+        if sig == signal.SIGINT:
+            os.killpg(pid, sig)  # as a terminal's Ctrl-C: the whole process group
+        else:
+            os.kill(pid, sig)  # as `kill PID` or a service manager: the command's process alone
         _, stderr = held.proc.communicate(timeout=120)
-    assert held.proc.returncode == 130, stderr
+    assert held.proc.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr and "Aborted" not in stderr and "Error" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("Interrupted"), stderr
     assert not out.exists()
