@@ -19,8 +19,8 @@ from fmnist_onnx.files import (
     OutputLock,
     atomic_write_text,
     check_distinct,
-    check_output,
     check_locks,
+    check_output,
     lock_path,
 )
 
