@@ -180,21 +180,21 @@ _TILE_PIXELS = 1 << 20  # big images become grayscale a tile at a time: the conv
 
 def _plain_png(data: bytes) -> bool:
     """A PNG that Pillow reads as libspng does: IHDR, then only the chunks above up to IEND, and a valid CRC
-    wherever Pillow checks one (every chunk before the first IDAT; libspng lets some bad ones through)."""
-    pos, end, before_idat = 8, len(data), True
+    on every chunk, IDAT and IEND included. Pillow checks the CRCs before the first IDAT and leans on zlib for
+    the image data; libspng lets a damaged IDAT through with wrong pixels (one bit flipped: 144 of 300 files
+    where Pillow says the data is damaged). Any bad CRC sends the file to Pillow, which decides (0.3 us a file)."""
+    pos, end = 8, len(data)
     while pos + 12 <= end:
         length, kind = _CHUNK_HEAD.unpack_from(data, pos)
         stop = pos + 8 + length
         if stop + 4 > end:
             return False
+        if kind not in _PLAIN_PNG_CHUNKS and kind != b"IEND" and not (kind == b"IHDR" and pos == 8):
+            return False
+        if zlib.crc32(data[pos + 4:stop]) != _U32.unpack_from(data, stop)[0]:
+            return False
         if kind == b"IEND":
             return True
-        if kind == b"IDAT":
-            before_idat = False
-        elif kind not in _PLAIN_PNG_CHUNKS and not (kind == b"IHDR" and pos == 8):
-            return False
-        if before_idat and zlib.crc32(data[pos + 4:stop]) != _U32.unpack_from(data, stop)[0]:
-            return False
         pos = stop + 4
     return False
 

@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fmnist_onnx.images import ImageError
 from fmnist_onnx.sinks import read_rows
 from fmnist_onnx.spec import CLASSES
-from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK
+from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, CLASSIFY_BEFORE_ENGINE
 from harness import Held, assert_one_line_error, assert_report_draws, run_cli
 
 HUB_NAMES = ["T - shirt / top", *CLASSES[1:]]  # the Hub's fashion_mnist spells the first class so
@@ -119,6 +120,92 @@ def test_a_damaged_row_group_gives_its_rows_errors_and_the_rest_goes_on(samples,
     failed = [i for i, r in enumerate(rows) if r["error"]]
     assert failed == list(range(100, 200)), failed[:5]
     assert "row group 1" in rows[100]["error"] and summary["classified"] == len(items) - 100
+
+
+def _held_at_the_start(cmd: list, deed) -> subprocess.CompletedProcess:
+    """Run ``cmd`` held where its inputs are checked and nothing is walked yet (classify.before_engine), do
+    ``deed()`` there, let it go on; the finished process, its output read."""
+    with Held(cmd, f"{CLASSIFY_BEFORE_ENGINE}:1", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as held:
+        held.wait()
+        deed()
+        held.release()
+        stdout, stderr = held.proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, held.proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no image column"])
+def test_a_parquet_input_damaged_after_the_check_is_one_error_row_and_the_run_goes_on(samples, onnx_model,
+                                                                                       tmp_path, damage):
+    """As a damaged tar: one error row ``<file>::``, the other inputs' rows, exit 3 (was: exit 2, no output)."""
+    _, items = samples
+    bad, good = write_hub(tmp_path / "bad.parquet", items[:40]), write_hub(tmp_path / "good.parquet", items[:40])
+    out = tmp_path / "p.csv"
+
+    def deed() -> None:
+        if damage == "truncated":
+            bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+        else:
+            pq.write_table(pa.table({"x": [1, 2]}), bad)
+
+    proc = _held_at_the_start([sys.executable, "-m", "fmnist_onnx", "classify", str(bad), str(good), "-m",
+                               str(onnx_model), "-o", str(out), "--workers", "2", "--json"], deed)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+    rows = list(read_rows(out))
+    assert [r["path"] for r in rows] == [f"{bad}::", *(f"{good}::row/{i}" for i in range(40))]
+    why = "not a readable Parquet file" if damage == "truncated" else "no column of image bytes (columns: x)"
+    assert why in rows[0]["error"] and all(r["error"] is None for r in rows[1:])
+    assert json.loads(proc.stdout)["failed"] == 1 and not [n for n in os.listdir(tmp_path) if "partial" in n]
+
+
+def test_rows_of_a_parquet_file_damaged_after_the_walk_are_error_rows(samples, tmp_path):
+    """A worker that opens the file after the walk listed it (the walk in this process, then a worker's read,
+    from a fresh worker's state): its rows are error rows, not an exception that ends the run."""
+    from fmnist_onnx.classify import sources
+    from fmnist_onnx.classify.sources import parquet
+
+    _, items = samples
+    path = write_hub(tmp_path / "t.parquet", items[:100], row_group_size=25)
+    chunks = [b.members for b in sources.walk([str(path)], True)]
+    assert [len(m) for m in chunks] == [25] * 4
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    parquet._files.clear(), parquet._group.clear()  # a worker that has not read this file yet
+    got = sources.read(chunks[0])
+    assert len(got) == 25 and all(isinstance(e, ImageError) for e in got)
+    assert str(got[0]).startswith("cannot read the file now: not a readable Parquet file (")
+    write_hub(path, items[:30], row_group_size=25)  # replaced by a shorter table: rows 30-99 are gone
+    parquet._files.clear(), parquet._group.clear()
+    got = [x for m in chunks for x in sources.read(m)]
+    assert [isinstance(x, bytes) for x in got] == [True] * 30 + [False] * 70
+    assert str(got[-1]) == "no such row: the file holds 30 rows now"
+
+
+@pytest.mark.parametrize("metadata", [
+    b"[" * 100_000 + b"]" * 100_000,  # json.loads: RecursionError
+    json.dumps({"info": {"features": {"label": {"_type": "ClassLabel", "names": [[[[]]]]}}}}).replace(
+        "[[[[]]]]", "[" * 100_000 + "]" * 100_000).encode(),
+    b"{not json",
+])
+def test_class_names_in_bad_or_deeply_nested_metadata_count_as_none(samples, onnx_model, tmp_path, metadata):
+    _, items = samples
+    path = tmp_path / "m.parquet"
+    table = pa.table({"image": pa.array([b for _, b, _ in items[::30]], pa.binary()),
+                      "label": pa.array([c for _, _, c in items[::30]], pa.int64())})
+    pq.write_table(table.replace_schema_metadata({b"huggingface": metadata}), path)
+    summary, rows = _classify(path, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert [r["true_label"] for r in rows] == [CLASSES[c] for _, _, c in items[::30]]  # class indices, as without
+    assert summary["failed"] == 0
+
+
+def test_a_uint64_label_of_2_63_or_more_has_no_true_class(samples, onnx_model, tmp_path):
+    _, items = samples
+    path = tmp_path / "u.parquet"
+    labels = [9, 2**63, 2**64 - 1, 10, 3]
+    pq.write_table(pa.table({"image": pa.array([b for _, b, _ in items[:5]], pa.binary()),
+                             "label": pa.array(labels, pa.uint64())}), path)
+    summary, rows = _classify(path, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert [r["true_label"] for r in rows] == [CLASSES[9], None, None, None, CLASSES[3]]
+    assert summary["failed"] == 0 and sorted(os.listdir(tmp_path)) == ["p.csv", "p.csv.run.json", "u.parquet"]
 
 
 def test_null_and_oversized_images_are_error_rows(samples, onnx_model, tmp_path):

@@ -7,7 +7,9 @@ named ``<file>::row/<N>`` (N from 0, in the file's order).
 The walk (this process) reads the metadata and the label column only; the workers read the image column a
 row group at a time (the last one kept: chunks and row groups need not line up), so memory is bounded by the
 row group, and a row group bigger than MAX_GROUP_BYTES is refused as error rows rather than read. A row group
-that cannot be read (a damaged file) gives its rows error rows; the run goes on."""
+that cannot be read (a damaged file) gives its rows error rows; the run goes on. A file damaged (or replaced)
+after check() read it is handled as a damaged tar: one error row ``<file>::`` where the walk cannot open it,
+else error rows for the rows the workers cannot read, and the run goes on."""
 
 from __future__ import annotations
 
@@ -113,29 +115,32 @@ def _class_names(metadata: dict) -> list | None:
     try:
         info = json.loads(metadata[b"huggingface"])["info"]["features"]["label"]
         names = info["names"] if info.get("_type") == "ClassLabel" else None
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return None
     return names if isinstance(names, list) and len(names) <= 100_000 else None
 
 
 def _open(path: str, name: str | None = None):
+    """(the ParquetFile, its image column), or a UserError saying why not (without the file's name: check()
+    adds it; a row's path names it)."""
     pq = _pq()
     import pyarrow as pa
 
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{visible(path)}: not a readable Parquet file ({first_line(e)})") from None
-    try:
-        return pf, image_column(pf.schema_arrow, name)
-    except UserError as e:
-        raise UserError(f"{visible(path)}: {e}") from None
+        raise UserError(f"not a readable Parquet file ({first_line(e)})") from None
+    return pf, image_column(pf.schema_arrow, name)
 
 
 def check(paths: Sequence[str], image_column: str | None = None) -> list[str]:
     members.check_files(paths, "Parquet")
+    _pq()
     for p in paths:
-        _open(p, image_column)
+        try:
+            _open(p, image_column)
+        except UserError as e:
+            raise UserError(f"{visible(p)}: {e}") from None
     return list(paths)
 
 
@@ -144,7 +149,11 @@ def walk_batches(paths: Sequence[str], recursive: bool = True, exclude: Sequence
     """A Batch per row group: its rows' units, their row numbers, and their true classes; the Members carry
     ``image_column`` to the workers that read them."""
     for path in paths:
-        pf, _ = _open(path, image_column)
+        try:
+            pf, _ = _open(path, image_column)
+        except UserError as e:  # check() read it: damaged (or replaced) since, like a tar that cannot be listed
+            yield members.broken(path, e)
+            continue
         labels = label_map(pf.schema_arrow)
         start = 0
         for g in range(pf.metadata.num_row_groups):
@@ -167,9 +176,10 @@ def _truth(pf, g: int, n: int, labels: tuple[str, np.ndarray] | None) -> list[in
         values = pf.read_row_group(g, columns=[column], use_threads=False).column(0).to_pylist()
     except (pa.ArrowException, OSError, ValueError):
         return [-1] * n  # the images' read fails too, and says why in their rows
-    idx = np.array([-1 if v is None else v for v in values], np.int64)
-    inside = (idx >= 0) & (idx < len(lookup))
-    return np.where(inside, lookup[np.clip(idx, 0, len(lookup) - 1)], -1).tolist()
+    # compared as Python ints first: a uint64 label of 2^63 or more fits no int64, and names no class
+    top = len(lookup)
+    idx = np.array([v if v is not None and 0 <= v < top else -1 for v in values], np.int64)
+    return np.where(idx >= 0, lookup[idx], -1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- in a worker
@@ -177,7 +187,10 @@ def _truth(pf, g: int, n: int, labels: tuple[str, np.ndarray] | None) -> list[in
 def read(m: Members) -> list:
     """The images' bytes (or ImageError each), a row group at a time."""
     if (m.container, m.column) not in _files:
-        pf, column = _open(m.container, m.column)
+        try:
+            pf, column = _open(m.container, m.column)
+        except UserError as e:  # the walk read it: damaged (or replaced) since, so its rows are error rows
+            return [ImageError(f"cannot read the file now: {e}")] * len(m.keys)
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
         _files[m.container, m.column] = (pf, column, starts)
     pf, column, starts = _files[m.container, m.column]
@@ -189,6 +202,9 @@ def read(m: Members) -> list:
     out: list = []
     for a, b in itertools.pairwise(cuts):
         g = int(groups[a])
+        if g == len(starts) - 1:  # past the file's last row: it was replaced by a shorter one since the walk
+            out += [ImageError(f"no such row: the file holds {starts[-1]:,} rows now")] * (b - a)
+            continue
         group = _read_group(m.container, pf, column, g)
         if isinstance(group, ImageError):
             out += [group] * (b - a)
