@@ -42,7 +42,8 @@ def _indexed(path: str) -> Batch:
     def sidecars(picks: list[int]) -> list:
         return archives.read_small(path, [index.offsets[i] for i in picks], [index.sizes[i] for i in picks])
 
-    return members.batch("tar", path, index.names, index.offsets, index.sizes, sidecars, index.damage)
+    return members.batch("tar", path, index.names, index.offsets, index.sizes, sidecars, index.damage,
+                         special=index.skipped)
 
 
 def _streamed(path: str) -> Iterator[Batch]:
@@ -50,22 +51,27 @@ def _streamed(path: str) -> Iterator[Batch]:
     sidecar stay together)."""
     names: list[str] = []
     data: list = []
+    special: list[tuple[str, str]] = []  # members that are no file: skipped, counted by kind
     try:
         for name, content in archives.iter_tar_stream(path):
+            if isinstance(content, archives.Skipped):
+                special.append((name, content.kind))
+                continue
             if len(names) >= STREAM_BATCH and members.sample_key(name) != members.sample_key(names[-1]):
-                yield _inline(path, names, data)
-                names, data = [], []
+                yield _inline(path, names, data, special=special)
+                names, data, special = [], [], []
             names.append(name)
             data.append(content)
     except (archives.ArchiveDamaged, OSError) as e:
-        yield _inline(path, names, data, members.damage(e))
+        yield _inline(path, names, data, members.damage(e), special)
         return
-    if names:
-        yield _inline(path, names, data)
+    if names or special:
+        yield _inline(path, names, data, special=special)
 
 
-def _inline(path: str, names: list[str], data: list, damage: str | None = None) -> Batch:
-    return members.batch("tar", path, names, data, (), lambda picks: [data[i] for i in picks], damage, inline=True)
+def _inline(path: str, names: list[str], data: list, damage: str | None = None, special: list = ()) -> Batch:
+    return members.batch("tar", path, names, data, (), lambda picks: [data[i] for i in picks], damage, inline=True,
+                         special=special)
 
 
 def read(m: Members) -> list:
@@ -78,7 +84,8 @@ def read(m: Members) -> list:
 def read_one(path: str, member: str) -> bytes:
     """One member's bytes, by name (the report draws a few images again)."""
     if archives.archive_kind(path) != "tar":  # compressed: streamed up to the member
-        found = next((content for name, content in archives.iter_tar_stream(path) if name == member), None)
+        found = next((content for name, content in archives.iter_tar_stream(path)
+                      if name == member and not isinstance(content, archives.Skipped)), None)
         return members.one([] if found is None else [found], member)
     index, i = members.by_name(path, lambda: archives.index_tar(path), member)
     return members.one(archives.read_tar(path, [index.offsets[i]], [index.sizes[i]]), member)
