@@ -60,7 +60,8 @@ _SKIPPED_KINDS = {ord("2"): "symlink", ord("3"): "device", ord("4"): "device", o
 SPARSE, LOST_LINK = -1, -2
 UNREADABLE = {SPARSE: "sparse member: not read (its bytes in the archive are not the file's)",
               LOST_LINK: "hard link to a member the archive does not hold before it"}
-COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+ZSTD_SUFFIXES = (".tar.zst", ".tzst")  # read through the zstandard package, the [zstd] extra
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz", *ZSTD_SUFFIXES)
 TAR_SUFFIXES = (".tar", *COMPRESSED_TAR_SUFFIXES)  # the names read as tars, by classify too
 # how zipfile says a central directory is broken (a flagged UTF-8 name that is not: UnicodeDecodeError)
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError)
@@ -681,10 +682,89 @@ class _Stream:
         return data
 
 
+ZSTD_MISSING = "a .tar.zst needs the zstandard package: pip install 'fmnist-onnx[zstd]'"
+
+
+def zstd_missing() -> bool:
+    """Whether the zstandard package (the [zstd] extra) cannot be imported."""
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """The decompressors' ways of failing (zstandard's where it is loaded)."""
+    zstd = sys.modules.get("zstandard")
+    return (OSError, EOFError, zlib.error, lzma.LZMAError, *((zstd.ZstdError,) if zstd else ()))
+
+
+class _Zstd:
+    """A .tar.zst decompressed, frame after frame, ``read(n)`` at most n bytes; EOFError at the end where the
+    file ends inside a frame (zstandard's reader would just stop: a cut archive must not look whole)."""
+
+    def __init__(self, path: str) -> None:
+        import zstandard
+
+        self.whole = _zstd_frames_whole(path)
+        self.reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
+                                                                 closefd=True)
+
+    def read(self, n: int) -> bytes:
+        data = self.reader.read(n)
+        if not data and n and not self.whole:
+            raise EOFError("the file ends inside a zstd frame")
+        return data
+
+    def __enter__(self) -> _Zstd:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.reader.close()
+
+
+def _zstd_frames_whole(path: str) -> bool:
+    """Whether the file is whole zstd frames (or skippable frames): each frame's header and block headers
+    walked to its last block (RFC 8878), a few bytes read per 128 KiB block, nothing decompressed."""
+    with open(path, "rb") as f:
+        size, at = os.fstat(f.fileno()).st_size, 0
+        while at < size:
+            head = os.pread(f.fileno(), 14, at)
+            if len(head) < 8:
+                return False
+            magic = int.from_bytes(head[:4], "little")
+            if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame: its size, then its bytes
+                at += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            if magic != 0xFD2FB528:
+                return False
+            fhd = head[4]
+            single = fhd >> 5 & 1
+            at += 5 + (not single) + (0, 1, 2, 4)[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+            while True:
+                block = os.pread(f.fileno(), 3, at)
+                if len(block) < 3:
+                    return False
+                value = int.from_bytes(block, "little")
+                kind, length = value >> 1 & 3, value >> 3
+                if kind == 3:
+                    return False
+                at += 3 + (1 if kind == 1 else length)
+                if value & 1:
+                    break
+            at += 4 * (fhd >> 2 & 1)  # the content checksum
+        return at == size
+
+
 def _open_decompressing(path: str):
     """The file behind a decompressor chosen by its first bytes (not its name); a plain tar as it is."""
     with open(path, "rb") as f:
         magic = f.read(6)
+    if magic.startswith(b"\x28\xb5\x2f\xfd"):  # zstd: one frame, or several (zstd -T, or files concatenated)
+        if zstd_missing():
+            raise ArchiveDamaged(ZSTD_MISSING)
+        return _Zstd(path)
     if magic.startswith(b"\x1f\x8b"):
         return gzip.open(path, "rb")
     if magic.startswith(b"BZh"):
@@ -712,10 +792,10 @@ def iter_tar_stream(path: str) -> Iterator[tuple[str, bytes | ImageError | Skipp
         stream = _Stream(f)
         try:
             for name, at, size, kind, link, _ in _walk(stream.read, None):
-                last = name
                 if kind != _FILE:
                     if kind != _FOLDER:
                         yield name, _unstreamed(name, kind, link, seen)
+                    last = name
                     continue
                 if size > limit:
                     got, data = stream.skip(size), _too_large(size, limit)
@@ -727,7 +807,8 @@ def iter_tar_stream(path: str) -> Iterator[tuple[str, bytes | ImageError | Skipp
                                   f": {size} bytes declared, the data ends at byte {stream.pos}")
                 yield name, data if data else ImageError("empty member")
                 seen.add(posixpath.normpath(name))
-        except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # the decompressors' ways of failing
+                last = name
+        except _stream_errors() as e:
             where = f"after member {last!r}" if last is not None else "before any member"
             raise ArchiveDamaged(f"compressed data broken at byte {stream.pos} ({where}): {e}") from None
 

@@ -504,3 +504,17 @@ def test_tar_pax_size_overrides_the_header_and_global_records_name_nothing(tmp_p
     assert index.names == ["00000.png", "00001.png", "00002.png"] and index.damage is None
     assert archives.read_tar(str(path), index.offsets, index.sizes) == pngs[:3]
     assert [d for _, d in archives.iter_tar_stream(str(path))] == pngs[:3]
+
+
+def test_tar_zst_is_streamed_as_the_plain_tar(tmp_path, folder):
+    plain, packed = tmp_path / "s.tar", tmp_path / "s.tar.zst"
+    for path, flags in ((plain, ["-cf"]), (packed, ["--zstd", "-cf"])):
+        subprocess.run(["tar", "--sort=name", *flags, path, "-C", folder.parent, folder.name], check=True)
+    index = archives.index_tar(str(plain))
+    regular = [(n, d) for n, d in zip(index.names, archives.read_tar(str(plain), index.offsets, index.sizes),
+                                      strict=True) if "hard" not in n and "soft" not in n]
+    streamed = [(n, d) for n, d in archives.iter_tar_stream(str(packed)) if isinstance(d, bytes)]
+    assert streamed == regular and archives.archive_kind(str(packed)) == "tgz"
+    packed.write_bytes(packed.read_bytes()[:-40])  # cut short: the good members, then where it broke
+    with pytest.raises(ArchiveDamaged, match="compressed data broken|truncated"):
+        list(archives.iter_tar_stream(str(packed)))

@@ -1,9 +1,10 @@
 """The tar source: tar archives (the WebDataset layout of shards, or any tar of images), read in place, never
 unpacked to disk. A plain ``.tar`` is indexed by walking its 512-byte headers over a memory map (archives.py:
-4 us a member, where Python's tarfile takes 48) and the workers read each image at its offset; a compressed
-tar (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) cannot be read at an offset, so it is streamed once here
-and its images' bytes go to the workers. A damaged archive gives every member before the damage its row, then
-one error row, ``<archive>::``, saying where it broke."""
+a few us a member, where Python's tarfile takes 48) and the workers read each image at its offset; a compressed
+tar (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``; ``.tar.zst`` with the [zstd] extra) cannot be read at an
+offset, so it is streamed once here and its images' bytes go to the workers. A damaged archive gives every
+member before the damage its row, then one error row, ``<archive>::``, saying where it broke. Links are read as
+the member they reach; members that are no file (a symlink out of the archive, a device) are counted by kind."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from fmnist_onnx import archives
 from fmnist_onnx.classify.contract import Batch, Members
 from fmnist_onnx.classify.sources import members
+from fmnist_onnx.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,8 @@ STREAM_BATCH = 2048  # members of a compressed tar held at once (their bytes are
 
 
 def check(paths: Sequence[str]) -> list[str]:
+    if any(p.lower().endswith(archives.ZSTD_SUFFIXES) for p in paths) and archives.zstd_missing():
+        raise UserError(archives.ZSTD_MISSING)
     return members.check_files(paths, "tar archive")
 
 
