@@ -1,9 +1,10 @@
 """Tar and zip archives as sources of images, read in place: nothing is ever extracted to disk.
 
-A plain .tar is indexed by walking its 512-byte header chain over an mmap (a few microseconds a member, where
-Python's ``tarfile`` spends ~48), and members are then read with one ``pread`` each. Compressed tars (.tar.gz,
-.tgz, .tar.bz2, .tar.xz) cannot be indexed without decompressing everything before a member, so they are read
-in one streaming pass (``iter_tar_stream``). Zips are listed from their central directory by ``zipfile``.
+A plain .tar is indexed by walking its 512-byte header chain over an mmap (about a microsecond a header, checked
+in numpy arrays, where Python's ``tarfile`` spends ~48; _step, one header in Python, for the few the arrays
+leave: damage, old formats, long names, links), and members are then read with one ``pread`` each. Compressed
+tars (.tar.gz, .tgz, .tar.bz2, .tar.xz; .tar.zst with the [zstd] extra) cannot be indexed without decompressing
+everything before a member, so they are read in one streaming pass (``iter_tar_stream``). Zips are listed from their central directory by ``zipfile``.
 
 Bounds: a member larger than ``images.MAX_FILE_BYTES`` is an ``ImageError`` value, never read; a pax or GNU
 long-name record larger than MAX_EXTENDED_BYTES is damage; a zip member that inflates past what it declares
@@ -11,10 +12,12 @@ is caught by zipfile's own size limit and CRC. A broken archive lists every memb
 where it broke in one line (``ArchiveIndex.damage``); a member's own trouble is an ImageError in its place.
 Member names are listed as they are (``../x``, ``/etc/x``): they are never used as paths.
 
-Tar formats: ustar, GNU (long names 'L', base-256 numbers) and pax ('x' records: path and size; 'g' global
-records ignored), as ``tarfile`` reads them: the listing is tarfile's regular members (types '0', '\\0', '7'),
-names decoded as ``os.fsdecode`` does (surrogateescape), so non-UTF-8 names survive. GNU sparse members are
-left out (their bytes in the archive are not the file's bytes).
+Tar formats: ustar, GNU (long names 'L' and 'K', base-256 numbers) and pax ('x' and Solaris 'X' records: path,
+size, linkpath; 'g' global records ignored), as ``tarfile`` reads them, whoever wrote them (tarfile, WebDataset,
+GNU tar, bsdtar): the listing is tarfile's regular members (types '0', '\\0', '7') and the links that reach
+one (at the target's offset), names decoded as ``os.fsdecode`` does (surrogateescape), so non-UTF-8 names
+survive. Sparse members (their bytes in the archive are not the file's) and hard links to nothing are listed at
+an offset < 0, an error each; symlinks out of the archive, devices and FIFOs are ``ArchiveIndex.skipped``.
 """
 
 from __future__ import annotations
