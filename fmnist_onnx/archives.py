@@ -4,7 +4,8 @@ A plain .tar is indexed by walking its 512-byte header chain over an mmap (about
 in numpy arrays, where Python's ``tarfile`` spends ~48; _step, one header in Python, for the few the arrays
 leave: damage, old formats, long names, links), and members are then read with one ``pread`` each. Compressed
 tars (.tar.gz, .tgz, .tar.bz2, .tar.xz; .tar.zst with the [zstd] extra) cannot be indexed without decompressing
-everything before a member, so they are read in one streaming pass (``iter_tar_stream``). Zips are listed from their central directory by ``zipfile``.
+everything before a member, so they are read in one streaming pass (``iter_tar_stream``).
+Zips are listed from their central directory by ``zipfile``.
 
 Bounds: a member larger than ``images.MAX_FILE_BYTES`` is an ``ImageError`` value, never read; a pax or GNU
 long-name record larger than MAX_EXTENDED_BYTES is damage; a zip member that inflates past what it declares
