@@ -327,9 +327,11 @@ _SIZING_KEYS = (b" size=", b" GNU.sparse")  # ... that sizes it: the fast walk s
 
 
 def _octal(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The values of rows of octal digits, and whether each row is digits only."""
-    digits = fields.astype(np.int64) - 48
-    return digits @ (8 ** np.arange(fields.shape[1] - 1, -1, -1)), ((digits >= 0) & (digits <= 7)).all(axis=1)
+    """The values of rows of octal digits, and whether each row is digits only. A float64 product (BLAS), 5x
+    an int64 one: 12 digits are under 2**36, every partial sum an exact integer."""
+    digits = fields - np.uint8(48)  # a byte below '0' wraps past 7
+    value = digits.astype(np.float64) @ (8.0 ** np.arange(fields.shape[1] - 1, -1, -1))
+    return value.astype(np.int64), (digits <= 7).all(axis=1)
 
 
 @dataclass
@@ -348,24 +350,28 @@ class _Candidates:
     after: np.ndarray
     nxt: np.ndarray
     breaks: np.ndarray
+    names: list[str]  # the name field of each candidate that is a regular file the fast walk takes, in order
+    name_at: np.ndarray  # where each candidate's is in ``names`` (-1: none)
 
 
 def _candidates(blocks: np.ndarray, length: int) -> _Candidates:
     found = np.flatnonzero(blocks[:, 257] == ord("u"))
     parts = [_check(blocks, found[s:s + _WINDOW], length) for s in range(0, len(found), _WINDOW)] or \
         [_check(blocks, found, length)]
-    kind, size, ok, special = (np.concatenate(p) for p in zip(*parts, strict=True))
+    kind, size, ok, special, named = (np.concatenate(p) for p in zip(*[p[:5] for p in parts], strict=True))
+    names = [name for p in parts for name in p[5]] if len(parts) > 1 else parts[0][5]
+    name_at = np.where(named, np.cumsum(named) - 1, -1)
     after = found + 1 + (np.where(_DATA_KINDS[kind], size, 0) + BLOCK - 1) // BLOCK
     n = len(found)
     at = np.minimum(np.searchsorted(found, after), max(n - 1, 0))
     nxt = np.where(ok & (found[at] == after) & ok[at], at, -1) if n else at
     breaks = np.flatnonzero(nxt != np.arange(1, n + 1))
-    return _Candidates(found, kind, size, ok, special, after, nxt, breaks)
+    return _Candidates(found, kind, size, ok, special, after, nxt, breaks, names, name_at)
 
 
 def _check(blocks: np.ndarray, where: np.ndarray, length: int) -> tuple[np.ndarray, ...]:
     """_Candidates' kind, size, ok and special of the blocks ``where`` (a window of them: their copies are
-    512 bytes each)."""
+    512 bytes each), which are regular files the fast walk takes, and their names."""
     rows = blocks[where]
     kind = rows[:, 156]
     size, digits = _octal(rows[:, 124:135])
@@ -383,7 +389,8 @@ def _check(blocks: np.ndarray, where: np.ndarray, length: int) -> tuple[np.ndarr
         names, sizes = _pax_hits(blocks, where[pax], size[pax])
         special[pax[names]] = True
         ok[pax[sizes]] = False
-    return kind, size, ok, special
+    named = ok & _FILE_KINDS[kind] & ~special
+    return kind, size, ok, special, named, _names(rows[named, :100])
 
 
 def _pax_hits(blocks: np.ndarray, where: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -391,9 +398,8 @@ def _pax_hits(blocks: np.ndarray, where: np.ndarray, size: np.ndarray) -> tuple[
     one that sizes it: one search over their texts side by side, not a parse each (WebDataset's TarWriter and
     tarfile.add write one before every member, for a fractional mtime alone)."""
     width = max(int(size.max()), 1) if len(size) else 1
-    text = blocks[np.minimum(where + 1, len(blocks) - 1), :width]
-    text[np.arange(width) >= size[:, None]] = 0  # the block's bytes past the record
-    blob = text.tobytes()
+    # a key past a record's end (in its block's padding, NULs from every writer) is only a needless _step
+    blob = blocks[np.minimum(where + 1, len(blocks) - 1), :width].tobytes()
     hits = []
     for keys in (_NAMING_KEYS, _SIZING_KEYS):
         found = np.zeros(len(where), bool)
@@ -476,7 +482,11 @@ class _Lister:
             follow &= _PAX_KINDS[kind]  # ... and after a pax record between them, the one after that
         files = np.flatnonzero(_FILE_KINDS[kind] & ~special)
         where = c.where[i + files]
-        names = _names(blocks[where, :100])
+        at = c.name_at[i + files]
+        if len(at) and at[-1] - at[0] == len(at) - 1:  # the common case: one run of the names
+            names = c.names[int(at[0]):int(at[-1]) + 1]
+        else:
+            names = [c.names[k] for k in at.tolist()]
         offsets = ((where + 1) * BLOCK).astype(np.int64)
         sizes = c.size[i + files].astype(np.int64)
         done = 0
@@ -514,6 +524,8 @@ def _resolve_links(index: ArchiveIndex, links: list[tuple[int, int, str]]) -> No
     symbolic link the member its target names (relative to the link's folder), links to links followed. A
     symbolic link to nothing in the archive (outside it, a folder, a loop) has no row, a skipped member; a hard
     link to nothing keeps its row, an error (its file's bytes are not in the archive)."""
+    if not links:
+        return
     names, offsets, sizes = index.names, index.offsets, index.sizes
     positions = {name: i for i, name in enumerate(names)}
     normal: dict[str, int] = {}
