@@ -8,6 +8,7 @@ import gzip
 import io
 import os
 import struct
+import subprocess
 import tarfile
 import zipfile
 import zlib
@@ -45,7 +46,7 @@ def shard(pngs: list[bytes], names=None) -> list[tuple[str, bytes]]:
 
 
 def write_tar(path: Path, members, fmt=tarfile.GNU_FORMAT, mode="w", extras=True) -> Path:
-    """Members as regular files, plus a folder, a symlink and a hard link that a listing leaves out."""
+    """Members as regular files, plus a folder (no row), a symlink and a hard link to the first member."""
     with tarfile.open(path, mode, format=fmt) as tf:
         if extras:
             folder = tarfile.TarInfo("Bag")
@@ -64,8 +65,19 @@ def write_tar(path: Path, members, fmt=tarfile.GNU_FORMAT, mode="w", extras=True
 
 
 def tarfile_members(path: Path) -> list[tuple[str, int, bytes]]:
+    """(name, data offset, bytes) of the regular members and of the links to one, as tarfile resolves them."""
+    out = []
     with tarfile.open(path) as tf:
-        return [(m.name, m.offset_data, tf.extractfile(m).read()) for m in tf.getmembers() if m.isreg()]
+        for m in tf.getmembers():
+            target = m
+            try:
+                while target.islnk() or target.issym():  # a link to a link: followed
+                    target = tf._find_link_target(target)
+            except KeyError:  # a link to nothing in the archive
+                continue
+            if target.isreg():
+                out.append((m.name, target.offset_data, tf.extractfile(target).read()))
+    return out
 
 
 def rewrite_header(path: Path, at: int, signed: bool = False, **fields) -> None:
@@ -250,8 +262,8 @@ def test_tar_member_over_the_limit_is_an_error_value(tmp_path, pngs):
 @pytest.mark.parametrize("mode, suffix", [("w:gz", ".tar.gz"), ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz")])
 def test_compressed_stream_equals_plain(tmp_path, pngs, mode, suffix):
     members = shard(pngs[:3], ["Bag/00000.png", LONG, "Été.png"])
-    plain = write_tar(tmp_path / "s.tar", members, tarfile.PAX_FORMAT)
-    packed = write_tar(tmp_path / ("s" + suffix), members, tarfile.PAX_FORMAT, mode)
+    plain = write_tar(tmp_path / "s.tar", members, tarfile.PAX_FORMAT, extras=False)
+    packed = write_tar(tmp_path / ("s" + suffix), members, tarfile.PAX_FORMAT, mode, extras=False)
     index = archives.index_tar(str(plain))
     want = list(zip(index.names, archives.read_tar(str(plain), index.offsets, index.sizes), strict=True))
     assert list(archives.iter_tar_stream(str(packed))) == want == members
@@ -295,8 +307,8 @@ def test_hostile_names_are_listed_and_nothing_is_written(tmp_path, pngs, monkeyp
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # a folder of its own: nothing else writes there meanwhile
     members = [("../../escape.png", pngs[0]), ("/etc/cron.d/x.png", pngs[1]), ("a/../../b.png", pngs[2])]
-    tar = write_tar(tmp_path / "s.tar", members, tarfile.PAX_FORMAT)
-    tgz = write_tar(tmp_path / "s.tgz", members, tarfile.PAX_FORMAT, "w:gz")
+    tar = write_tar(tmp_path / "s.tar", members, tarfile.PAX_FORMAT, extras=False)
+    tgz = write_tar(tmp_path / "s.tgz", members, tarfile.PAX_FORMAT, "w:gz", extras=False)
     with zipfile.ZipFile(tmp_path / "s.zip", "w") as zf:
         for name, data in members:
             zf.writestr(name, data)
@@ -389,3 +401,120 @@ def test_zip_utf8_name_without_the_flag_is_read_as_utf8(tmp_path, pngs):
     data = path.read_bytes().replace(b"x" * len(name.encode()), name.encode())  # raw UTF-8, flag bit 11 unset
     path.write_bytes(data)
     assert archives.index_zip(str(path)).names == [name]
+
+
+# ---------------------------------------------------------------------------------------------- other writers
+
+WRITERS = ["tarfile_pax", "tarfile_gnu", "webdataset", "gnutar_gnu", "gnutar_posix", "bsdtar"]
+LONGER = "Coat/" + "c" * 110 + ".png"  # a base name over 100 bytes: no ustar prefix can hold it
+
+
+def archive(writer: str, root: Path, out: Path) -> Path:
+    """The folder ``root`` as ``writer`` archives it: tarfile.add (its default format, pax, or GNU), WebDataset's
+    TarWriter (regular files only, by key), GNU tar in either format, bsdtar."""
+    if writer.startswith("tarfile_"):
+        with tarfile.open(out, "w", **({"format": tarfile.GNU_FORMAT} if writer == "tarfile_gnu" else {})) as tf:
+            tf.add(root, root.name)
+    elif writer == "webdataset":
+        from webdataset import TarWriter
+
+        with TarWriter(str(out)) as sink:
+            for p in sorted(root.rglob("*.png")):
+                if p.is_file() and not p.is_symlink():
+                    sink.write({"__key__": f"{root.name}/{p.relative_to(root).with_suffix('')}", "png": p.read_bytes()})
+    elif writer.startswith("gnutar_"):
+        subprocess.run(["tar", f"--format={writer[7:]}", "-cf", out, "-C", root.parent, root.name], check=True)
+    else:
+        subprocess.run(["bsdtar", "-cf", out, "-C", root.parent, root.name], check=True)
+    return out
+
+
+@pytest.fixture
+def folder(tmp_path, pngs) -> Path:
+    """Real PNGs under names of every length (one over 100 bytes that a ustar prefix splits, one it cannot),
+    a hard link and a symlink to one of them, a symlink out of the folder and a FIFO."""
+    root = tmp_path / "pngs"
+    for i, name in enumerate(["Bag/00000.png", LONG, LONGER, "Été/00003.png", "Shirt/00004.png"]):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(pngs[i])
+    os.link(root / "Bag/00000.png", root / "Bag/00005-hard.png")
+    os.symlink("00000.png", root / "Bag/00006-soft.png")
+    os.symlink("/nonexistent/elsewhere.png", root / "Bag/00007-out.png")
+    os.mkfifo(root / "Bag/pipe")
+    return root
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_tar_of_each_writer_is_listed_as_tarfile_lists_it(tmp_path, folder, writer):
+    path = archive(writer, folder, tmp_path / "s.tar")
+    index = archives.index_tar(str(path))
+    want = tarfile_members(path)
+    assert index.names == [name for name, _, _ in want] and index.damage is None
+    assert list(index.offsets) == [at for _, at, _ in want]
+    assert archives.read_tar(str(path), index.offsets, index.sizes) == [data for _, _, data in want]
+    assert {(Path(n).name, k) for n, k in index.skipped} == (
+        set() if writer == "webdataset" else {("00007-out.png", "symlink"), ("pipe", "FIFO")})
+    images = {str(p.relative_to(folder.parent)) for p in folder.rglob("*.png") if p.resolve().is_file()}
+    assert set(index.names) == images if writer != "webdataset" else set(index.names) < images
+
+
+def test_tar_links_in_a_compressed_stream_are_errors(tmp_path, folder):
+    path = tmp_path / "s.tar.gz"
+    subprocess.run(["tar", "-czf", path, "--sort=name", "-C", folder.parent, folder.name], check=True)
+    got = {name: data for name, data in archives.iter_tar_stream(str(path))}
+    links = {n: d for n, d in got.items() if isinstance(d, ImageError)}
+    assert set(links) == {"pngs/Bag/00005-hard.png", "pngs/Bag/00006-soft.png"}  # their target came before
+    assert all("streamed past" in str(e) for e in links.values())
+    assert got["pngs/Bag/00007-out.png"] == archives.Skipped("symlink") and got["pngs/Bag/pipe"] == ("FIFO",)
+    assert got["pngs/Bag/00000.png"] == (folder / "Bag/00000.png").read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_tar_sparse_member_is_an_error_value_and_the_rest_is_read(tmp_path, pngs, fmt):
+    root = tmp_path / "pngs"
+    root.mkdir()
+    (root / "a.png").write_bytes(pngs[0])
+    with open(root / "hole.png", "wb") as f:  # a file with a hole: GNU tar -S writes it sparse
+        f.seek(1 << 20)
+        f.write(b"end")
+    (root / "z.png").write_bytes(pngs[1])
+    path = tmp_path / "s.tar"
+    subprocess.run(["tar", f"--format={fmt}", "-S", "--sort=name", "-cf", path, "-C", tmp_path, "pngs"], check=True)
+    index = archives.index_tar(str(path))
+    assert index.names == [n for n, _, _ in tarfile_members(path)] == ["pngs/a.png", "pngs/hole.png", "pngs/z.png"]
+    got = archives.read_tar(str(path), index.offsets, index.sizes)
+    assert got[0] == pngs[0] and got[2] == pngs[1] and "sparse member" in str(got[1])
+    streamed = dict(archives.iter_tar_stream(str(path)))
+    assert streamed["pngs/z.png"] == pngs[1] and "sparse member" in str(streamed["pngs/hole.png"])
+
+
+def test_tar_pax_size_overrides_the_header_and_global_records_name_nothing(tmp_path, pngs):
+    """A member whose ustar size field says 0 and whose pax record says its size (as tarfile writes one over
+    8 GiB); a global record with a path and a comment (git archive writes one) renames nothing."""
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "abc", "path": "x.png"}) as tf:
+        for i, data in enumerate(pngs[:3]):
+            info = tarfile.TarInfo(f"{i:05d}.png")
+            info.size, info.pax_headers = len(data), {"size": str(len(data))}
+            tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tf:  # tarfile applies the global path: every member is x.png to it
+        at = tf.getmembers()[1].offset_data - 512
+    rewrite_header(path, at, size=b"%011o\0" % 0)
+    index = archives.index_tar(str(path))
+    assert index.names == ["00000.png", "00001.png", "00002.png"] and index.damage is None
+    assert archives.read_tar(str(path), index.offsets, index.sizes) == pngs[:3]
+    assert [d for _, d in archives.iter_tar_stream(str(path))] == pngs[:3]
+
+
+def test_tar_zst_is_streamed_as_the_plain_tar(tmp_path, folder):
+    plain, packed = tmp_path / "s.tar", tmp_path / "s.tar.zst"
+    for path, flags in ((plain, ["-cf"]), (packed, ["--zstd", "-cf"])):
+        subprocess.run(["tar", "--sort=name", *flags, path, "-C", folder.parent, folder.name], check=True)
+    index = archives.index_tar(str(plain))
+    regular = [(n, d) for n, d in zip(index.names, archives.read_tar(str(plain), index.offsets, index.sizes),
+                                      strict=True) if "hard" not in n and "soft" not in n]
+    streamed = [(n, d) for n, d in archives.iter_tar_stream(str(packed)) if isinstance(d, bytes)]
+    assert streamed == regular and archives.archive_kind(str(packed)) == "tgz"
+    packed.write_bytes(packed.read_bytes()[:-40])  # cut short: the good members, then where it broke
+    with pytest.raises(ArchiveDamaged, match="compressed data broken|truncated"):
+        list(archives.iter_tar_stream(str(packed)))

@@ -115,3 +115,11 @@ def test_training_commands_name_the_extra_to_install(venv, command):
     assert_one_line_error(proc, 2, 'pip install "fmnist-onnx[train]"')
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (venv / "pngs").exists() and not (venv / "artifacts").exists()
+
+
+def test_a_tar_zst_without_the_zstd_extra_is_one_line(venv, onnx_model, test_pngs, tmp_path):
+    packed = tmp_path / "s.tar.zst"
+    subprocess.run(["tar", "--zstd", "-cf", packed, "-C", test_pngs, "Pullover"], check=True)
+    proc = run_installed(venv, "classify", packed, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "Error: a .tar.zst needs the zstandard package: pip install 'fmnist-onnx[zstd]'"

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_archives import WRITERS, archive
 
 from fmnist_onnx.sinks import journal_path, read_rows
 from fmnist_onnx.spec import CLASSES
@@ -174,3 +175,58 @@ def test_the_report_draws_members_from_inside_the_archive(pngs, onnx_model, tmp_
     tar = write_tar(tmp_path / "t.tar", pngs)
     _classify(tar, "-m", onnx_model, "-o", tmp_path / "t.csv")
     assert_report_draws(tmp_path / "t.csv", tmp_path / "r.html")
+
+
+@pytest.fixture(scope="module")
+def image_folder(pngs, onnx_model, tmp_path_factory) -> tuple[Path, dict]:
+    """The 200 PNGs as a folder in the ImageFolder layout, and its rows by path inside it."""
+    root = tmp_path_factory.mktemp("writers") / "data"
+    for name, data in pngs:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    _, rows = _classify(root, "-m", onnx_model, "-o", root.parent / "folder.csv")
+    return root, {str(Path(r["path"]).relative_to(root.parent)): r for r in rows}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_tar_of_each_writer_classifies_as_its_folder(image_folder, onnx_model, tmp_path, writer):
+    root, by_name = image_folder
+    tar = archive(writer, root, tmp_path / "t.tar")
+    summary, rows = _classify(tar, "-m", onnx_model, "-o", tmp_path / "t.csv")
+    assert sorted(r["path"] for r in rows) == sorted(f"{tar}::{n}" for n in by_name)
+    for r in rows:
+        want = by_name[r["path"].partition("::")[2]]
+        assert (r["label"], r["true_label"], r["error"]) == (want["label"], want["true_label"], None), r
+    assert summary["skipped"] == 0 and summary["accuracy_pct"] is not None
+
+
+def test_links_in_a_tar_are_rows_of_their_targets_and_other_members_are_counted(pngs, onnx_model, tmp_path):
+    """GNU tar of a folder of 13 PNGs, two of them hard links and one a symlink: 13 rows, the links' labels
+    their targets'; a symlink out of the folder, a FIFO: skipped, named by kind. In a .tar.gz the links' targets
+    have streamed past: error rows."""
+    root = tmp_path / "pngs"
+    root.mkdir()
+    for name, data in pngs[:10]:
+        (root / Path(name).name).write_bytes(data)
+    first, second = sorted(root.iterdir())[:2]
+    os.link(first, root / "x-hard-1.png")
+    os.link(second, root / "x-hard-2.png")
+    os.symlink(first.name, root / "x-soft.png")
+    os.symlink("/nowhere/y.png", root / "y-out.png")
+    os.mkfifo(root / "z-pipe")
+    tar, tgz = tmp_path / "t.tar", tmp_path / "t.tar.gz"
+    for path, flag in ((tar, "-cf"), (tgz, "-czf")):
+        subprocess.run(["tar", "--sort=name", flag, path, "-C", tmp_path, "pngs"], check=True)
+    summary, rows = _classify(tar, "-m", onnx_model, "-o", tmp_path / "t.csv")
+    labels = {r["path"].rpartition("/")[2]: r["label"] for r in rows}
+    assert len(rows) == summary["classified"] == 13 and summary["failed"] == 0
+    assert labels["x-hard-1.png"] == labels["x-soft.png"] == labels[first.name]
+    assert labels["x-hard-2.png"] == labels[second.name]
+    assert summary["skipped"] == 2 and summary["skipped_kinds"] == {"FIFO": 1, "symlink": 1}
+    text = run_cli("classify", tar, "-m", onnx_model, "-o", tmp_path / "u.csv", check=True).stdout
+    assert "13 of 13 files classified, 0 failed, 2 other files skipped (of them 1 FIFO, 1 symlink to nothing in " \
+           "its archive)." in text
+    summary, rows = _classify(tgz, "-m", onnx_model, "-o", tmp_path / "g.csv", code=3)
+    errors = {r["path"].rpartition("/")[2] for r in rows if r["error"]}
+    assert len(rows) == 13 and errors == {"x-hard-1.png", "x-hard-2.png", "x-soft.png"}
+    assert summary["skipped_kinds"] == {"FIFO": 1, "symlink": 1}

@@ -67,6 +67,8 @@ class ClassifySummary:
     failures: list[dict] = field(default_factory=list)  # the first few {path, error}
     already_complete: bool = False
     provider_reason: str | None = None  # why this provider (--provider auto's rule: runtime.classify_provider)
+    skipped_kinds: dict[str, int] = field(default_factory=dict)  # of the skipped, archive members that are no
+    # file, by kind: "symlink" (to nothing in its archive), "device", "FIFO", "other"
 
 
 class Found(NamedTuple):
@@ -121,6 +123,7 @@ class Batch(NamedTuple):
     skipped: list[str]
     unlistable: Found | None = None
     members: Members | None = None
+    kinds: dict[str, int] | None = None  # of ``skipped``, the archive members that are no file, by kind
 
 
 def units_of(item: list[str] | Members) -> list[str]:

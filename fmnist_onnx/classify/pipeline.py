@@ -69,6 +69,8 @@ def work_items(batches: Iterator[Batch], done: Done | None, tally: Tally,
     chunk: list[str] = []
     for batch in batches:
         tally.skipped += len(batch.skipped)
+        if batch.kinds:
+            tally.skipped_kinds.update(batch.kinds)
         if chunk and (batch.unlistable is not None or batch.members is not None):
             yield chunk
             chunk = []

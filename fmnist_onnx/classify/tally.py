@@ -4,6 +4,7 @@ per-class precision and recall, the summary and its text (``format_summary``), a
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ class Tally:
     def __init__(self) -> None:
         self.classified = self.failed = self.skipped = self.resumed = 0
         self.unlabelled = 0
+        self.skipped_kinds: Counter[str] = Counter()  # archive members that are no file (Batch.kinds)
         self.confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)  # [true, predicted]
         self.failures: list[dict] = []
 
@@ -91,6 +93,7 @@ def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: 
         skipped=tally.skipped, resumed=tally.resumed, seconds=round(seconds, 3),
         images_per_s=round(new / seconds, 1) if seconds > 0 else 0.0, accuracy_pct=acc, per_class=per_class,
         confusion_png=str(png) if png else None, failures=tally.failures, provider_reason=provider_reason,
+        skipped_kinds=dict(sorted(tally.skipped_kinds.items())),
     )
 
 
@@ -109,6 +112,17 @@ def _confusion_png(tally: Tally, output: str, acc: float | None, replace: bool) 
     return path
 
 
+_KIND_WORDS = {"symlink": ("symlink to nothing in its archive", "symlinks to nothing in their archive"),
+               "device": ("device", "devices"), "FIFO": ("FIFO", "FIFOs"),
+               "other": ("archive member of another kind", "archive members of another kind")}
+
+
+def _kinds(kinds: dict[str, int]) -> str:
+    """' (of them 2 symlinks to nothing in their archive, 1 device)': the skipped members that are no file."""
+    words = [f"{n} {_KIND_WORDS.get(k, (k, k))[n != 1]}" for k, n in kinds.items()]
+    return f" (of them {', '.join(words)})" if words else ""
+
+
 def format_summary(s: ClassifySummary) -> str:
     """The summary as a person reads it. Names and errors come from outside: shown with control and
     bidirectional characters as visible escapes (text.visible), never raw on a terminal."""
@@ -117,7 +131,7 @@ def format_summary(s: ClassifySummary) -> str:
     if s.already_complete:
         lines.append(f"{output} is complete already: {s.files} rows.")
     else:
-        skipped = f", {s.skipped} other files skipped" if s.skipped else ""
+        skipped = f", {s.skipped} other files skipped{_kinds(s.skipped_kinds)}" if s.skipped else ""
         resumed = f", {s.resumed} of them from the interrupted run" if s.resumed else ""
         lines.append(f"{s.classified} of {s.files} files classified, {s.failed} failed{skipped}{resumed}.")
         if not s.files:

@@ -1,6 +1,7 @@
 """The sources' registry: where images come from, a module per kind of input (contract.Source), imported only
 when an input of its kind is named. A source is chosen by what the input is: ``uri`` for ``scheme://...``;
-``tar`` for a file named .tar, .tar.gz, .tgz, .tar.bz2, .tbz2, .tbz, .tar.xz or .txz (archives.TAR_SUFFIXES);
+``tar`` for a file named .tar, .tar.gz, .tgz, .tar.bz2, .tbz2, .tbz, .tar.xz, .txz, .tar.zst or .tzst
+(archives.TAR_SUFFIXES);
 ``zip`` for .zip; ``parquet`` for .parquet; ``folder`` for other local files and folders (a folder is a folder
 whatever its name).
 

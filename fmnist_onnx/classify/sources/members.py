@@ -54,9 +54,10 @@ def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
 
 def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes: Sequence[int],
           read_sidecars: Callable[[list[int]], list[bytes | Exception]], damage: str | None = None,
-          inline: bool = False) -> Batch:
+          inline: bool = False, special: Sequence[tuple[str, str]] = ()) -> Batch:
     """The walk's Batch of a container's members (``keys``/``sizes``: what the source reads them by), with
-    an error row for the damage that ended its listing, if any."""
+    an error row for the damage that ended its listing, if any. ``special``: (name, kind) of the members that
+    are no file (a symlink to nothing in the archive, a device, a FIFO): skipped, and counted by kind."""
     pics, cls, other = split(names)
     labels = {sample_key(names[i]): class_of_sidecar(data)
               for i, data in zip(cls, read_sidecars(cls), strict=True) if isinstance(data, bytes)}
@@ -68,7 +69,11 @@ def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes
     members = Members(kind, container, units, [keys[i] for i in pics], truth,
                       [sizes[i] for i in pics] if len(sizes) else (), inline)
     broken = Found(prefix, "unlistable", damage) if damage else None
-    return Batch(units, [prefix + names[i] for i in other], broken, members)
+    kinds: dict[str, int] = {}
+    for _, what in special:
+        kinds[what] = kinds.get(what, 0) + 1
+    skipped = [prefix + names[i] for i in other] + [prefix + name for name, _ in special]
+    return Batch(units, skipped, broken, members, kinds or None)
 
 
 def _folder_class(name: str) -> int:

@@ -1,9 +1,10 @@
 """The tar source: tar archives (the WebDataset layout of shards, or any tar of images), read in place, never
 unpacked to disk. A plain ``.tar`` is indexed by walking its 512-byte headers over a memory map (archives.py:
-4 us a member, where Python's tarfile takes 48) and the workers read each image at its offset; a compressed
-tar (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) cannot be read at an offset, so it is streamed once here
-and its images' bytes go to the workers. A damaged archive gives every member before the damage its row, then
-one error row, ``<archive>::``, saying where it broke."""
+a few us a member, where Python's tarfile takes 48) and the workers read each image at its offset; a compressed
+tar (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``; ``.tar.zst`` with the [zstd] extra) cannot be read at an
+offset, so it is streamed once here and its images' bytes go to the workers. A damaged archive gives every
+member before the damage its row, then one error row, ``<archive>::``, saying where it broke. Links are read as
+the member they reach; members that are no file (a symlink out of the archive, a device) are counted by kind."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from fmnist_onnx import archives
 from fmnist_onnx.classify.contract import Batch, Members
 from fmnist_onnx.classify.sources import members
+from fmnist_onnx.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,8 @@ STREAM_BATCH = 2048  # members of a compressed tar held at once (their bytes are
 
 
 def check(paths: Sequence[str]) -> list[str]:
+    if any(p.lower().endswith(archives.ZSTD_SUFFIXES) for p in paths) and archives.zstd_missing():
+        raise UserError(archives.ZSTD_MISSING)
     return members.check_files(paths, "tar archive")
 
 
@@ -42,7 +46,8 @@ def _indexed(path: str) -> Batch:
     def sidecars(picks: list[int]) -> list:
         return archives.read_small(path, [index.offsets[i] for i in picks], [index.sizes[i] for i in picks])
 
-    return members.batch("tar", path, index.names, index.offsets, index.sizes, sidecars, index.damage)
+    return members.batch("tar", path, index.names, index.offsets, index.sizes, sidecars, index.damage,
+                         special=index.skipped)
 
 
 def _streamed(path: str) -> Iterator[Batch]:
@@ -50,22 +55,27 @@ def _streamed(path: str) -> Iterator[Batch]:
     sidecar stay together)."""
     names: list[str] = []
     data: list = []
+    special: list[tuple[str, str]] = []  # members that are no file: skipped, counted by kind
     try:
         for name, content in archives.iter_tar_stream(path):
+            if isinstance(content, archives.Skipped):
+                special.append((name, content.kind))
+                continue
             if len(names) >= STREAM_BATCH and members.sample_key(name) != members.sample_key(names[-1]):
-                yield _inline(path, names, data)
-                names, data = [], []
+                yield _inline(path, names, data, special=special)
+                names, data, special = [], [], []
             names.append(name)
             data.append(content)
     except (archives.ArchiveDamaged, OSError) as e:
-        yield _inline(path, names, data, members.damage(e))
+        yield _inline(path, names, data, members.damage(e), special)
         return
-    if names:
-        yield _inline(path, names, data)
+    if names or special:
+        yield _inline(path, names, data, special=special)
 
 
-def _inline(path: str, names: list[str], data: list, damage: str | None = None) -> Batch:
-    return members.batch("tar", path, names, data, (), lambda picks: [data[i] for i in picks], damage, inline=True)
+def _inline(path: str, names: list[str], data: list, damage: str | None = None, special: list = ()) -> Batch:
+    return members.batch("tar", path, names, data, (), lambda picks: [data[i] for i in picks], damage, inline=True,
+                         special=special)
 
 
 def read(m: Members) -> list:
@@ -78,7 +88,8 @@ def read(m: Members) -> list:
 def read_one(path: str, member: str) -> bytes:
     """One member's bytes, by name (the report draws a few images again)."""
     if archives.archive_kind(path) != "tar":  # compressed: streamed up to the member
-        found = next((content for name, content in archives.iter_tar_stream(path) if name == member), None)
+        found = next((content for name, content in archives.iter_tar_stream(path)
+                      if name == member and not isinstance(content, archives.Skipped)), None)
         return members.one([] if found is None else [found], member)
     index, i = members.by_name(path, lambda: archives.index_tar(path), member)
     return members.one(archives.read_tar(path, [index.offsets[i]], [index.sizes[i]]), member)
