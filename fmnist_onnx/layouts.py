@@ -177,7 +177,10 @@ def export_tar(pixels: np.ndarray, labels: Sequence[int], out: str | Path, split
         if bar is not None:
             bar.close()
     removed, kept = _remove_earlier(out, earlier, [p for p in old if p.name not in written])
-    _write_manifest(out, split, written)
+    try:
+        _write_manifest(out, split, written)
+    except OSError as e:  # the one written after the last shard holds them all: its other entries are gone now
+        log.warning("cannot rewrite %s: %s", manifest_path(out, split), e.strerror or e)
     return Written(paths, n, removed, kept)
 
 
