@@ -695,6 +695,7 @@ def export_png(split, out, fmt, shard_size, limit, data_dir, overwrite, quiet):
     """
     if shard_size is not None and fmt != "tar":
         raise UserError("--shard-size applies to --format tar only")
+    out = _export_folder(out)
     require_train_extra("data export-png", "torch", "torchvision")  # the dataset is read through torchvision
     from fmnist_onnx.data import load_split
     from fmnist_onnx.files import locked
@@ -706,6 +707,15 @@ def export_png(split, out, fmt, shard_size, limit, data_dir, overwrite, quiet):
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out):  # <out>.lock, beside the folder
         _export(fmt, pixels, labels, out, split, shard_size, overwrite, show_progress(quiet))
+
+
+def _export_folder(out: Path) -> Path:
+    """--out as a folder with a name, for the lock beside it: '.' or '..' by its absolute path; '/' refused."""
+    if out.name in ("", ".."):
+        out = Path(os.path.abspath(out))
+    if not out.name:
+        raise UserError(f"--out {out}: the root folder; name a folder to write into")
+    return out
 
 
 def _export(fmt, pixels, labels, out: Path, split: str, shard_size, overwrite: bool, progress: bool) -> None:
@@ -720,6 +730,11 @@ def _export(fmt, pixels, labels, out: Path, split: str, shard_size, overwrite: b
             n = write_pngs(pixels, labels, out, overwrite=overwrite, progress=progress)
         except ImageError as e:
             raise UserError(str(e)) from None
+        except OSError as e:  # a full disk, an I/O error: exit 4, as classify's
+            from fmnist_onnx.sinks import OutputError
+
+            raise OutputError(f"cannot write into {out}: {e.strerror or e}; the PNG files written before it "
+                              "are complete, and kept") from None
         check_locks()  # each PNG is renamed by images.py, not files.publish: a lock lost meanwhile is told here
         click.echo(f"wrote {n} PNG files to {out} ({split} split, ImageFolder layout)")
     elif fmt == "tar":
@@ -729,6 +744,8 @@ def _export(fmt, pixels, labels, out: Path, split: str, shard_size, overwrite: b
                    "WebDataset)")
         for p in w.removed:
             click.echo(f"removed {p.name}, a shard of an earlier export", err=True)
+        for p, why in w.kept:
+            click.echo(f"kept {p.name}: {why}", err=True)
     else:
         w = layouts.export_parquet(pixels, labels, out, split, overwrite=overwrite, progress=progress)
         click.echo(f"wrote {w.files[0]}: {w.images} images ({split} split, Hugging Face Parquet)")

@@ -617,10 +617,18 @@ def _write_pngs(pixels: np.ndarray, labels: Sequence[int], folders: list[int], p
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dfd)
         try:
-            os.write(fd, png)
-        finally:
-            os.close(fd)
-        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            try:
+                if os.write(fd, png) != len(png):  # a short write: the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError:  # a full disk, an I/O error: no temporary file stays (the caller says it in one line)
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
         if i % 1000 == 999:
             bar.update(1000)
     bar.update(len(pixels) % 1000)  # the last, partial thousand

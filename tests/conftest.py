@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,3 +68,30 @@ def nobody():
         yield who
     finally:
         shutil.rmtree(who.folder, ignore_errors=True)
+
+
+def _mount(*args: str | Path) -> None:
+    try:
+        proc = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command")
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(name, size)``: a fresh tmpfs of ``size`` mounted at tmp_path/name; unmounted at teardown."""
+    mounted: list[Path] = []
+
+    def mount(name: str = "disk", size: str = "64k") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        _mount("-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", folder)
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # still busy: detach it

@@ -250,6 +250,50 @@ def test_the_run_never_reads_its_own_files_in_an_input_folder(small, onnx_model,
     assert confusion_png_path(out).exists() and (folder / "Bag" / "r.html").exists()
 
 
+# (what names the image, its name in in/Bag/, the arguments after the folder and the model: {img} is its path)
+WALKED_AS_OUTPUT = [
+    ("--report", "photo.jpg", ["-o", "{tmp}/r.csv", "--report", "{img}"]),
+    ("--report", "photo.png", ["-o", "{tmp}/r.csv", "--report", "{img}"]),
+    ("--output", "photo.jpg", ["-o", "{img}", "--format", "csv"]),
+    ("the confusion matrix", "preds.confusion.png", ["-o", "{tmp}/in/Bag/preds.csv"]),
+]
+
+
+@pytest.mark.parametrize(("what", "name", "args"), WALKED_AS_OUTPUT, ids=[f"{w} {n}" for w, n, _ in WALKED_AS_OUTPUT])
+def test_an_image_the_walk_reads_is_an_input_even_with_overwrite(small, onnx_model, tmp_path, what, name, args):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    shutil.copytree(small, folder)
+    img = folder / "Bag" / name
+    Image.open(_files(small)[0]).save(img, "JPEG" if name.endswith(".jpg") else "PNG")  # a real image, theirs
+    before = tree(folder)
+    proc = run_cli("classify", folder, "-m", onnx_model, "--workers", "1", "-q", "--overwrite",
+                   *[a.format(tmp=tmp_path, img=img) for a in args])
+    assert_one_line_error(proc, 2, f"{what} {img} is an image in the input folder {folder}")
+    assert tree(folder) == before  # the image as it was, and nothing else written there
+
+
+def test_a_rerun_knows_its_confusion_png_in_an_input_folder_by_the_run_record(small, onnx_model, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(small, folder)
+    out = folder / "preds.csv"
+    for _ in range(2):  # the second run finds the first's confusion PNG, an image in the folder it reads
+        proc = _classify(folder, onnx_model, out, "--overwrite", "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["files"] == N
+    record = json.loads(record_path(out).read_text())
+    assert record["writes"] == [str(confusion_png_path(out))]
+    png = confusion_png_path(out).read_bytes()
+    for forged in ([], ["in/preds.confusion.png"], [str(confusion_png_path(out)), 1]):  # none, relative, bad
+        record_path(out).write_text(json.dumps({**record, "writes": forged}))
+        proc = _classify(folder, onnx_model, out, "--overwrite")
+        assert_one_line_error(proc, 2, "the confusion matrix")
+    record_path(out).unlink()
+    assert_one_line_error(_classify(folder, onnx_model, out, "--overwrite"), 2, "an image in the input folder")
+    assert confusion_png_path(out).read_bytes() == png
+
+
 def test_an_output_that_is_an_input_is_refused_even_with_overwrite(small, onnx_model, tmp_path):
     image = tmp_path / "a.png"
     shutil.copy(_files(small)[0], image)

@@ -27,33 +27,6 @@ ODD_NAMES = ["cr\rin name.png", "lf\nin name.png", 'comma, "quote".png', os.fsde
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
-def _mount(*args: str | Path) -> None:
-    try:
-        proc = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("no mount command")
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """``tmpfs(name, size)``: a fresh tmpfs of ``size`` mounted at tmp_path/name; unmounted at teardown."""
-    mounted: list[Path] = []
-
-    def mount(name: str = "disk", size: str = "64k") -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        _mount("-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", folder)
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in reversed(mounted):
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # still busy: detach it
-
-
 def remount(folder: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True, capture_output=True)
 

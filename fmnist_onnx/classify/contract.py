@@ -173,7 +173,7 @@ class Request:
     overwrite: bool
     provider: str  # as asked: auto, or a name in runtime.PROVIDER_TABLE
     identity: RunIdentity | None  # None for stdout, which cannot be resumed
-    own_files: tuple[str, ...] = ()  # what the run writes (run_files): the walk leaves them out
+    own_files: tuple[str, ...] = ()  # what the run writes (run_files) that the walk leaves out (request.py)
     image_column: str | None = None  # --image-column: the Parquet inputs' column of images (None: the rule)
 
 
@@ -183,7 +183,9 @@ class RunIdentity:
 
     Kept beside the journal as ``<output>.partial.run.json``, written before the journal exists, and beside
     the finished output as ``<output>.run.json`` (so that --resume on a finished output is checked too).
-    Options that do not change a row (workers, batch size, provider, engine) are not part of it."""
+    Options that do not change a row (workers, batch size, provider, engine) are not part of it. ``writes``
+    is not either: the files the run writes beside its table that the walk could read as images (the confusion
+    PNG, the --report page), as absolute paths, so that a later run knows them as this tool's own."""
 
     model_sha256: str
     invert: str
@@ -192,15 +194,16 @@ class RunIdentity:
     inputs: tuple[str, ...]  # as named on the command line: rows hold the paths the walk made of them
     cwd: str | None  # where relative inputs were named from (None when all are absolute)
     image_column: str | None = None  # --image-column; left out of the record when not given (older records)
+    writes: tuple[str, ...] = ()  # left out where empty (older records have none)
 
     @classmethod
     def of(cls, model: str | Path, invert: str, top_k: int, recursive: bool, roots: Sequence[str],
-           image_column: str | None = None) -> RunIdentity:
+           image_column: str | None = None, writes: Sequence[str] = ()) -> RunIdentity:
         from fmnist_onnx.files import sha256_file
 
         relative = any(not os.path.isabs(r) for r in roots)
         return cls(sha256_file(model), invert, top_k, recursive, tuple(roots), os.getcwd() if relative else None,
-                   image_column)
+                   image_column, tuple(os.path.abspath(w) for w in writes))
 
     @classmethod
     def from_json(cls, text: str) -> RunIdentity:
@@ -210,22 +213,28 @@ class RunIdentity:
         except RecursionError:
             raise ValueError("JSON nested too deep") from None
         types = {"model_sha256": str, "invert": str, "top_k": int, "recursive": bool, "inputs": list,
-                 "cwd": (str, type(None)), "image_column": str}
-        if type(raw) is not dict or not set(types) - {"image_column"} <= set(raw) <= set(types):
-            raise ValueError(f"expected the fields {', '.join(types)} (image_column where given)")
+                 "cwd": (str, type(None)), "image_column": str, "writes": list}
+        optional = {"image_column", "writes"}
+        if type(raw) is not dict or not set(types) - optional <= set(raw) <= set(types):
+            raise ValueError(f"expected the fields {', '.join(types)} (image_column and writes where given)")
         for name, kind in types.items():
             if name not in raw:
                 continue
             if not isinstance(raw[name], kind) or (kind is int and type(raw[name]) is bool):
                 raise ValueError(f"{name} is {type(raw[name]).__name__}")
-        if not all(type(i) is str for i in raw["inputs"]):
-            raise ValueError("inputs are not all text")
-        return cls(**{**raw, "inputs": tuple(raw["inputs"])})
+        for name in ("inputs", "writes"):
+            if not all(type(i) is str for i in raw.get(name, ())):
+                raise ValueError(f"{name} are not all text")
+        if not all(os.path.isabs(w) for w in raw.get("writes", ())):
+            raise ValueError("writes are not all absolute paths")
+        return cls(**{**raw, "inputs": tuple(raw["inputs"]), "writes": tuple(raw.get("writes", ()))})
 
     def to_json(self) -> str:
         record = asdict(self)
         if self.image_column is None:  # a run without --image-column keeps the record it always had
             del record["image_column"]
+        if not self.writes:
+            del record["writes"]
         return json.dumps(record, indent=1) + "\n"
 
     def differences(self, old: RunIdentity) -> list[str]:

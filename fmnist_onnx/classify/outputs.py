@@ -1,7 +1,8 @@
 """What a run writes, in one place: the names of its files (the output, its journal, the run record, the lock,
 the confusion PNG), the run record (``RunIdentity`` on disk: written before the journal exists, kept beside the
-finished output, read back without following links and checked like any input), and the sink that takes the
-rows (sinks.py: stdout, or a journal that becomes the output only when complete)."""
+finished output, read back without following links and checked like any input; it names the confusion PNG and
+the --report page as the run's own, for later runs), and the sink that takes the rows (sinks.py: stdout, or a
+journal that becomes the output only when complete)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def confusion_png_path(output: str | Path) -> Path:
 
 def run_files(output: str, report: str | Path | None = None) -> tuple[str, ...]:
     """Every file a run on ``output`` writes: the output, its journal, run records and lock, the confusion PNG,
-    the --report page. None of them is ever one of the run's inputs."""
+    the --report page. None of them may be one of the run's inputs (request.py)."""
     named = [os.fspath(report)] if report is not None else []
     if output == "-":
         return tuple(named)
@@ -56,17 +57,37 @@ def check_same_run(record: Path, identity: RunIdentity, what: Path) -> None:
     except OSError as e:
         raise UserError(f"{record}: unreadable ({e.strerror}); use --overwrite to start over") from None
     try:
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(RECORD_MAX_BYTES + 1)
-        if len(data) > RECORD_MAX_BYTES:
-            raise ValueError(f"more than {RECORD_MAX_BYTES:,} bytes")
-        old = RunIdentity.from_json(data.decode("utf-8"))
+        old = _read_record(fd)
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise UserError(f"{record}: unreadable ({visible(e)}); use --overwrite to start over") from None
     diffs = identity.differences(old)
     if diffs:
         raise UserError(f"--resume: {what} was written by another run: {'; '.join(diffs)}. "
                         "Resume with the same model, options and inputs, or use --overwrite to start over")
+
+
+def _read_record(fd: int) -> RunIdentity:
+    """The run record open at ``fd`` (closed here), bounded; ValueError naming what is wrong with it."""
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(RECORD_MAX_BYTES + 1)
+    if len(data) > RECORD_MAX_BYTES:
+        raise ValueError(f"more than {RECORD_MAX_BYTES:,} bytes")
+    return RunIdentity.from_json(data.decode("utf-8"))
+
+
+def recorded_writes(output: str) -> frozenset[str]:
+    """What the run records beside ``output`` (an earlier run's, finished or not) name as that run's own files
+    (``RunIdentity.writes``: the confusion PNG, the --report page), as absolute paths. A record that is
+    missing, a link, or not one a run wrote names nothing: its files are then the user's."""
+    if output == "-":
+        return frozenset()
+    named: set[str] = set()
+    for record in (record_path(output), identity_path(output)):
+        try:
+            named.update(_read_record(open_existing(record)).writes)
+        except (UserError, OSError, ValueError):
+            continue
+    return frozenset(named)
 
 
 def write_identity(output: str, identity: RunIdentity) -> None:

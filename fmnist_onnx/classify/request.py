@@ -10,9 +10,10 @@ from pathlib import Path
 
 from fmnist_onnx.classify import engines, sources
 from fmnist_onnx.classify.contract import MAX_TOP_K, Request, RunIdentity
-from fmnist_onnx.classify.outputs import confusion_png_path, run_files
+from fmnist_onnx.classify.outputs import confusion_png_path, recorded_writes, run_files
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import same_file
+from fmnist_onnx.images import image_extensions
 from fmnist_onnx.sinks import JournalSink, format_for
 from fmnist_onnx.spec import INVERT_MODES
 from fmnist_onnx.text import visible
@@ -20,7 +21,7 @@ from fmnist_onnx.text import visible
 
 def _check_not_inputs(own: Sequence[str], roots: Sequence[str], model: str) -> None:
     """No file the run writes may be the model or a file named as an input, even with --overwrite (files
-    inside input folders are left out of the walk instead)."""
+    inside input folders: ``_check_not_walked``)."""
     named = [r for r in roots if not os.path.isdir(r)]
     if len(named) > 1000:  # a shell glob: compare real paths, not a stat per pair
         real = {os.path.realpath(r): r for r in named}
@@ -30,6 +31,26 @@ def _check_not_inputs(own: Sequence[str], roots: Sequence[str], model: str) -> N
             if same_file(out, i):
                 raise UserError(f"{visible(out)} would be written by this run but is also one of its inputs "
                                 f"({visible(i)}); write the output elsewhere")
+
+
+def _check_not_walked(own: Sequence[str], roots: Sequence[str], recursive: bool, known: frozenset[str],
+                      names: dict[str, str]) -> tuple[str, ...]:
+    """No file the run writes may be an image the walk of an input folder reads (an input of the run, even with
+    --overwrite), unless an earlier run's record names it as that run's own (``known``: the confusion PNG, the
+    --report page). The files the walk leaves out: the run's own, less those images (none, once this passed;
+    a folder reached only through a link inside an input is not seen here: the walk reads its images)."""
+    exts = image_extensions()
+    folders = [(os.path.realpath(r), r) for r in roots if os.path.isdir(r)]
+    theirs = [o for o in own if os.path.lexists(o) and os.path.splitext(o)[1].lower() in exts
+              and os.path.abspath(o) not in known]
+    for out in theirs:
+        where = os.path.realpath(os.path.dirname(os.path.abspath(out)))
+        for real, root in folders:
+            if where == real or (recursive and where.startswith(real.rstrip(os.sep) + os.sep)):
+                raise UserError(f"{names.get(out, 'a file of this run')} {visible(out)} is an image in the input "
+                                f"folder {visible(root)}, which the run reads: an input, never written over, even "
+                                "with --overwrite; write it elsewhere")
+    return tuple(o for o in own if o not in theirs)
 
 
 def check_request(paths: Sequence[str | Path], model: str | Path, output: str | Path = "-", fmt: str | None = None,
@@ -61,12 +82,17 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
         raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
     own = run_files(output, report)
     _check_not_inputs(own, roots, os.fspath(model))
+    names = {} if output == "-" else {output: "--output", os.fspath(confusion_png_path(output)): "the confusion matrix"}
+    names.update({os.fspath(report): "--report"} if report is not None else {})
+    walk_skips = _check_not_walked(own, roots, recursive, recorded_writes(output), names)
     if output != "-":
         JournalSink.check_writable(output)  # a read-only folder, a device: refused before any work
     # the model's hash only where there is a journal to resume
-    identity = RunIdentity.of(model, invert, top_k, recursive, roots, image_column) if output != "-" else None
+    writes = [p for p in names if p != output]  # what the record names as this run's own, for later runs
+    identity = (RunIdentity.of(model, invert, top_k, recursive, roots, image_column, writes)
+                if output != "-" else None)
     return Request(roots, os.fspath(model), output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
-                   provider, identity, own, image_column)
+                   provider, identity, walk_skips, image_column)
 
 
 def check_fresh(request: Request) -> None:
