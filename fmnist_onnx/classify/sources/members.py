@@ -1,6 +1,7 @@
-"""What the container sources (tar, zip) share: which members are images, and their true classes, from a
-WebDataset sidecar (``00012.cls`` beside ``00012.png``, holding the class index) or else from the ImageFolder
-layout inside the archive (``Bag/00012.png``)."""
+"""What the container sources (tar, zip) share: which members are images, their rows' names (a repeated
+member name told apart by its ordinal), and their true classes, from a WebDataset sidecar (``00012.cls`` beside
+``00012.png``, holding the class index) or else from the ImageFolder layout inside the archive
+(``Bag/00012.png``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from fmnist_onnx.text import visible
 
 SIDECAR = ".cls"
 MAX_SIDECAR_BYTES = 64  # a class index or name: anything longer is not one
+REPEAT = "::"  # a repeated member name's row: the second x.png of an archive is x.png::2 (docs/sources.md)
 
 
 def sample_key(name: str) -> str:
@@ -41,6 +43,42 @@ def class_of_sidecar(data: bytes) -> int:
     return CLASSES.index(text) if text in CLASSES else -1
 
 
+class Repeats:
+    """The row names of one archive's members, in archive order: the first member of a name keeps it, the k-th
+    (k >= 2) is ``<name>::<k>``. That is never an image's own name (an image's name ends in its image suffix,
+    never in ``::`` and digits), so a row names one member and read_one finds it again. One set pass over a
+    batch of names; a statement per name only in a batch that repeats one (a compressed tar's batches share
+    one Repeats: a repeat may come thousands of members later)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.counts: dict[str, int] = {}  # names met more than once: how many times so far
+
+    def name(self, names: Sequence[str]) -> Sequence[str]:
+        """The row names of the next ``names``: ``names`` itself where none repeats a name met before."""
+        fresh = set(names)
+        if len(fresh) == len(names) and self.seen.isdisjoint(fresh):
+            if self.seen:
+                self.seen |= fresh
+            else:
+                self.seen = fresh
+            return names
+        return [self.one(n) for n in names]
+
+    def one(self, name: str) -> str:
+        """The row name of the next member, ``name``."""
+        if name not in self.seen:
+            self.seen.add(name)
+            return name
+        k = self.counts[name] = self.counts.get(name, 1) + 1
+        return f"{name}{REPEAT}{k}"
+
+
+def ordinal(name: str, row: str) -> int:
+    """Which member of its name a row is: 1 for the first (named as it is), else k from its ``::<k>``."""
+    return 1 if len(row) == len(name) else int(row[len(name) + len(REPEAT):])
+
+
 def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
     """Indices of the image members, of the sidecars, and of the other members (skipped), by name: the suffix
     of the base name (none where the base name starts with its only dot, ".png"). One comprehension and numpy,
@@ -54,17 +92,23 @@ def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
 
 def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes: Sequence[int],
           read_sidecars: Callable[[list[int]], list[bytes | Exception]], damage: str | None = None,
-          inline: bool = False) -> Batch:
+          inline: bool = False, repeats: Repeats | None = None) -> Batch:
     """The walk's Batch of a container's members (``keys``/``sizes``: what the source reads them by), with
-    an error row for the damage that ended its listing, if any."""
+    an error row for the damage that ended its listing, if any. ``repeats``: the names met in the archive's
+    earlier batches (a compressed tar's), if any."""
     pics, cls, other = split(names)
-    labels = {sample_key(names[i]): class_of_sidecar(data)
-              for i, data in zip(cls, read_sidecars(cls), strict=True) if isinstance(data, bytes)}
-    truth = [labels.get(sample_key(names[i])) for i in pics]
+    rows = (repeats or Repeats()).name(names)
+    sidecars = [(i, data) for i, data in zip(cls, read_sidecars(cls), strict=True) if isinstance(data, bytes)]
+    if rows is names:  # no repeated name (the common case): an image takes the sidecar of its sample key
+        labels = {sample_key(names[i]): class_of_sidecar(data) for i, data in sidecars}
+        truth = [labels.get(sample_key(names[i])) for i in pics]
+    else:  # the k-th image of a name takes the k-th sidecar of its key
+        labels = {(sample_key(names[i]), ordinal(names[i], rows[i])): class_of_sidecar(data) for i, data in sidecars}
+        truth = [labels.get((sample_key(names[i]), ordinal(names[i], rows[i]))) for i in pics]
     if None in truth:  # no sidecar: the ImageFolder layout inside
         truth = [_folder_class(names[i]) if t is None else t for i, t in zip(pics, truth, strict=True)]
     prefix = container + "::"
-    units = [prefix + names[i] for i in pics]
+    units = [prefix + rows[i] for i in pics]
     members = Members(kind, container, units, [keys[i] for i in pics], truth,
                       [sizes[i] for i in pics] if len(sizes) else (), inline)
     broken = Found(prefix, "unlistable", damage) if damage else None
@@ -87,8 +131,9 @@ def broken(path: str, e: BaseException) -> Batch:
 
 
 def by_name(container: str, make: Callable[[], object], member: str) -> tuple:
-    """(the archive's index, ``make()``, made once per archive as it is now; the position of ``member`` in it),
-    or ImageError where it has no such member: the report reads a few members again."""
+    """(the archive's index, ``make()``, made once per archive as it is now; the position of ``member``, a row's
+    name of a member (``x.png``, or ``x.png::2`` for the second), in it), or ImageError where it has no such
+    member: the report reads a few members again."""
     index, positions = listing(container, make)
     i = positions.get(member)
     if i is None:
@@ -124,16 +169,17 @@ def one(results: list, member: str) -> bytes:
     return results[0]
 
 
-_listings: dict[tuple, tuple] = {}  # (archive, size, mtime) -> (its index, {member name: position})
+_listings: dict[tuple, tuple] = {}  # (archive, size, mtime) -> (its index, {member's row name: position})
 
 
 def listing(container: str, make: Callable[[], object]) -> tuple:
-    """(the archive's index, ``make()``, and its members' positions by name), made once per archive as it is
-    now: the report reads a few members of each archive again."""
+    """(the archive's index, ``make()``, and its members' positions by row name, as the walk names them: a
+    repeat by its ordinal), made once per archive as it is now: the report reads a few members of each
+    archive again."""
     st = os.stat(container)
     key = (container, st.st_size, st.st_mtime_ns)
     if key not in _listings:
         _listings.clear()
         index = make()
-        _listings[key] = (index, {n: i for i, n in enumerate(index.names)})
+        _listings[key] = (index, {n: i for i, n in enumerate(Repeats().name(index.names))})
     return _listings[key]
