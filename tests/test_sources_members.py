@@ -40,7 +40,7 @@ def test_a_repeated_name_is_named_by_its_ordinal_across_batches():
     assert repeats.one("b.png") == "b.png::2" and repeats.one("d.png") == "d.png"
 
 
-def test_each_repeat_of_a_sample_takes_the_sidecar_of_its_own_ordinal():
+def test_each_repeated_image_takes_the_sidecar_of_its_own_sample():
     names = ["x.png", "x.cls", "y.png", "y.cls", "x.png", "x.cls", "x.png"]
     batch = members.batch("tar", "s.tar", names, list(range(7)), [1] * 7,
                           lambda picks: [str(i).encode() for i in picks])  # a sidecar's class: its position

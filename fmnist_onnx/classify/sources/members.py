@@ -74,9 +74,18 @@ class Repeats:
         return f"{name}{REPEAT}{k}"
 
 
-def ordinal(name: str, row: str) -> int:
-    """Which member of its name a row is: 1 for the first (named as it is), else k from its ``::<k>``."""
-    return 1 if len(row) == len(name) else int(row[len(name) + len(REPEAT):])
+def _samples(names: Sequence[str]) -> list[tuple[int, int]]:
+    """(sample, k) of each member: its run of consecutive members with one sample key (a WebDataset sample),
+    counted from 0, and which member of its name in that run it is (from 1). A compressed tar's batches are
+    cut between samples, so a batch's own names tell."""
+    out, run, last, counts = [], -1, None, {}
+    for name in names:
+        key = sample_key(name)
+        if key != last:
+            run, last, counts = run + 1, key, {}
+        counts[name] = counts.get(name, 0) + 1
+        out.append((run, counts[name]))
+    return out
 
 
 def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
@@ -97,18 +106,22 @@ def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes
     an error row for the damage that ended its listing, if any. ``repeats``: the names met in the archive's
     earlier batches (a compressed tar's), if any."""
     pics, cls, other = split(names)
-    rows = (repeats or Repeats()).name(names)
-    sidecars = [(i, data) for i, data in zip(cls, read_sidecars(cls), strict=True) if isinstance(data, bytes)]
-    if rows is names:  # no repeated name (the common case): an image takes the sidecar of its sample key
-        labels = {sample_key(names[i]): class_of_sidecar(data) for i, data in sidecars}
-        truth = [labels.get(sample_key(names[i])) for i in pics]
-    else:  # the k-th image of a name takes the k-th sidecar of its key
-        labels = {(sample_key(names[i]), ordinal(names[i], rows[i])): class_of_sidecar(data) for i, data in sidecars}
-        truth = [labels.get((sample_key(names[i]), ordinal(names[i], rows[i]))) for i in pics]
+    shown = [names[i] for i in pics]
+    rows = (repeats or Repeats()).name(shown)
+    found = read_sidecars(cls)
+    if rows is shown:  # no repeated image name (the common case): an image takes the sidecar of its sample key
+        labels = {sample_key(names[i]): class_of_sidecar(data)
+                  for i, data in zip(cls, found, strict=True) if isinstance(data, bytes)}
+        truth = [labels.get(sample_key(n)) for n in shown]
+    else:  # an image takes the sidecar of its own sample: the k-th of its name there, the k-th sidecar
+        place = _samples(names)
+        labels = {place[i]: class_of_sidecar(data)
+                  for i, data in zip(cls, found, strict=True) if isinstance(data, bytes)}
+        truth = [labels.get(place[i]) for i in pics]
     if None in truth:  # no sidecar: the ImageFolder layout inside
         truth = [_folder_class(names[i]) if t is None else t for i, t in zip(pics, truth, strict=True)]
     prefix = container + "::"
-    units = [prefix + rows[i] for i in pics]
+    units = [prefix + row for row in rows]
     members = Members(kind, container, units, [keys[i] for i in pics], truth,
                       [sizes[i] for i in pics] if len(sizes) else (), inline)
     broken = Found(prefix, "unlistable", damage) if damage else None
