@@ -292,10 +292,10 @@ def _inputs(inputs: Sequence[str], model: Path, provider: str) -> tuple[str, Wor
     open_session(model, "cpu")
     load = Workload(paths, list(dict.fromkeys(sources.kind_of(p) for p in paths)))
     for batch in sources.walk(paths, True):
-        if batch.members is not None:
+        if batch.members is not None and batch.members.kind != "folder":
             load.members.append(batch.members)
-        else:
-            load.files.extend(batch.files)
+        else:  # loose files, those whose rows are escaped (sources.loose_row) by their paths
+            load.files.extend(batch.files if batch.members is None else batch.members.keys)
         load.images += len(batch.files)
     if not load.images:
         raise UserError(f"{visible(' '.join(paths))}: no image files in {'it' if len(paths) == 1 else 'them'} "

@@ -215,6 +215,17 @@ def test_a_run_record_of_the_wrong_shape_is_one_line(record, small, onnx_model, 
     assert journal_path(out).read_bytes() == data
 
 
+@pytest.mark.parametrize(("version", "said"), [(None, "an earlier version"), (3, "a later version")])
+def test_a_journal_of_another_version_of_the_row_names_is_one_line(version, said, small, onnx_model, tmp_path):
+    out = tmp_path / "preds.csv"
+    data = _journal(out, small, onnx_model, [_row(_files(small)[0])])
+    record = json.loads(identity_path(out).read_text())
+    assert record.pop("version") == 2  # before version 2, a record had none
+    identity_path(out).write_text(json.dumps(record if version is None else {**record, "version": version}))
+    assert_one_line_error(_classify(small, onnx_model, out, "--resume"), 2, said)
+    assert journal_path(out).read_bytes() == data
+
+
 # ---------------------------------------------------------------------------------------------- a finished output
 
 def test_resume_of_a_finished_output_is_checked_against_its_record(small, onnx_model, tmp_path):

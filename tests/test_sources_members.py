@@ -30,3 +30,19 @@ def test_a_sample_takes_its_sidecars_class_over_its_folder():
                           lambda picks: [b"3" for _ in picks])
     assert batch.files == ["s.tar::Bag/1.png", "s.tar::Coat/2.png"] and batch.skipped == []
     assert batch.members.truth == [3, 4] and batch.members.keys == [0, 2] and batch.members.sizes == [5, 5]
+
+
+def test_a_repeated_name_is_named_by_its_ordinal_across_batches():
+    repeats = members.Repeats()
+    first = ["a.png", "b.png"]
+    assert repeats.name(first) is first  # nothing repeated: the names as they are, no copy
+    assert repeats.name(["c.png", "a.png", "a.png"]) == ["c.png", "a.png::2", "a.png::3"]
+    assert repeats.one("b.png") == "b.png::2" and repeats.one("d.png") == "d.png"
+
+
+def test_each_repeated_image_takes_the_sidecar_of_its_own_sample():
+    names = ["x.png", "x.cls", "y.png", "y.cls", "x.png", "x.cls", "x.png"]
+    batch = members.batch("tar", "s.tar", names, list(range(7)), [1] * 7,
+                          lambda picks: [str(i).encode() for i in picks])  # a sidecar's class: its position
+    assert batch.files == ["s.tar::x.png", "s.tar::y.png", "s.tar::x.png::2", "s.tar::x.png::3"]
+    assert batch.members.keys == [0, 2, 4, 6] and batch.members.truth == [1, 3, 5, -1]  # the third: no sidecar

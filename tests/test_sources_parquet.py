@@ -216,21 +216,23 @@ def test_null_and_oversized_images_are_error_rows(samples, onnx_model, tmp_path)
     assert rows[0]["error"] is None and "null" in rows[1]["error"] and rows[2]["error"]
 
 
-def test_an_input_named_after_a_container_and_the_separator_is_refused(samples, onnx_model, tmp_path):
+def test_a_file_named_like_a_tables_row_gets_a_row_of_its_own(samples, onnx_model, tmp_path):
     _, items = samples
     table = write_hub(tmp_path / "t.parquet", items[:3])
-    odd = tmp_path / "t.parquet::row"
-    odd.mkdir()
-    proc = run_cli("classify", table, odd, "-m", onnx_model)
-    assert_one_line_error(proc, 2, "starts with the input")
+    odd = tmp_path / "t.parquet::row" / "0"  # the very name of the table's first row
+    odd.parent.mkdir()
+    odd.write_bytes(items[3][1])
+    _, rows = _classify(table, odd, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    assert [r["path"] for r in rows] == [f"{table}::row/{i}" for i in range(3)] + [f"{tmp_path}/t.parquet\\:\\:row/0"]
+    assert all(r["error"] is None for r in rows)
 
 
-def test_a_loose_file_with_the_separator_in_its_name_is_a_loose_file(samples, onnx_model, tmp_path):
+def test_a_loose_file_with_the_separator_in_its_name_is_an_escaped_loose_file(samples, onnx_model, tmp_path):
     _, items = samples
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a::row-1.png").write_bytes(items[0][1])
     _, rows = _classify(tmp_path / "in", "-m", onnx_model, "-o", tmp_path / "p.csv")
-    assert [r["path"] for r in rows] == [str(tmp_path / "in" / "a::row-1.png")] and rows[0]["error"] is None
+    assert [r["path"] for r in rows] == [str(tmp_path / "in" / "a\\:\\:row-1.png")] and rows[0]["error"] is None
 
 
 def test_the_report_draws_rows_from_inside_the_table(samples, onnx_model, tmp_path):

@@ -1,16 +1,21 @@
 """The tar and zip sources (classify/sources/tar.py, zip.py): archives read in place, rows named
-``<archive>::<member>``, true classes from .cls sidecars or the ImageFolder layout inside, and damaged or
-hostile archives (rows for what could be read, one error row where it broke, nothing ever extracted)."""
+``<archive>::<member>`` (a repeated name ``<member>::<k>``, a loose file with ``::`` escaped), true classes from
+.cls sidecars or the ImageFolder layout inside, and damaged or hostile archives (rows for what could be read,
+one error row where it broke, nothing ever extracted)."""
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -230,3 +235,112 @@ def test_links_in_a_tar_are_rows_of_their_targets_and_other_members_are_counted(
     errors = {r["path"].rpartition("/")[2] for r in rows if r["error"]}
     assert len(rows) == 13 and errors == {"x-hard-1.png", "x-hard-2.png", "x-soft.png"}
     assert summary["skipped_kinds"] == {"FIFO": 1, "symlink": 1}
+
+
+# ---------------------------------------------------------------------------------------------- repeated names
+
+def write_zip_repeating(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A zip by Python's zipfile, which writes a repeated name with a warning."""
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name: ..."
+        for name, data in members:
+            z.writestr(name, data)
+    return path
+
+
+def write_with_tools(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """GNU ``tar -r`` or Info-ZIP ``zip`` then ``zipnote``: each member appended from a file on disk, a repeated
+    name by appending the file again (tar) or renaming the entry (zipnote: zip itself would replace it)."""
+    work = path.parent / f"{path.name}.files"
+    renames = {}
+    for i, (name, data) in enumerate(members):
+        (work / f"{i}").mkdir(parents=True)
+        (work / f"{i}" / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / f"{i}" / name).write_bytes(data)
+        if path.suffix == ".tar":
+            subprocess.run(["tar", "-rf", path, "-C", work / f"{i}", name], check=True)
+        else:  # zip would replace an entry of that name: add it under another, then rename it
+            (work / f"{i}" / name).rename(work / f"{i}" / f"{name}.{i}")
+            subprocess.run(["zip", "-q", path, f"{name}.{i}"], cwd=work / f"{i}", check=True)
+            renames[f"@ {name}.{i}"] = f"@={name}"
+    if renames:  # zipnote -w takes zipnote's whole listing back, each new name after its entry's line
+        listing = subprocess.run(["zipnote", path], capture_output=True, text=True, check=True).stdout
+        edited = "".join(f"{line}\n{renames[line]}\n" if line in renames else f"{line}\n"
+                         for line in listing.splitlines())
+        subprocess.run(["zipnote", "-w", path], input=edited, text=True, check=True)
+    return path
+
+
+WRITERS = {"t.tar": write_tar, "t.tar.gz": lambda p, m: write_tar(p, m, "w:gz"), "t.zip": write_zip_repeating,
+           "gnu.tar": write_with_tools, "infozip.zip": write_with_tools}
+
+
+@pytest.fixture(scope="module")
+def twins(pngs, onnx_model, tmp_path_factory) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """Members naming two images of different classes alike (each with its sidecar), another between them; and
+    the labels each image gets as a loose file (the model tells them apart: a mixup would show)."""
+    shirt, trousers, bag = pngs[0][1], pngs[PER_CLASS][1], pngs[8 * PER_CLASS][1]
+    members = [("s/x.png", shirt), ("s/x.cls", b"0"), ("s/y.png", trousers), ("s/y.cls", b"1"),
+               ("s/x.png", bag), ("s/x.cls", b"8")]
+    loose = tmp_path_factory.mktemp("twins")
+    for name, data in (("1.png", shirt), ("2.png", trousers), ("3.png", bag)):
+        (loose / name).write_bytes(data)
+    _, rows = _classify(loose, "-m", onnx_model, "-o", loose / "l.csv")
+    labels = [r["label"] for r in rows]
+    assert labels[0] != labels[2]
+    return members, labels
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_a_repeated_member_name_gives_each_member_its_row_image_and_sidecar(twins, onnx_model, tmp_path, name):
+    members, labels = twins
+    path = WRITERS[name](tmp_path / name, members)
+    _, rows = _classify(path, "-m", onnx_model, "-o", tmp_path / "t.csv")
+    assert [(r["path"], r["label"], r["true_label"]) for r in rows] == [
+        (f"{path}::s/x.png", labels[0], "T-shirt/top"), (f"{path}::s/y.png", labels[1], "Trouser"),
+        (f"{path}::s/x.png::2", labels[2], "Bag")]
+
+
+@pytest.mark.parametrize("name", ["t.tar", "t.tar.gz", "t.zip"])  # read at offsets, streamed, by index
+def test_sigkill_then_resume_gives_each_repeated_member_once(pngs, onnx_model, tmp_path, name):
+    # the second hundred repeat the first hundred's names: a repeat comes after the first chunk is journaled
+    members = [m for i, (_, data) in enumerate(pngs)
+               for m in ((f"s/{i % 100:03d}.png", data), (f"s/{i % 100:03d}.cls", str(i // PER_CLASS).encode()))]
+    path = WRITERS[name](tmp_path / name, members)
+    out = tmp_path / "t.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(path), "-m", str(onnx_model), "-o", str(out),
+           "--workers", "1"]
+    with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", start_new_session=True, stdout=subprocess.DEVNULL,
+              stderr=subprocess.PIPE, text=True) as held:
+        held.wait()
+        os.killpg(held.proc.pid, signal.SIGKILL)
+        held.proc.wait()
+    done = journal_path(out).read_bytes().count(b"\n") - 1
+    assert 0 < done < 100
+    summary, rows = _classify(path, "-m", onnx_model, "-o", out, "--resume")
+    want = {f"{path}::s/{i % 100:03d}.png{'::2' if i >= 100 else ''}": CLASSES[i // PER_CLASS] for i in range(200)}
+    assert summary["resumed"] == done and len(rows) == 200
+    assert {r["path"]: r["true_label"] for r in rows} == want
+
+
+def drawn(page: Path) -> dict[str, bytes]:
+    """{a figure's row name: the original image it shows} of a report page (a small PNG is embedded as it is)."""
+    found = re.findall(r'<img class="orig[^"]*" src="data:image/png;base64,([^"]+)"[^>]*></div><figcaption>'
+                       r'<code class="path">([^<]*)</code>', page.read_text())
+    return {html.unescape(row): base64.b64decode(data) for data, row in found}
+
+
+@pytest.mark.parametrize("name", ["a.tar", "a.tar.gz", "a.zip"])
+def test_the_report_draws_each_repeat_and_the_loose_file_named_like_a_member(twins, onnx_model, tmp_path, name):
+    members, _ = twins
+    (tmp_path / "in").mkdir()
+    path = WRITERS[name.replace("a.", "t.")](tmp_path / "in" / name, members)
+    loose = tmp_path / "in" / f"{name}::s/x.png"  # a folder named like the archive and '::', and x.png in it
+    loose.parent.mkdir()
+    loose.write_bytes(members[2][1])  # the trousers
+    _, rows = _classify(path, loose, "-m", onnx_model, "-o", tmp_path / "t.csv")
+    escaped = str(tmp_path / "in" / name) + "\\:\\:s/x.png"
+    assert [r["path"] for r in rows] == [f"{path}::s/x.png", f"{path}::s/y.png", f"{path}::s/x.png::2", escaped]
+    assert run_cli("report", tmp_path / "t.csv", "-o", tmp_path / "r.html").returncode == 0
+    assert drawn(tmp_path / "r.html") == {f"{path}::s/x.png": members[0][1], f"{path}::s/y.png": members[2][1],
+                                          f"{path}::s/x.png::2": members[4][1], escaped: members[2][1]}

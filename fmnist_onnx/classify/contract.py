@@ -35,6 +35,9 @@ DEFAULT_BATCH = 512  # images per onnxruntime call where the model runs beside t
 CRASHED = "the decoder crashed on this file (its process died)"
 NON_FINITE = "the model gave non-finite logits (NaN or infinity) for this image"
 RECORD_MAX_BYTES = 256 << 20  # a run record names the inputs: a shell glob of 100,000 files is ~10 MB
+# what a run record's rows are named by: 2 names a repeated archive member by its ordinal and escapes a loose file
+# whose path holds '::' (docs/sources.md); a record without a version is 1, and --resume refuses it
+RECORD_VERSION = 2
 MAX_TOP_K = NUM_CLASSES  # --top-k at most: every class
 INFERENCE_MODES = ("auto", "workers", "batched")  # where the local engine runs the model (--inference)
 
@@ -195,6 +198,7 @@ class RunIdentity:
     cwd: str | None  # where relative inputs were named from (None when all are absolute)
     image_column: str | None = None  # --image-column; left out of the record when not given (older records)
     writes: tuple[str, ...] = ()  # left out where empty (older records have none)
+    version: int = RECORD_VERSION  # of the rows' names: --resume continues only a record of this version
 
     @classmethod
     def of(cls, model: str | Path, invert: str, top_k: int, recursive: bool, roots: Sequence[str],
@@ -213,10 +217,10 @@ class RunIdentity:
         except RecursionError:
             raise ValueError("JSON nested too deep") from None
         types = {"model_sha256": str, "invert": str, "top_k": int, "recursive": bool, "inputs": list,
-                 "cwd": (str, type(None)), "image_column": str, "writes": list}
-        optional = {"image_column", "writes"}
+                 "cwd": (str, type(None)), "image_column": str, "writes": list, "version": int}
+        optional = {"image_column", "writes", "version"}
         if type(raw) is not dict or not set(types) - optional <= set(raw) <= set(types):
-            raise ValueError(f"expected the fields {', '.join(types)} (image_column and writes where given)")
+            raise ValueError(f"expected the fields {', '.join(types)} (image_column, writes and version where given)")
         for name, kind in types.items():
             if name not in raw:
                 continue
@@ -227,7 +231,8 @@ class RunIdentity:
                 raise ValueError(f"{name} are not all text")
         if not all(os.path.isabs(w) for w in raw.get("writes", ())):
             raise ValueError("writes are not all absolute paths")
-        return cls(**{**raw, "inputs": tuple(raw["inputs"]), "writes": tuple(raw.get("writes", ()))})
+        return cls(**{"version": 1, **raw, "inputs": tuple(raw["inputs"]),  # no version: before there was one
+                      "writes": tuple(raw.get("writes", ()))})
 
     def to_json(self) -> str:
         record = asdict(self)

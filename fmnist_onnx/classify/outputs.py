@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from fmnist_onnx.classify.contract import RECORD_MAX_BYTES, Request, RunIdentity
+from fmnist_onnx.classify.contract import RECORD_MAX_BYTES, RECORD_VERSION, Request, RunIdentity
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import lock_path, open_existing, open_new
 from fmnist_onnx.sinks import JournalSink, StdoutSink, journal_path, remove_own
@@ -60,6 +60,10 @@ def check_same_run(record: Path, identity: RunIdentity, what: Path) -> None:
         old = _read_record(fd)
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise UserError(f"{record}: unreadable ({visible(e)}); use --overwrite to start over") from None
+    if old.version != RECORD_VERSION:  # its rows may name repeated members, or '::' in a file's name, otherwise
+        raise UserError(f"--resume: {what} was written by {'an earlier' if old.version < RECORD_VERSION else 'a later'}"
+                        f" version of fmnist-onnx (run record version {old.version}, this one's is {RECORD_VERSION}), "
+                        "which names rows otherwise; use --overwrite to classify again")
     diffs = identity.differences(old)
     if diffs:
         raise UserError(f"--resume: {what} was written by another run: {'; '.join(diffs)}. "

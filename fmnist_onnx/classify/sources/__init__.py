@@ -7,8 +7,9 @@ whatever its name).
 
 The images inside a container are named in the rows as ``<container>::<member>`` (tar, zip) or
 ``<container>::row/<N>`` (Parquet, N counted from 0), the container as named on the command line: ``::`` after
-an input that is a container. A loose file whose name holds ``::`` is a loose file: it is not under a
-container input (``check_inputs`` refuses a folder or file input named ``<container input>::...``).
+an input that is a container. A member name that the archive repeats is ``<member>::<k>`` from its second
+(members.Repeats). A loose file's row is its path, escaped where it holds ``::`` or ``\\:`` (``loose_row``): so
+a row holds ``::`` if and only if it names an image inside a container, and every row names one image.
 
 Adding a source: a module here with ``check`` and ``walk_batches`` (contract.Source; and ``read``, for
 Members), an entry in SOURCES, a test in ``kind_of`` for its inputs, and its name in the sources of each engine
@@ -19,6 +20,7 @@ that reads it (engines/__init__.py). An option of one source (the Parquet source
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from importlib import import_module
 from itertools import groupby
@@ -36,6 +38,7 @@ SOURCES: dict[str, str] = {
     "parquet": "fmnist_onnx.classify.sources.parquet",
 }
 SEPARATOR = "::"  # between a container and its member in a row's path
+ESCAPE = "\\"  # in a loose file's row: '\\' is a backslash of its path, '\:' a colon
 _SUFFIXES = {**dict.fromkeys(TAR_SUFFIXES, "tar"), ".zip": "zip", ".parquet": "parquet"}  # one list with archives
 CONTAINERS = frozenset(_SUFFIXES.values())
 
@@ -73,14 +76,29 @@ def read(members: Members) -> list:
     return source(members.kind).read(members)
 
 
+def loose_row(path: str) -> str:
+    """A loose file's row name: its path; where the path holds ``::`` or ``\\:``, each ``\\`` doubled and each
+    ``:`` written ``\\:``. An escaped row holds ``\\:`` and never ``::``, a path left as it is neither, a
+    container's row always ``::``: no two images share a row, and ``loose_path`` reverses it."""
+    if SEPARATOR not in path and ESCAPE + ":" not in path:
+        return path
+    return path.replace(ESCAPE, ESCAPE * 2).replace(":", ESCAPE + ":")
+
+
+def loose_path(row: str) -> str:
+    """The path of a loose file's row (``loose_row`` undone)."""
+    return re.sub(r"\\(.)", r"\1", row, flags=re.DOTALL) if ESCAPE + ":" in row else row
+
+
 def read_path(path: str, image_column: str | None = None) -> bytes:
-    """The bytes of a row's image, read again (the report): a loose file, or ``<container>::<member>``, the
-    container being the first prefix before a ``::`` that is an existing container file; images.ImageError
-    where it cannot be read. ``image_column``: the run's --image-column, for a Parquet row."""
+    """The bytes of a row's image, read again (the report): a loose file (``loose_row``), or
+    ``<container>::<member>``, the container being the first prefix before a ``::`` that is an existing
+    container file; images.ImageError where it cannot be read. ``image_column``: the run's --image-column, for
+    a Parquet row."""
     from fmnist_onnx import images
 
-    if os.path.lexists(path) or SEPARATOR not in path:
-        return images.read_file(path)
+    if SEPARATOR not in path:
+        return images.read_file(loose_path(path))
     at = path.find(SEPARATOR)
     while at >= 0:
         container, member = path[:at], path[at + len(SEPARATOR):]
@@ -93,7 +111,7 @@ def read_path(path: str, image_column: str | None = None) -> bytes:
             except Exception as e:  # noqa: BLE001 - a damaged archive, an Arrow error: the figure's note
                 raise images.ImageError(f"cannot read it from {container}: {e}") from None
         at = path.find(SEPARATOR, at + 1)
-    return images.read_file(path)  # its own error: file not found
+    return images.read_file(path)  # a loose file of an earlier version's table (rows were not escaped), or an error
 
 
 def _options(kind: str, image_column: str | None) -> dict:
@@ -116,12 +134,6 @@ def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str,
         if kind not in readable:
             raise UserError(f"{visible(p)}: a {kind} input, which --engine {engine} cannot read (it reads "
                             f"{', '.join(readable)}){'; --engine ray reads URIs' if kind == 'uri' else ''}")
-    containers = [p + SEPARATOR for p, k in zip(paths, kinds, strict=True) if k in CONTAINERS]
-    for p in paths:
-        inside = next((c for c in containers if p.startswith(c)), None)
-        if inside is not None:
-            raise UserError(f"{visible(p)}: its name starts with the input {visible(inside[:-2])} and '::', which "
-                            f"would make its rows read as that container's; rename it, or classify it apart")
     for kind in dict.fromkeys(kinds):
         source(kind).check([p for p, k in zip(paths, kinds, strict=True) if k == kind],
                            **_options(kind, image_column))
@@ -133,4 +145,25 @@ def walk(roots: Sequence[str], recursive: bool, exclude: Sequence[str] = (),
     """Every unit under ``roots``, in the order they are named: consecutive inputs of one source walked by
     it together (a folder reached twice is walked once). ``image_column``: as for ``check_inputs``."""
     for kind, group in groupby(roots, key=kind_of):
-        yield from source(kind).walk_batches(list(group), recursive, exclude, **_options(kind, image_column))
+        batches = source(kind).walk_batches(list(group), recursive, exclude, **_options(kind, image_column))
+        yield from _loose_rows(batches) if kind == "folder" else batches
+
+
+def _loose_rows(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """The folder source's batches, their rows named by ``loose_row``: a batch with a path to escape goes as the
+    folder's Members (units: the rows' names; keys: the paths its workers read). One join and a search a
+    folder: a colon in a file's name is rare."""
+    for b in batches:
+        odd = b.unlistable is not None and ":" in b.unlistable.path
+        if b.members is not None or not (odd or ":" in "".join(b.files)):
+            yield b
+            continue
+        units = [loose_row(p) for p in b.files]
+        members = None
+        if units != b.files:
+            from fmnist_onnx.images import true_class
+
+            truth = [-1 if c is None else c for c in map(true_class, b.files)]
+            members = Members("folder", "", units, list(b.files), truth)
+        gone = b.unlistable and b.unlistable._replace(path=loose_row(b.unlistable.path))
+        yield Batch(units, b.skipped, gone, members)

@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from fmnist_onnx.classify.contract import Batch, Found
+from fmnist_onnx.classify.contract import Batch, Found, Members
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.images import image_extensions
 from fmnist_onnx.text import visible
@@ -63,6 +63,12 @@ def walk_batches(paths: Sequence[str | Path], recursive: bool = True,
             yield from _walk(p, exts, recursive, seen_dirs, left_out)
         else:
             yield Batch([p], [])
+
+
+def read(m: Members) -> list[str]:
+    """What a worker decodes of loose files whose rows are escaped (sources.loose_row): their paths, read by
+    images.preprocess_batch as any loose file's."""
+    return list(m.keys)
 
 
 def iter_files(paths: Sequence[str | Path], recursive: bool = True,

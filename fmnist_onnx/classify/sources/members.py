@@ -1,6 +1,7 @@
-"""What the container sources (tar, zip) share: which members are images, and their true classes, from a
-WebDataset sidecar (``00012.cls`` beside ``00012.png``, holding the class index) or else from the ImageFolder
-layout inside the archive (``Bag/00012.png``)."""
+"""What the container sources (tar, zip) share: which members are images, their rows' names (a repeated
+member name told apart by its ordinal), and their true classes, from a WebDataset sidecar (``00012.cls`` beside
+``00012.png``, holding the class index) or else from the ImageFolder layout inside the archive
+(``Bag/00012.png``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from fmnist_onnx.text import visible
 
 SIDECAR = ".cls"
 MAX_SIDECAR_BYTES = 64  # a class index or name: anything longer is not one
+REPEAT = "::"  # a repeated member name's row: the second x.png of an archive is x.png::2 (docs/sources.md)
 
 
 def sample_key(name: str) -> str:
@@ -41,6 +43,51 @@ def class_of_sidecar(data: bytes) -> int:
     return CLASSES.index(text) if text in CLASSES else -1
 
 
+class Repeats:
+    """The row names of one archive's members, in archive order: the first member of a name keeps it, the k-th
+    (k >= 2) is ``<name>::<k>``. That is never an image's own name (an image's name ends in its image suffix,
+    never in ``::`` and digits), so a row names one member and read_one finds it again. One set pass over a
+    batch of names; a statement per name only in a batch that repeats one (a compressed tar's batches share
+    one Repeats: a repeat may come thousands of members later)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.counts: dict[str, int] = {}  # names met more than once: how many times so far
+
+    def name(self, names: Sequence[str]) -> Sequence[str]:
+        """The row names of the next ``names``: ``names`` itself where none repeats a name met before."""
+        fresh = set(names)
+        if len(fresh) == len(names) and self.seen.isdisjoint(fresh):
+            if self.seen:
+                self.seen |= fresh
+            else:
+                self.seen = fresh
+            return names
+        return [self.one(n) for n in names]
+
+    def one(self, name: str) -> str:
+        """The row name of the next member, ``name``."""
+        if name not in self.seen:
+            self.seen.add(name)
+            return name
+        k = self.counts[name] = self.counts.get(name, 1) + 1
+        return f"{name}{REPEAT}{k}"
+
+
+def _samples(names: Sequence[str]) -> list[tuple[int, int]]:
+    """(sample, k) of each member: its run of consecutive members with one sample key (a WebDataset sample),
+    counted from 0, and which member of its name in that run it is (from 1). A compressed tar's batches are
+    cut between samples, so a batch's own names tell."""
+    out, run, last, counts = [], -1, None, {}
+    for name in names:
+        key = sample_key(name)
+        if key != last:
+            run, last, counts = run + 1, key, {}
+        counts[name] = counts.get(name, 0) + 1
+        out.append((run, counts[name]))
+    return out
+
+
 def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
     """Indices of the image members, of the sidecars, and of the other members (skipped), by name: the suffix
     of the base name (none where the base name starts with its only dot, ".png"). One comprehension and numpy,
@@ -54,18 +101,28 @@ def split(names: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
 
 def batch(kind: str, container: str, names: Sequence[str], keys: Sequence, sizes: Sequence[int],
           read_sidecars: Callable[[list[int]], list[bytes | Exception]], damage: str | None = None,
-          inline: bool = False, special: Sequence[tuple[str, str]] = ()) -> Batch:
+          inline: bool = False, special: Sequence[tuple[str, str]] = (), repeats: Repeats | None = None) -> Batch:
     """The walk's Batch of a container's members (``keys``/``sizes``: what the source reads them by), with
     an error row for the damage that ended its listing, if any. ``special``: (name, kind) of the members that
-    are no file (a symlink to nothing in the archive, a device, a FIFO): skipped, and counted by kind."""
+    are no file (a symlink to nothing in the archive, a device, a FIFO): skipped, and counted by kind.
+    ``repeats``: the names met in the archive's earlier batches (a compressed tar's), if any."""
     pics, cls, other = split(names)
-    labels = {sample_key(names[i]): class_of_sidecar(data)
-              for i, data in zip(cls, read_sidecars(cls), strict=True) if isinstance(data, bytes)}
-    truth = [labels.get(sample_key(names[i])) for i in pics]
+    shown = [names[i] for i in pics]
+    rows = (repeats or Repeats()).name(shown)
+    found = read_sidecars(cls)
+    if rows is shown:  # no repeated image name (the common case): an image takes the sidecar of its sample key
+        labels = {sample_key(names[i]): class_of_sidecar(data)
+                  for i, data in zip(cls, found, strict=True) if isinstance(data, bytes)}
+        truth = [labels.get(sample_key(n)) for n in shown]
+    else:  # an image takes the sidecar of its own sample: the k-th of its name there, the k-th sidecar
+        place = _samples(names)
+        labels = {place[i]: class_of_sidecar(data)
+                  for i, data in zip(cls, found, strict=True) if isinstance(data, bytes)}
+        truth = [labels.get(place[i]) for i in pics]
     if None in truth:  # no sidecar: the ImageFolder layout inside
         truth = [_folder_class(names[i]) if t is None else t for i, t in zip(pics, truth, strict=True)]
     prefix = container + "::"
-    units = [prefix + names[i] for i in pics]
+    units = [prefix + row for row in rows]
     members = Members(kind, container, units, [keys[i] for i in pics], truth,
                       [sizes[i] for i in pics] if len(sizes) else (), inline)
     broken = Found(prefix, "unlistable", damage) if damage else None
@@ -92,8 +149,9 @@ def broken(path: str, e: BaseException) -> Batch:
 
 
 def by_name(container: str, make: Callable[[], object], member: str) -> tuple:
-    """(the archive's index, ``make()``, made once per archive as it is now; the position of ``member`` in it),
-    or ImageError where it has no such member: the report reads a few members again."""
+    """(the archive's index, ``make()``, made once per archive as it is now; the position of ``member``, a row's
+    name of a member (``x.png``, or ``x.png::2`` for the second), in it), or ImageError where it has no such
+    member: the report reads a few members again."""
     index, positions = listing(container, make)
     i = positions.get(member)
     if i is None:
@@ -129,16 +187,17 @@ def one(results: list, member: str) -> bytes:
     return results[0]
 
 
-_listings: dict[tuple, tuple] = {}  # (archive, size, mtime) -> (its index, {member name: position})
+_listings: dict[tuple, tuple] = {}  # (archive, size, mtime) -> (its index, {member's row name: position})
 
 
 def listing(container: str, make: Callable[[], object]) -> tuple:
-    """(the archive's index, ``make()``, and its members' positions by name), made once per archive as it is
-    now: the report reads a few members of each archive again."""
+    """(the archive's index, ``make()``, and its members' positions by row name, as the walk names them: a
+    repeat by its ordinal), made once per archive as it is now: the report reads a few members of each
+    archive again."""
     st = os.stat(container)
     key = (container, st.st_size, st.st_mtime_ns)
     if key not in _listings:
         _listings.clear()
         index = make()
-        _listings[key] = (index, {n: i for i, n in enumerate(index.names)})
+        _listings[key] = (index, {n: i for i, n in enumerate(Repeats().name(index.names))})
     return _listings[key]

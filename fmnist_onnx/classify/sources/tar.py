@@ -56,26 +56,28 @@ def _streamed(path: str) -> Iterator[Batch]:
     names: list[str] = []
     data: list = []
     special: list[tuple[str, str]] = []  # members that are no file: skipped, counted by kind
+    repeats = members.Repeats()  # a name repeated in a later batch is still a repeat
     try:
         for name, content in archives.iter_tar_stream(path):
             if isinstance(content, archives.Skipped):
                 special.append((name, content.kind))
                 continue
             if len(names) >= STREAM_BATCH and members.sample_key(name) != members.sample_key(names[-1]):
-                yield _inline(path, names, data, special=special)
+                yield _inline(path, names, data, repeats, special=special)
                 names, data, special = [], [], []
             names.append(name)
             data.append(content)
     except (archives.ArchiveDamaged, OSError) as e:
-        yield _inline(path, names, data, members.damage(e), special)
+        yield _inline(path, names, data, repeats, members.damage(e), special)
         return
     if names or special:
-        yield _inline(path, names, data, special=special)
+        yield _inline(path, names, data, repeats, special=special)
 
 
-def _inline(path: str, names: list[str], data: list, damage: str | None = None, special: list = ()) -> Batch:
+def _inline(path: str, names: list[str], data: list, repeats: members.Repeats, damage: str | None = None,
+            special: list = ()) -> Batch:
     return members.batch("tar", path, names, data, (), lambda picks: [data[i] for i in picks], damage, inline=True,
-                         special=special)
+                         special=special, repeats=repeats)
 
 
 def read(m: Members) -> list:
@@ -86,10 +88,12 @@ def read(m: Members) -> list:
 
 
 def read_one(path: str, member: str) -> bytes:
-    """One member's bytes, by name (the report draws a few images again)."""
+    """One member's bytes, by its row's name (``x.png``, ``x.png::2``: members.Repeats; the report draws a few
+    images again)."""
     if archives.archive_kind(path) != "tar":  # compressed: streamed up to the member
+        repeats = members.Repeats()
         found = next((content for name, content in archives.iter_tar_stream(path)
-                      if name == member and not isinstance(content, archives.Skipped)), None)
+                      if not isinstance(content, archives.Skipped) and repeats.one(name) == member), None)
         return members.one([] if found is None else [found], member)
     index, i = members.by_name(path, lambda: archives.index_tar(path), member)
     return members.one(archives.read_tar(path, [index.offsets[i]], [index.sizes[i]]), member)

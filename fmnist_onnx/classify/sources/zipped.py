@@ -34,6 +34,7 @@ def read(m: Members) -> list:
 
 
 def read_one(path: str, member: str) -> bytes:
-    """One member's bytes, by name (the report draws a few images again)."""
+    """One member's bytes, by its row's name (``x.png``, ``x.png::2``: members.Repeats; the report draws a few
+    images again)."""
     index, i = members.by_name(path, lambda: archives.index_zip(path), member)
     return members.one(archives.read_zip(path, [index.offsets[i]]), member)
