@@ -67,6 +67,8 @@ class ClassifySummary:
     failures: list[dict] = field(default_factory=list)  # the first few {path, error}
     already_complete: bool = False
     provider_reason: str | None = None  # why this provider (--provider auto's rule: runtime.classify_provider)
+    containers_skipped: int = 0  # of ``skipped``: archives and Parquet files in folders of images (not read)
+    containers_skipped_first: list[str] = field(default_factory=list)  # the first few of them
 
 
 class Found(NamedTuple):

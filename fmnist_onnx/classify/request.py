@@ -56,11 +56,11 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
         raise UserError("--resume needs an --output file (stdout cannot be resumed)")
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    roots = sources.check_inputs(paths, engines.entry(engine).sources, engine, image_column)
+    own = run_files(output, report)
+    roots = sources.check_inputs(paths, engines.entry(engine).sources, engine, image_column, recursive, own)
     if not Path(model).is_file():
         raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
-    own = run_files(output, report)
-    _check_not_inputs(own, roots, os.fspath(model))
+    _check_not_inputs(own, sources.names(roots), os.fspath(model))  # the files a pattern names, too
     if output != "-":
         JournalSink.check_writable(output)  # a read-only folder, a device: refused before any work
     # the model's hash only where there is a journal to resume
