@@ -549,7 +549,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     from fmnist_onnx import classify as cl
 
     _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine,
-                            ray_address or actors, workers or inference != "auto", image_column)
+                            ray_address or actors, workers or inference != "auto", image_column, not no_recursive)
 
     def on_provider(name: str) -> None:
         if not quiet:
@@ -571,7 +571,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
 
 
 def _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine, ray_options,
-                            local_options, image_column) -> None:
+                            local_options, image_column, recursive) -> None:
     """classify's usage errors, and the --report page's place, before the run (not after an hour of work)."""
     if as_json and output == "-":
         raise click.UsageError("--json prints the summary on stdout, where -o - writes the table: use -o FILE")
@@ -587,10 +587,13 @@ def _check_classify_options(output, as_json, report_path, overwrite, model, path
     if engine == "ray" and local_options:
         raise click.UsageError("--workers and --inference are for --engine local; with --engine ray, use --actors")
     if image_column is not None:
+        from fmnist_onnx.classify.outputs import run_files
         from fmnist_onnx.classify.sources import kinds
 
-        if "parquet" not in kinds(paths):  # a folder of Parquet shards, a pattern of Parquet files, too
-            raise click.UsageError("--image-column is for Parquet inputs, and none of PATHS is a .parquet file")
+        # a folder of Parquet shards, a pattern of Parquet files: Parquet inputs too (the run's own files left out)
+        if "parquet" not in kinds(paths, recursive, run_files(output, report_path)):
+            raise click.UsageError("--image-column is for Parquet inputs, and none of PATHS is a .parquet file (or "
+                                   "a folder of them)")
 
 
 def _show_run(s, output, as_json, report_path, model, invert, overwrite, image_column) -> None:

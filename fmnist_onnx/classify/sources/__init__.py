@@ -148,11 +148,11 @@ def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str, ima
     return list(paths)
 
 
-def kinds(paths: Sequence[str], recursive: bool = True) -> list[str]:
+def kinds(paths: Sequence[str], recursive: bool = True, exclude: Iterable[str] = ()) -> list[str]:
     """The sources that read ``paths`` (``inputs``: a folder of shards by its containers'), each once, in order."""
     found: list[str] = []
-    for p, kind in inputs(paths, recursive):
-        found += ([container_kind(c) for c in _shard_files(p, recursive, ())] if kind == SHARDS else [kind])
+    for p, kind in inputs(paths, recursive, exclude):
+        found += ([container_kind(c) for c in _shard_files(p, recursive, exclude)] if kind == SHARDS else [kind])
     return list(dict.fromkeys(found))
 
 
