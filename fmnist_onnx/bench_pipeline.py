@@ -290,7 +290,7 @@ def _inputs(inputs: Sequence[str], model: Path, provider: str) -> tuple[str, Wor
     # forks from it.
     prov = resolve_provider(provider)
     open_session(model, "cpu")
-    load = Workload(paths, list(dict.fromkeys(sources.kind_of(p) for p in paths)))
+    load = Workload(paths, sources.kinds(paths))
     for batch in sources.walk(paths, True):
         if batch.members is not None and batch.members.kind != "folder":
             load.members.append(batch.members)

@@ -426,13 +426,13 @@ def bench_classify(inputs, model, workers, provider, batch_size, repeats, json_p
     """Time the classify pipeline on INPUTS beside decoding alone and the naive loop.
 
     INPUTS are what classify takes: folders, image files, tar and zip archives, Parquet files (or a mix),
-    checked as classify checks them. The pipeline (find, decode, infer, write) in images/s, beside decoding
-    alone (classify's own decoder, the images read through the same source, in the same processes and in one)
-    and the naive loop (one process, Pillow, batches of 256, the images read the plain way for their layout:
-    files, tarfile, zipfile, pyarrow rows), on the same images in one run: how close the pipeline runs to its
-    decoding limit. Then the coordinator (the process that walks and writes): its CPU per file and start-up
-    CPU, from two fresh runs, and the ceiling they imply on any number of cores; with --scaling, images/s for
-    1, 2, 4, ... processes.
+    folders of shards and brace patterns, checked as classify checks them. The pipeline (find, decode, infer,
+    write) in images/s, beside decoding alone (classify's own decoder, the images read through the same
+    source, in the same processes and in one) and the naive loop (one process, Pillow, batches of 256, the
+    images read the plain way for their layout: files, tarfile, zipfile, pyarrow rows), on the same images in
+    one run: how close the pipeline runs to its decoding limit. Then the coordinator (the process that walks
+    and writes): its CPU per file and start-up CPU, from two fresh runs, and the ceiling they imply on any
+    number of cores; with --scaling, images/s for 1, 2, 4, ... processes.
     """
     from fmnist_onnx import bench as bn
     from fmnist_onnx.files import locked
@@ -467,11 +467,15 @@ Examples:
   fmnist-onnx classify photos/ -o preds.csv --resume    # finish a killed run
   fmnist-onnx classify photos/ | head                   # CSV on stdout, progress on stderr
   fmnist-onnx classify shards/*.tar -o preds.csv        # WebDataset shards, read in place
+  fmnist-onnx classify shards/ -o preds.csv             # a folder of shards (no image in it): all of them
+  fmnist-onnx classify 'shards/train-{000000..000005}.tar' -o preds.csv   # WebDataset's brace pattern
+  fmnist-onnx classify my_hub_dataset/ -o preds.csv     # a Hub dataset's folder: its data/*.parquet
   fmnist-onnx classify train-00000.parquet -o preds.csv # Hugging Face layout: an image column, a label
   fmnist-onnx classify shop.parquet --image-column photo -o preds.csv   # a table with several binary columns
   fmnist-onnx classify /data/shop/ -o preds.parquet --engine ray --ray-address auto   # on a Ray cluster
 \b
-Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors,
+Exit codes: 0 every file classified, 3 some files failed (rows with an error), 2 usage errors (and
+inputs that hold no image: the line says what they hold),
 4 the output could not be written (a full disk: free space, run again with --resume),
 5 the model could not be run mid-run (onnxruntime out of memory: the rows so far are kept, run again
 with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way: run again with --resume).
@@ -501,7 +505,8 @@ with --resume), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM (either way
                    "photo) to Fashion-MNIST's light-on-dark.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run's output (<output>.partial).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or interrupted run.")
-@click.option("--no-recursive", is_flag=True, help="Only the files directly inside each folder.")
+@click.option("--no-recursive", is_flag=True, help="Only the files directly inside each folder (a folder of "
+              "shards too: its shards in subfolders are not searched).")
 @click.option("--image-column", metavar="NAME",
               help="The column of the Parquet inputs that holds the encoded images: a binary column, or a struct "
                    "with a binary 'bytes' field (the Hugging Face layout) [the 'image' column, else the only "
@@ -526,7 +531,12 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     PATHS are folders (searched recursively) and image files, in any format Pillow reads (PNG, JPEG, BMP,
     WebP, ...), other files in the folders skipped and counted; and archives and tables of images, read in
     place: tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz, .txz, ...), .zip, and .parquet with a column of image
-    bytes. An image inside one is named <archive>::<member> or <file.parquet>::row/<N>. Any size and mode is made 28x28
+    bytes. An image inside one is named <archive>::<member> or <file.parquet>::row/<N>. A folder with no image
+    file under it (as far as --no-recursive lets the search go) and at least one archive or Parquet file is a
+    folder of shards: they are read as if named one by one, in name order (depth first), its other files
+    skipped; in a folder with images they are skipped, and the summary names them. A PATH that does not exist
+    is a brace pattern, expanded as WebDataset expands it ('train-{000000..000005}.tar': quote it; at most
+    100,000 names, each of which must exist), and kept as named for --resume. Any size and mode is made 28x28
     grayscale (aspect kept, padded). Columns: path, label, index, score (softmax), label_2, score_2 ... with
     --top-k, error (a file that cannot be read gets its error and no label, and the run goes on), and
     true_label. Where the inputs know the true class (a folder per class name, '/' written as '-'; a .cls
@@ -539,7 +549,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
     from fmnist_onnx import classify as cl
 
     _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine,
-                            ray_address or actors, workers or inference != "auto", image_column)
+                            ray_address or actors, workers or inference != "auto", image_column, not no_recursive)
 
     def on_provider(name: str) -> None:
         if not quiet:
@@ -564,7 +574,7 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
 
 
 def _check_classify_options(output, as_json, report_path, overwrite, model, paths, engine, ray_options,
-                            local_options, image_column) -> None:
+                            local_options, image_column, recursive) -> None:
     """classify's usage errors, and the --report page's place, before the run (not after an hour of work)."""
     if as_json and output == "-":
         raise click.UsageError("--json prints the summary on stdout, where -o - writes the table: use -o FILE")
@@ -580,10 +590,13 @@ def _check_classify_options(output, as_json, report_path, overwrite, model, path
     if engine == "ray" and local_options:
         raise click.UsageError("--workers and --inference are for --engine local; with --engine ray, use --actors")
     if image_column is not None:
-        from fmnist_onnx.classify.sources import kind_of
+        from fmnist_onnx.classify.outputs import run_files
+        from fmnist_onnx.classify.sources import kinds
 
-        if not any(kind_of(p) == "parquet" for p in paths):
-            raise click.UsageError("--image-column is for Parquet inputs, and none of PATHS is a .parquet file")
+        # a folder of Parquet shards, a pattern of Parquet files: Parquet inputs too (the run's own files left out)
+        if "parquet" not in kinds(paths, recursive, run_files(output, report_path)):
+            raise click.UsageError("--image-column is for Parquet inputs, and none of PATHS is a .parquet file (or "
+                                   "a folder of them)")
 
 
 def _show_run(s, as_json, report_path, model, invert, overwrite, image_column) -> None:

@@ -294,9 +294,10 @@ def parquet_file(tmp_path_factory):
     return next(out.glob("*.parquet"))
 
 
-@pytest.mark.parametrize("layout", ["tar", "parquet"])
+@pytest.mark.parametrize("layout", ["tar", "parquet", "folder of shards"])
 def test_bench_classify_measures_tar_shards_and_parquet(layout, shards, parquet_file, onnx_model, tmp_path):
-    inputs = shards if layout == "tar" else [parquet_file]
+    inputs = {"tar": shards, "parquet": [parquet_file], "folder of shards": [shards[0].parent]}[layout]
+    layout = "parquet" if layout == "parquet" else "tar"  # a folder of shards: measured as its shards
     proc = run_cli("bench", "classify", *inputs, "-m", onnx_model, "--provider", "cpu", "--workers", "2",
                    "--json", tmp_path / "c.json", "--quiet", check=True)
     data = json.loads((tmp_path / "c.json").read_text())

@@ -498,6 +498,20 @@ def test_cluster_reads_archives_and_parquet_and_resumes_a_local_run(cluster, con
     assert [got[p]["true_label"] for p in want] == [w["true_label"] for w in want.values()]
 
 
+def test_cluster_reads_a_folder_of_shards_and_a_pattern_as_their_shards_named(cluster, containers, model, tmp_path):
+    """The driver takes the inputs the local engine takes: the containers' folder (nothing else in it: a
+    folder of shards), and a brace pattern naming them, give the rows of the shards named one by one."""
+    address, env, _ = cluster
+    want = by_path(read_rows(_local(containers, model, tmp_path / "local.csv")))
+    folder = containers[0].parent
+    for name, given in (("folder", folder), ("pattern", f"{folder}/{{a.tar,b.tar.gz,c.parquet}}")):
+        out = tmp_path / f"{name}.csv"
+        proc = run_cli("classify", given, "-m", model, "-o", out, "-k", TOP_K, "--engine", "ray", "--ray-address",
+                       address, "--provider", "cpu", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert_same_rows(by_path(read_rows(out)), want)
+
+
 def test_cluster_reads_the_image_column_as_the_local_engine(cluster, folder, model, tmp_path):
     """--image-column reaches the actors (in the Members they read): a table of two binary columns, the images
     in the named one and the same images reversed in the other, gives the local engine's rows."""

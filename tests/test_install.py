@@ -27,7 +27,7 @@ from harness import REPO, assert_one_line_error
 # apart (PEP 658). Measured: each extra resolves in 3-16 s and nothing but metadata is fetched.
 RESOLVER_PIP = "pip==26.3"
 TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]  # as in the README's commands
-CORE = {"click", "numpy", "pillow", "tqdm", "pyspng", "jinja2"}
+CORE = {"click", "numpy", "pillow", "tqdm", "pyspng", "jinja2", "braceexpand"}
 
 
 def canonical(name: str) -> str:

@@ -72,6 +72,8 @@ class ClassifySummary:
     provider_reason: str | None = None  # why this provider (--provider auto's rule: runtime.classify_provider)
     skipped_kinds: dict[str, int] = field(default_factory=dict)  # of the skipped, archive members that are no
     # file, by kind: "symlink" (to nothing in its archive), "device", "FIFO", "other"
+    containers_skipped: int = 0  # of ``skipped``: archives and Parquet files in folders of images (not read)
+    containers_skipped_first: list[str] = field(default_factory=list)  # the first few of them
 
 
 class Found(NamedTuple):

@@ -19,6 +19,7 @@ is what keeps it off the critical path on many cores. No torch here.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -151,13 +152,17 @@ def _run(request: Request, engine: str, progress: bool, on_provider, engine_opti
                     return finished
             else:
                 check_fresh(request)
+            seen = sources.Seen()
+            walk = _found(sources.walk(request.roots, request.recursive, request.own_files, request.image_column,
+                                       seen), tally, seen, request.roots)
             pause_point(CLASSIFY_BEFORE_ENGINE)  # tests hold the run here (testing.py)
             eng = engines.open_engine(engine, request, **engine_options)
             if on_provider is not None:
                 on_provider(eng.provider)
             pause_point(CLASSIFY_ENGINE_READY)
             sink = sink or open_sink(request)
-            final = _pipeline(request, eng, sink, done, tally, progress)
+            final = _pipeline(request, eng, sink, done, tally, progress, walk)
+            tally.beside = (seen.beside_count, seen.beside)
     except BaseException as e:
         _lock_still_held(sink)
         close_on_error(sink, e)  # Ctrl-C and SIGTERM leave here as Interrupted
@@ -171,12 +176,22 @@ def _run(request: Request, engine: str, progress: bool, on_provider, engine_opti
                      provider_reason=getattr(eng, "provider_reason", None))
 
 
+def _found(walk: Iterator[Batch], tally: Tally, seen: sources.Seen, roots: Sequence[str]) -> Iterator[Batch]:
+    """The walk, once it has given something with a row (a file, or an error row), before any engine starts
+    and anything is written; the files skipped until then counted in ``tally``. Inputs with no image and no
+    error row are a UserError saying what they hold: not an empty table and exit 0."""
+    for batch in walk:
+        if batch.files or batch.unlistable is not None:
+            return itertools.chain([batch], walk)
+        tally.skipped += len(batch.skipped)
+    raise UserError(seen.nothing(roots))
+
+
 def _pipeline(request: Request, eng: Engine, sink: JournalSink | StdoutSink, done: Done | None, tally: Tally,
-              progress: bool) -> str | Path:
+              progress: bool, walk: Iterator[Batch]) -> str | Path:
     """The walk -> the engine -> the sink, counted in ``tally``; the final output."""
     bar = progress_bar(progress, tally.resumed)
     sizer = ChunkSizer(eng.max_chunk)
-    walk = sources.walk(request.roots, request.recursive, request.own_files, request.image_column)
     items = work_items(walk, done, tally, sizer)
     for rows in eng.rows(items, sink.encoding, sizer.observe):
         sink.write_encoded(rows.data)

@@ -77,14 +77,15 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
         raise UserError("--resume needs an --output file (stdout cannot be resumed)")
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    roots = sources.check_inputs(paths, engines.entry(engine).sources, engine, image_column)
+    own = run_files(output, report)
+    roots = sources.check_inputs(paths, engines.entry(engine).sources, engine, image_column, recursive, own)
     if not Path(model).is_file():
         raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
-    own = run_files(output, report)
-    _check_not_inputs(own, roots, os.fspath(model))
+    named = sources.names(roots)  # the files a pattern names, too
+    _check_not_inputs(own, named, os.fspath(model))
     names = {} if output == "-" else {output: "--output", os.fspath(confusion_png_path(output)): "the confusion matrix"}
     names.update({os.fspath(report): "--report"} if report is not None else {})
-    walk_skips = _check_not_walked(own, roots, recursive, recorded_writes(output), names)
+    walk_skips = _check_not_walked(own, named, recursive, recorded_writes(output), names)
     if output != "-":
         JournalSink.check_writable(output)  # a read-only folder, a device: refused before any work
     # the model's hash only where there is a journal to resume

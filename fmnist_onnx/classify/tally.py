@@ -4,6 +4,7 @@ per-class precision and recall, the summary and its text (``format_summary``), a
 from __future__ import annotations
 
 import logging
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class Tally:
         self.skipped_kinds: Counter[str] = Counter()  # archive members that are no file (Batch.kinds)
         self.confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)  # [true, predicted]
         self.failures: list[dict] = []
+        self.beside: tuple[int, list[str]] = (0, [])  # containers skipped in folders of images (sources.Seen)
 
     def add_rows(self, rows: Rows) -> None:
         """A chunk, with array operations: the cost per file stays well under a microsecond."""
@@ -94,6 +96,7 @@ def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: 
         images_per_s=round(new / seconds, 1) if seconds > 0 else 0.0, accuracy_pct=acc, per_class=per_class,
         confusion_png=str(png) if png else None, failures=tally.failures, provider_reason=provider_reason,
         skipped_kinds=dict(sorted(tally.skipped_kinds.items())),
+        containers_skipped=tally.beside[0], containers_skipped_first=tally.beside[1],
     )
 
 
@@ -134,8 +137,8 @@ def format_summary(s: ClassifySummary) -> str:
         skipped = f", {s.skipped} other files skipped{_kinds(s.skipped_kinds)}" if s.skipped else ""
         resumed = f", {s.resumed} of them from the interrupted run" if s.resumed else ""
         lines.append(f"{s.classified} of {s.files} files classified, {s.failed} failed{skipped}{resumed}.")
-        if not s.files:
-            lines.append("No image files found (inputs are the suffixes Pillow reads: .png, .jpg, .bmp, .webp, ...).")
+        if s.containers_skipped:
+            lines.append(_containers_line(s))
         lines.append(f"{s.seconds:.2f} s, {s.images_per_s:,.0f} images/s ({s.provider}, {s.workers} decoding "
                      f"processes, {s.decoder}); wrote {output}")
     if s.accuracy_pct is not None:
@@ -152,6 +155,15 @@ def format_summary(s: ClassifySummary) -> str:
         lines.append(f"failed files ({'first ' + str(len(s.failures)) if s.failed > len(s.failures) else 'all'}):")
         lines += [f"  {visible(f['path'])}: {visible(f['error'])}" for f in s.failures]
     return "\n".join(lines)
+
+
+def _containers_line(s: ClassifySummary) -> str:
+    """The archives and Parquet files a folder of images holds: skipped, and the command that reads them."""
+    names = " ".join(shlex.quote(visible(p)) for p in s.containers_skipped_first)
+    more = " ..." if s.containers_skipped > len(s.containers_skipped_first) else ""
+    return (f"{s.containers_skipped} of the skipped files are archives or Parquet files in folders of images, not "
+            f"read (a folder is read as shards only where it holds no image); to read them, name them: "
+            f"fmnist-onnx classify {names}{more}")
 
 
 def summary_of_finished(output: Path, fmt: str, tally: Tally) -> ClassifySummary:

@@ -5,6 +5,14 @@ when an input of its kind is named. A source is chosen by what the input is: ``u
 ``zip`` for .zip; ``parquet`` for .parquet; ``folder`` for other local files and folders (a folder is a folder
 whatever its name).
 
+What an input names (``inputs``): a path that does not exist as named is a pattern, expanded as WebDataset's
+``braceexpand`` expands it (``train-{000000..000005}.tar``, zero padding kept; at most MAX_PATTERN_NAMES names,
+each of which must exist), and the run record keeps the pattern. A folder with no image file under it (as far
+as --recursive goes) and at least one container file is a folder of shards (SHARDS): its containers are read
+in walk order (names sorted per folder, depth first), each by its source, as if named one by one; its other
+files are skipped. In a folder with images, container files are skipped like any other file, and the summary
+names them (``Seen``).
+
 The images inside a container are named in the rows as ``<container>::<member>`` (tar, zip) or
 ``<container>::row/<N>`` (Parquet, N counted from 0), the container as named on the command line: ``::`` after
 an input that is a container. A member name that the archive repeats is ``<member>::<k>`` from its second
@@ -19,9 +27,13 @@ that reads it (engines/__init__.py). An option of one source (the Parquet source
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from collections.abc import Iterator, Sequence
+import string
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from importlib import import_module
 from itertools import groupby
 
@@ -41,6 +53,9 @@ SEPARATOR = "::"  # between a container and its member in a row's path
 ESCAPE = "\\"  # in a loose file's row: '\\' is a backslash of its path, '\:' a colon
 _SUFFIXES = {**dict.fromkeys(TAR_SUFFIXES, "tar"), ".zip": "zip", ".parquet": "parquet"}  # one list with archives
 CONTAINERS = frozenset(_SUFFIXES.values())
+SHARDS = "shards"  # a folder of shards: not a source; its containers are read by theirs
+MAX_PATTERN_NAMES = 100_000  # names one pattern may make (a shell's own limit is the command line)
+_WORDS = {"tar": "tar archive", "zip": "zip archive", "parquet": "Parquet file"}
 
 
 def is_uri(path: str) -> bool:
@@ -119,34 +134,218 @@ def _options(kind: str, image_column: str | None) -> dict:
     return {"image_column": image_column} if kind == "parquet" else {}
 
 
-def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str,
-                 image_column: str | None = None) -> list[str]:
-    """The inputs, each checked by its source before any work; one a chosen engine cannot read (``readable``:
-    its sources) is a UserError naming the engines that can. ``image_column``: the Parquet inputs' column of
-    images (--image-column), an error where no input is Parquet."""
+def check_inputs(paths: Sequence[str], readable: Sequence[str], engine: str, image_column: str | None = None,
+                 recursive: bool = True, exclude: Iterable[str] = ()) -> list[str]:
+    """The inputs as named (patterns kept: the run record holds them), each checked by its source before any
+    work, the containers of a folder of shards with them (``inputs``); one a chosen engine cannot read
+    (``readable``: its sources) is a UserError naming the engines that can. ``image_column``: the Parquet
+    inputs' column of images (--image-column), an error where no input is Parquet. ``exclude``: the run's own
+    files (left out of folders, as by the walk)."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise UserError("no PATH given: name folders or image files to classify")
-    kinds = [kind_of(p) for p in paths]
+    found = inputs(paths, recursive, exclude)
+    named = [(p, "folder" if k == SHARDS else k) for p, k in found]
+    units = named + [(c, container_kind(c)) for p, k in found if k == SHARDS
+                     for c in _shard_files(p, recursive, exclude)]
+    kinds = [k for _, k in units]
     if image_column is not None and "parquet" not in kinds:
         raise UserError("--image-column names the image column of Parquet inputs, and no input is a .parquet file")
-    for p, kind in zip(paths, kinds, strict=True):
+    for p, kind in units:
         if kind not in readable:
             raise UserError(f"{visible(p)}: a {kind} input, which --engine {engine} cannot read (it reads "
                             f"{', '.join(readable)}){'; --engine ray reads URIs' if kind == 'uri' else ''}")
     for kind in dict.fromkeys(kinds):
-        source(kind).check([p for p, k in zip(paths, kinds, strict=True) if k == kind],
-                           **_options(kind, image_column))
+        source(kind).check([p for p, k in units if k == kind], **_options(kind, image_column))
     return list(paths)
 
 
+def kinds(paths: Sequence[str], recursive: bool = True, exclude: Iterable[str] = ()) -> list[str]:
+    """The sources that read ``paths`` (``inputs``: a folder of shards by its containers'), each once, in order."""
+    found: list[str] = []
+    for p, kind in inputs(paths, recursive, exclude):
+        found += ([container_kind(c) for c in _shard_files(p, recursive, exclude)] if kind == SHARDS else [kind])
+    return list(dict.fromkeys(found))
+
+
+def names(paths: Sequence[str]) -> list[str]:
+    """The paths with their patterns expanded (``expand``)."""
+    return [n for p in paths for n in expand(p)]
+
+
+def inputs(paths: Sequence[str], recursive: bool = True, exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(name, kind) of every input ``paths`` make, in order: patterns expanded (``expand``), a folder of shards
+    (no image file under it as far as the walk goes, at least one container file) of kind SHARDS."""
+    out = []
+    for name in names(paths):
+        kind = kind_of(name)
+        if kind == "folder" and os.path.isdir(name):
+            images, containers = source("folder").survey(name, recursive, tuple(_SUFFIXES), exclude)
+            kind = SHARDS if containers and not images else kind
+        out.append((name, kind))
+    return out
+
+
+def expand(path: str) -> list[str]:
+    """The names an input stands for: itself where it exists (or is a URI, or holds no brace); else its
+    pattern expanded as WebDataset's ``braceexpand`` expands it (``train-{000000..000005}.tar``: zero padding
+    kept), each name an existing file or folder, at most MAX_PATTERN_NAMES: else one line. A name that makes
+    no other names stays itself (its source says it is missing)."""
+    if "{" not in path or is_uri(path) or os.path.lexists(path):
+        return [path]
+    made = _pattern(path)
+    if made is None:
+        return [path]
+    missing = [n for n in made if not os.path.lexists(n)]
+    if missing:
+        raise UserError(f"{visible(missing[0])}: no such file or folder (the pattern {visible(path)}: "
+                        f"{len(missing):,} of its {len(made):,} names missing)")
+    return list(made)
+
+
+@functools.lru_cache(maxsize=4)  # a run expands its patterns to check them, then to walk (twice with --resume)
+def _pattern(path: str) -> tuple[str, ...] | None:
+    """The names braceexpand makes of ``path``; None where it makes only ``path`` or its braces do not
+    balance; UserError past MAX_PATTERN_NAMES. Counted first: braceexpand holds each range as a list, so
+    ``{0..99999999999}`` would fill the memory."""
+    from braceexpand import braceexpand
+
+    try:
+        count = _count(path)
+    except (ValueError, RecursionError):
+        return None
+    if count > MAX_PATTERN_NAMES:
+        raise UserError(f"{visible(path)}: the pattern makes {count:,} names, more than {MAX_PATTERN_NAMES:,}; "
+                        "name fewer, or the folder that holds them")
+    made = tuple(braceexpand(path))
+    return None if made == (path,) else made
+
+
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")  # braceexpand's own
+_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
+
+
+def _count(pattern: str) -> int:
+    """How many names braceexpand makes of ``pattern``, on its grammar (the product of its brace
+    expressions'), without making them; ValueError where the braces do not balance."""
+    total, start, depth, pos = 1, 0, 0, 0
+    while pos < len(pattern):
+        c = pattern[pos]
+        if c == "\\":  # an escaped character
+            pos += 2
+            continue
+        if c == "{":
+            start = pos if depth == 0 else start
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                total *= _count_expression(pattern[start + 1:pos])
+        pos += 1
+    if depth:
+        raise ValueError("unbalanced braces")
+    return total
+
+
+def _count_expression(expr: str) -> int:
+    """The names of one brace expression: a range of integers or letters, a list (the sum of its items'), or
+    else a pattern in literal braces."""
+    m = _INT_RANGE.match(expr)
+    if m:
+        return abs(int(m[2]) - int(m[1])) // ((int(m[3]) or 1) if m[3] else 1) + 1
+    m = _CHAR_RANGE.match(expr)
+    if m:  # braceexpand's slice of its alphabet (at most 52 letters)
+        letters, step = string.ascii_uppercase + string.ascii_lowercase, (int(m[3]) or 1) if m[3] else 1
+        a, b = letters.index(m[1]), letters.index(m[2])
+        return len(letters[a:b + 1:step] if a < b else letters[a:(b or -len(letters)) - 1:-step])
+    items, start, depth, pos = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            items.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth or not items:
+        return _count(expr)
+    return sum(_count(item) for item in [*items, expr[start:]])
+
+
+def _shard_files(folder: str, recursive: bool, exclude: Iterable[str]) -> list[str]:
+    """The containers of a folder of shards, in walk order."""
+    return [p for b in source("folder").walk_batches([folder], recursive, exclude) for p in b.skipped
+            if container_kind(p)]
+
+
+@dataclass
+class Seen:
+    """What a walk passed over, for the run's last words: the files it skipped by suffix until it found
+    anything with a row (the line of a run that found no image), the containers it read, and the containers
+    it skipped in folders of images (the summary names them)."""
+
+    rows: bool = False
+    skipped: Counter = field(default_factory=Counter)  # suffix -> files
+    read: Counter = field(default_factory=Counter)  # container kind -> files
+    beside: list[str] = field(default_factory=list)  # the first few containers skipped beside images
+    beside_count: int = 0
+
+    def add(self, batch: Batch, folder: bool) -> None:
+        if not self.rows:
+            self.rows = bool(batch.files) or batch.unlistable is not None
+            self.skipped.update(os.path.splitext(p.rpartition(SEPARATOR)[2])[1].lower() for p in batch.skipped)
+        if folder and batch.skipped:
+            inside = [p for p in batch.skipped if p.lower().endswith(_CONTAINER_SUFFIXES)]
+            self.beside_count += len(inside)
+            self.beside += inside[:10 - len(self.beside)]
+
+    def nothing(self, roots: Sequence[str]) -> str:
+        """The line of a run whose walk gave no row: what it found instead."""
+        found = [f"{n:,} {_WORDS[k]}{'s' if n > 1 else ''} read" for k, n in self.read.items()]
+        found += [f"{n:,} {s or 'suffixless'} file{'s' if n > 1 else ''}" for s, n in self.skipped.most_common(5)]
+        more = sum(self.skipped.values()) - sum(n for _, n in self.skipped.most_common(5))
+        found += [f"{more:,} other files"] if more else []
+        what = ", ".join(found) + " skipped" if self.skipped else ", ".join(found) or "no files in it"
+        return (f"no images in {', '.join(visible(r) for r in roots)}: {what} (images are the suffixes Pillow "
+                "reads: .png, .jpg, .bmp, .webp, ...)")
+
+
+_CONTAINER_SUFFIXES = tuple(_SUFFIXES)
+
+
 def walk(roots: Sequence[str], recursive: bool, exclude: Sequence[str] = (),
-         image_column: str | None = None) -> Iterator[Batch]:
-    """Every unit under ``roots``, in the order they are named: consecutive inputs of one source walked by
-    it together (a folder reached twice is walked once). ``image_column``: as for ``check_inputs``."""
-    for kind, group in groupby(roots, key=kind_of):
-        batches = source(kind).walk_batches(list(group), recursive, exclude, **_options(kind, image_column))
-        yield from _loose_rows(batches) if kind == "folder" else batches
+         image_column: str | None = None, seen: Seen | None = None) -> Iterator[Batch]:
+    """Every unit under ``roots``, in the order they are named (``inputs``): consecutive inputs of one source
+    walked by it together (a folder reached twice is walked once), a folder of shards container by container.
+    ``image_column``: as for ``check_inputs``. ``seen``: filled with what the walk passed over."""
+    seen = Seen() if seen is None else seen
+    for kind, group in groupby(inputs(roots, recursive, exclude), key=lambda named: named[1]):
+        paths = [p for p, _ in group]
+        if kind == SHARDS:
+            batches = (b for p in paths for b in _shards(p, recursive, exclude, image_column, seen))
+        else:
+            seen.read.update({kind: len(paths)} if kind in CONTAINERS else {})
+            batches = source(kind).walk_batches(paths, recursive, exclude, **_options(kind, image_column))
+            batches = _loose_rows(batches) if kind == "folder" else batches
+        for batch in batches:
+            seen.add(batch, kind == "folder")
+            yield batch
+
+
+def _shards(folder: str, recursive: bool, exclude: Sequence[str], image_column: str | None,
+            seen: Seen) -> Iterator[Batch]:
+    """A folder of shards: its containers in walk order, each read by its source; its other files skipped,
+    and a folder in it that cannot be listed an error row, as the folder source gives them."""
+    for batch in _loose_rows(source("folder").walk_batches([folder], recursive, exclude)):
+        inside = [p for p in batch.skipped if container_kind(p)]
+        if batch.files or batch.unlistable is not None or len(inside) < len(batch.skipped):
+            yield batch._replace(skipped=[p for p in batch.skipped if not container_kind(p)])
+        for kind, group in groupby(inside, key=container_kind):
+            paths = list(group)
+            seen.read[kind] += len(paths)
+            yield from source(kind).walk_batches(paths, recursive, exclude, **_options(kind, image_column))
 
 
 def _loose_rows(batches: Iterator[Batch]) -> Iterator[Batch]:

@@ -83,6 +83,41 @@ def iter_files(paths: Sequence[str | Path], recursive: bool = True,
             yield Found(path, "skip")
 
 
+def survey(root: str, recursive: bool, suffixes: tuple[str, ...],
+           exclude: Iterable[str | Path] = ()) -> tuple[bool, bool]:
+    """(an image file lies under folder ``root``, a file named with one of ``suffixes`` does), as far as the
+    walk goes (``recursive``, links followed, ``exclude`` left out), in no order, stopping at the first image:
+    a folder of images is told by its first entries, a folder of shards is a few names. A folder that cannot
+    be listed is passed over (the walk gives it its error row)."""
+    exts = image_extensions()
+    left_out = _excluded(exclude)
+    seen: set[tuple[int, int]] = set()
+    stack, found = [root], False
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            mine = left_out.get(key, ())
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if entry.name in mine:
+                        continue
+                    if _is_dir(entry):
+                        if recursive:
+                            stack.append(entry.path)
+                    elif _is_image_name(entry.name, exts):
+                        return True, found
+                    elif entry.name.lower().endswith(suffixes):
+                        found = True
+        except OSError:
+            continue
+    return False, found
+
+
 def _excluded(paths: Iterable[str | Path]) -> dict[tuple[int, int], set[str]]:
     """{(device, inode) of a folder: names in it to leave out}. A path whose folder does not exist is in no
     folder the walk can reach."""
