@@ -132,7 +132,7 @@ class Predictor:
         try:
             t0 = time.perf_counter()
             data = sources.read(item) if isinstance(item, Members) else self._data(item)
-            imgs, errors = images.preprocess_batch(data, self.invert)
+            imgs, errors = images.preprocess_batch(data, self.invert, len(item))  # one member held at a time
             seconds = time.perf_counter() - t0
             session = None if all(errors) else self.session
             rows = make_rows(session, units_of(item), imgs, errors, self.top_k, self.batch_size, encoding,

@@ -18,7 +18,7 @@ that reads it (engines/__init__.py). An option of one source (the Parquet source
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import import_module
 from itertools import groupby
 
@@ -67,8 +67,9 @@ def source(kind: str):
     return import_module(SOURCES[kind])
 
 
-def read(members: Members) -> list:
-    """The bytes of each image of ``members`` (or its images.ImageError), in a worker: its source's ``read``."""
+def read(members: Members) -> Iterable:
+    """The bytes of each image of ``members`` (or its images.ImageError), in a worker: its source's ``read``,
+    one member at a time where the source can (images.preprocess_batch takes them as they come)."""
     return source(members.kind).read(members)
 
 

@@ -11,12 +11,13 @@ import logging
 from collections.abc import Iterator, Sequence
 
 from fmnist_onnx import archives
-from fmnist_onnx.classify.contract import Batch, Members
+from fmnist_onnx.classify.contract import CHUNK_BYTES, Batch, Members
 from fmnist_onnx.classify.sources import members
 
 log = logging.getLogger(__name__)
 
-STREAM_BATCH = 2048  # members of a compressed tar held at once (their bytes are in memory until decoded)
+STREAM_BATCH = 2048  # members of a compressed tar held at once (their bytes are in memory until decoded) ...
+STREAM_BYTES = CHUNK_BYTES  # ... and their bytes at most, beyond one member bigger than that
 
 
 def check(paths: Sequence[str]) -> list[str]:
@@ -46,17 +47,25 @@ def _indexed(path: str) -> Batch:
 
 
 def _streamed(path: str) -> Iterator[Batch]:
-    """A compressed tar in one pass, a few thousand members at a time, cut between samples (an image and its
-    sidecar stay together)."""
+    """A compressed tar in one pass, a few thousand members or STREAM_BYTES at a time, cut between samples (an
+    image and its sidecar stay together): a batch is cut before a member whose declared size would take it
+    past STREAM_BYTES, before that member is read, so that the walk holds one batch at a time, at most
+    STREAM_BYTES or one member. A sample's small members (sidecars) join it past the bound."""
     names: list[str] = []
     data: list = []
+    held = 0
     try:
-        for name, content in archives.iter_tar_stream(path):
-            if len(names) >= STREAM_BATCH and members.sample_key(name) != members.sample_key(names[-1]):
+        for name, size, read in archives.stream_tar(path):
+            full = len(names) >= STREAM_BATCH or held + size > STREAM_BYTES
+            if full and names and (members.sample_key(name) != members.sample_key(names[-1])
+                                   or size > members.MAX_SIDECAR_BYTES):
                 yield _inline(path, names, data)
-                names, data = [], []
+                names, data, held = [], [], 0
+            content = read()
             names.append(name)
             data.append(content)
+            held += len(content) if isinstance(content, bytes) else 0
+            del content
     except (archives.ArchiveDamaged, OSError) as e:
         yield _inline(path, names, data, members.damage(e))
         return
@@ -65,20 +74,23 @@ def _streamed(path: str) -> Iterator[Batch]:
 
 
 def _inline(path: str, names: list[str], data: list, damage: str | None = None) -> Batch:
-    return members.batch("tar", path, names, data, (), lambda picks: [data[i] for i in picks], damage, inline=True)
+    sizes = [len(d) if isinstance(d, bytes) else 0 for d in data]  # what a chunk of them holds (its cut)
+    return members.batch("tar", path, names, data, sizes, lambda picks: [data[i] for i in picks], damage,
+                         inline=True)
 
 
-def read(m: Members) -> list:
-    """The members' bytes (or ImageError each): read at their offsets, or carried already (a compressed tar)."""
+def read(m: Members) -> Iterator:
+    """The members' bytes (or ImageError each), one at a time: read at their offsets, or carried already (a
+    compressed tar)."""
     if m.inline:
-        return list(m.keys)
-    return archives.read_tar(m.container, m.keys, m.sizes)
+        return iter(m.keys)
+    return archives.read_tar_each(m.container, m.keys, m.sizes)
 
 
 def read_one(path: str, member: str) -> bytes:
     """One member's bytes, by name (the report draws a few images again)."""
-    if archives.archive_kind(path) != "tar":  # compressed: streamed up to the member
-        found = next((content for name, content in archives.iter_tar_stream(path) if name == member), None)
+    if archives.archive_kind(path) != "tar":  # compressed: streamed up to the member, the others skipped unheld
+        found = next((read() for name, _, read in archives.stream_tar(path) if name == member), None)
         return members.one([] if found is None else [found], member)
     index, i = members.by_name(path, lambda: archives.index_tar(path), member)
     return members.one(archives.read_tar(path, [index.offsets[i]], [index.sizes[i]]), member)
