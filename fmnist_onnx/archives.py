@@ -5,9 +5,12 @@ Python's ``tarfile`` spends ~48), and members are then read with one ``pread`` e
 .tgz, .tar.bz2, .tar.xz) cannot be indexed without decompressing everything before a member, so they are read
 in one streaming pass (``iter_tar_stream``). Zips are listed from their central directory by ``zipfile``.
 
-Bounds: a member larger than ``images.MAX_FILE_BYTES`` is an ``ImageError`` value, never read; a pax or GNU
+Bounds: a member larger than ``images.MAX_FILE_BYTES`` is an ``ImageError`` value, never read (in a compressed
+stream, where it could only be skipped by inflating it, the stream stops there: ``stream_tar``); a pax or GNU
 long-name record larger than MAX_EXTENDED_BYTES is damage; a zip member that inflates past what it declares
-is caught by zipfile's own size limit and CRC. A broken archive lists every member before the break and says
+is caught by zipfile's own size limit and CRC. Members are read one at a time (``read_tar_each``,
+``read_zip_each``, ``stream_tar``'s ``read``), so a reader holds one member's bytes, not a chunk's.
+A broken archive lists every member before the break and says
 where it broke in one line (``ArchiveIndex.damage``); a member's own trouble is an ImageError in its place.
 Member names are listed as they are (``../x``, ``/etc/x``): they are never used as paths.
 

@@ -217,3 +217,21 @@ def test_a_compressed_member_over_the_limit_is_not_inflated(baseline, test_pngs,
     assert rows[0]["error"] == f"member too large ({big.size} bytes, limit {MAX_FILE_BYTES})"
     assert "'big.png'" in rows[1]["error"] and "at byte 0" in rows[1]["error"], rows[1]
     assert_bounded(peak, baseline)
+
+
+def test_a_parquet_dictionary_bomb_is_read_without_decoding_its_rows_together(baseline, onnx_model, tmp_path):
+    """One 20 MiB value in a dictionary page and 60 rows pointing at it: about 1 KB on disk, 1.26 GB decoded
+    row by row; the footer says 20 MiB (the dictionary, encoded). Read with the dictionary kept encoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.DictionaryArray.from_arrays(pa.array([0] * 60, pa.int32()), pa.array([bytes(20 * MIB)]))
+    path = tmp_path / "bomb.parquet"
+    # store_schema=False: read back as a plain binary column (the image column), dictionary-encoded on disk
+    pq.write_table(pa.table({"image": image}), path, compression="zstd", store_schema=False,
+                   dictionary_pagesize_limit=64 * MIB)
+    assert path.stat().st_size < 4096 and pq.ParquetFile(path).schema_arrow.field("image").type == pa.binary()
+    code, peak, summary, rows, _ = classify_peak(path, onnx_model, tmp_path / "out.csv")
+    assert code == 3 and summary["failed"] == 60
+    assert [r["path"] for r in rows] == [f"{path}::row/{i}" for i in range(60)]
+    assert_bounded(peak, baseline)

@@ -2,8 +2,9 @@
 unpacked to disk. A plain ``.tar`` is indexed by walking its 512-byte headers over a memory map (archives.py:
 4 us a member, where Python's tarfile takes 48) and the workers read each image at its offset; a compressed
 tar (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) cannot be read at an offset, so it is streamed once here
-and its images' bytes go to the workers. A damaged archive gives every member before the damage its row, then
-one error row, ``<archive>::``, saying where it broke."""
+and its images' bytes go to the workers, STREAM_BYTES at a time at most (or one member bigger than that); a
+member over the byte limit there stops the stream (archives.stream_tar). A damaged archive gives every member
+before the damage its row, then one error row, ``<archive>::``, saying where it broke."""
 
 from __future__ import annotations
 
