@@ -521,6 +521,7 @@ def preprocess_batch(sources: Iterable[bytes | str | Path | ImageError], invert:
     out = np.zeros((count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     errors = [""] * count
     plain = []  # 28x28 images whose invert decision is still to take
+    i = -1
     for i, src in enumerate(sources):
         try:
             if isinstance(src, ImageError):  # a source could not read this image: its error row
@@ -536,7 +537,9 @@ def preprocess_batch(sources: Iterable[bytes | str | Path | ImageError], invert:
                 out[i] = preprocess_gray(gray, invert)
         except ImageError as e:
             errors[i] = str(e)
-        del src  # not held while the next one is read
+        src = gray = None  # neither held while the next one is read
+    for short in range(i + 1, count):  # a source that gave fewer: never a row of zeros classified
+        errors[short] = "not read (its source gave no bytes for it)"
     if plain:
         idx = np.asarray(plain)
         sums = out[idx][:, _BORDER_MASK].sum(axis=1, dtype=np.int64)
