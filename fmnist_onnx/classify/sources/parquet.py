@@ -4,13 +4,13 @@ Face Hub (an ``image`` struct of ``bytes`` and ``path``, a ``label`` whose class
 ``--image-column`` (``image_column``: a binary column, or a struct with a binary ``bytes`` field). Rows are
 named ``<file>::row/<N>`` (N from 0, in the file's order).
 
-The walk (this process) reads the metadata and the label column only; the workers read the image column in
-record batches of a row group (the last one kept: chunks and batches need not line up), each holding at most
-CHUNK_BYTES decoded, or one row (``_batch_rows``), and hand the images on one at a time. The batches are sized
-by what the rows could decode to, not by what the footer says they are encoded in: a column chunk with a
-dictionary page may repeat its biggest value in every row (a 902-byte file, one 20 MiB value in its
-dictionary and 60 rows pointing at it, decodes to 1.26 GB), so there each row counts as the whole chunk. A
-row group that cannot be read (a damaged file) gives its rows error rows; the run goes on."""
+The walk (this process) reads the metadata and the label column only; the workers read the image column a
+row group at a time where it is CHUNK_BYTES or less, else in record batches of about CHUNK_BYTES (the last
+batch kept: chunks and batches need not line up), and hand the images on one at a time (``_Batches``). A
+column chunk with a dictionary page is read with its dictionary kept encoded, each row's image the
+dictionary's own bytes: a dictionary may repeat one value in every row (a 902-byte file, one 20 MiB value and
+60 rows pointing at it, decodes to 1.26 GB where the footer says 20 MiB), and it is held once, not once a row.
+A row group that cannot be read (a damaged file) gives its rows error rows; the run goes on."""
 
 from __future__ import annotations
 
