@@ -7,9 +7,12 @@ tars (.tar.gz, .tgz, .tar.bz2, .tar.xz; .tar.zst with the [zstd] extra) cannot b
 everything before a member, so they are read in one streaming pass (``iter_tar_stream``).
 Zips are listed from their central directory by ``zipfile``.
 
-Bounds: a member larger than ``images.MAX_FILE_BYTES`` is an ``ImageError`` value, never read; a pax or GNU
+Bounds: a member larger than ``images.MAX_FILE_BYTES`` is an ``ImageError`` value, never read (in a compressed
+stream, where it could only be skipped by inflating it, the stream stops there: ``stream_tar``); a pax or GNU
 long-name record larger than MAX_EXTENDED_BYTES is damage; a zip member that inflates past what it declares
-is caught by zipfile's own size limit and CRC. A broken archive lists every member before the break and says
+is caught by zipfile's own size limit and CRC. Members are read one at a time (``read_tar_each``,
+``read_zip_each``, ``stream_tar``'s ``read``), so a reader holds one member's bytes, not a chunk's.
+A broken archive lists every member before the break and says
 where it broke in one line (``ArchiveIndex.damage``); a member's own trouble is an ImageError in its place.
 Member names are listed as they are (``../x``, ``/etc/x``): they are never used as paths.
 
@@ -69,6 +72,7 @@ COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar
 TAR_SUFFIXES = (".tar", *COMPRESSED_TAR_SUFFIXES)  # the names read as tars, by classify too
 # how zipfile says a central directory is broken (a flagged UTF-8 name that is not: UnicodeDecodeError)
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError)
+_PIECE = 1 << 20  # a big zip member is inflated this much at a time (_read_pieces)
 _ZIP_CACHE: dict[tuple, zipfile.ZipFile] = {}  # read_zip's open archives, see _open_zip
 
 
@@ -627,34 +631,41 @@ def _reader(fd: int, offsets: Sequence[int], sizes: Sequence[int], limit: int) -
 def read_tar(path: str, offsets: Sequence[int], sizes: Sequence[int]) -> list[bytes | ImageError]:
     """The bytes of members (from index_tar), read at their offsets (_reader); an ImageError in the place of one
     that is too large, empty, cut short by the end of the file or unreadable."""
+    return list(read_tar_each(path, offsets, sizes))
+
+
+def read_tar_each(path: str, offsets: Sequence[int], sizes: Sequence[int]) -> Iterator[bytes | ImageError]:
+    """read_tar's members one at a time, as they are asked for: a worker holds one member's bytes while it
+    decodes it, not a chunk's (beside the span _reader reads at once, at most MAX_SPAN_BYTES)."""
     limit = images.MAX_FILE_BYTES
     try:
         _check_regular(path)
         fd = os.open(path, os.O_RDONLY)
     except (OSError, ArchiveDamaged) as e:
-        return [ImageError(f"cannot open the archive: {getattr(e, 'strerror', None) or e}") for _ in offsets]
-    out: list[bytes | ImageError] = []
+        for _ in offsets:
+            yield ImageError(f"cannot open the archive: {getattr(e, 'strerror', None) or e}")
+        return
     try:
         read = _reader(fd, offsets, sizes, limit)
         for at, size in zip(offsets, sizes, strict=True):
             if at < 0:
-                out.append(ImageError(UNREADABLE.get(at, "not read")))
+                yield ImageError(UNREADABLE.get(at, "not read"))
                 continue
             if size > limit:
-                out.append(_too_large(size, limit))
+                yield _too_large(size, limit)
                 continue
             try:
                 data = read(at, size)
             except OSError as e:
-                out.append(ImageError(f"cannot read: {e.strerror or e}"))
+                yield ImageError(f"cannot read: {e.strerror or e}")
                 continue
             if len(data) < size:
-                out.append(ImageError(f"truncated member ({len(data)} of {size} bytes in the file)"))
+                yield ImageError(f"truncated member ({len(data)} of {size} bytes in the file)")
             else:
-                out.append(data if data else ImageError("empty member"))
+                yield data if data else ImageError("empty member")
+            del data  # not held while the next member is read
     finally:
         os.close(fd)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- compressed tar
@@ -798,10 +809,24 @@ class Skipped(NamedTuple):
 
 
 def iter_tar_stream(path: str) -> Iterator[tuple[str, bytes | ImageError | Skipped]]:
-    """(name, bytes or ImageError) of each member of a (compressed) tar in one pass, never to disk; (name,
-    Skipped) for one without a row. A link's target has streamed past (a compressed tar is read once): a hard
+    """(name, bytes, ImageError or Skipped) of each member of a (compressed) tar in one pass (stream_tar)."""
+    for name, _, read in stream_tar(path):
+        yield name, read()
+
+
+def stream_tar(path: str) -> Iterator[tuple[str, int, Callable[[], bytes | ImageError | Skipped]]]:
+    """(name, declared size, read) of each member of a (compressed) tar in one pass, never to disk: ``read()``
+    gives the member's bytes (or an ImageError), asked before the next member (unasked, the member is skipped),
+    so that the caller decides from the declared size what to hold before reading anything; for a member that
+    gets no row it gives Skipped. A link's target has streamed past (a compressed tar is read once): a hard
     link, and a symbolic link to a member before it, are errors; a symbolic link to none before it is skipped.
-    After the good members, ArchiveDamaged says where the archive broke (or that it is none)."""
+    After the good members, ArchiveDamaged says where the archive broke (or that it is none), from here or from
+    ``read()``.
+
+    A member over images.MAX_FILE_BYTES in a compressed stream is not inflated to its declared end to be
+    skipped (a 4.5 KB file may declare 4 GiB of zeros, 30 s of inflating): its ``read()`` gives its ImageError,
+    then the stream stops with ArchiveDamaged naming it and where it is; the members after it are not read.
+    A plain tar read as a stream skips it by seeking."""
     _check_regular(path)
     limit, last, seen = images.MAX_FILE_BYTES, None, set()
     with _open_decompressing(path) as f:
@@ -810,23 +835,42 @@ def iter_tar_stream(path: str) -> Iterator[tuple[str, bytes | ImageError | Skipp
             for name, at, size, kind, link, _ in _walk(stream.read, None):
                 if kind != _FILE:
                     if kind != _FOLDER:
-                        yield name, _unstreamed(name, kind, link, seen)
+                        found = _unstreamed(name, kind, link, seen)
+                        yield name, 0, lambda found=found: found
                     last = name
                     continue
                 if size > limit:
-                    got, data = stream.skip(size), _too_large(size, limit)
+                    yield name, size, lambda size=size: _too_large(size, limit)
+                    if stream.size is None:
+                        raise _broken(f"member {name!r} of {size} bytes (limit {limit}) not inflated", at - BLOCK,
+                                      last, ": the members after it are not read")
+                    if stream.skip(size) < size:
+                        raise _broken(f"truncated member {name!r}", at - BLOCK, last,
+                                      f": {size} bytes declared, the data ends at byte {stream.pos}")
                 else:
-                    data = stream.read(at, size)
-                    got = len(data)
-                if got < size:
-                    raise _broken(f"truncated member {name!r}", at - BLOCK, last,
-                                  f": {size} bytes declared, the data ends at byte {stream.pos}")
-                yield name, data if data else ImageError("empty member")
+                    yield name, size, lambda name=name, at=at, size=size, last=last: _take(stream, name, at, size,
+                                                                                           last)
                 seen.add(posixpath.normpath(name))
                 last = name
         except _stream_errors() as e:
-            where = f"after member {last!r}" if last is not None else "before any member"
-            raise ArchiveDamaged(f"compressed data broken at byte {stream.pos} ({where}): {e}") from None
+            raise _inflate_broken(stream, last, e) from None
+
+
+def _inflate_broken(stream: _Stream, last: str | None, e: BaseException) -> ArchiveDamaged:
+    where = f"after member {last!r}" if last is not None else "before any member"
+    return ArchiveDamaged(f"compressed data broken at byte {stream.pos} ({where}): {e}")
+
+
+def _take(stream: _Stream, name: str, at: int, size: int, last: str | None) -> bytes | ImageError:
+    """A member's bytes from the stream (stream_tar's ``read``); ArchiveDamaged where they end short."""
+    try:
+        data = stream.read(at, size)
+    except _stream_errors() as e:
+        raise _inflate_broken(stream, last, e) from None
+    if len(data) < size:
+        raise _broken(f"truncated member {name!r}", at - BLOCK, last,
+                      f": {size} bytes declared, the data ends at byte {stream.pos}")
+    return data if data else ImageError("empty member")
 
 
 def _unstreamed(name: str, kind: int, link: str | None, seen: set[str]) -> ImageError | Skipped:
@@ -908,7 +952,7 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes
         with zf.open(info) as f:
             # zipfile stops at the declared size and checks the CRC there; asking for more than that would have
             # it inflate up to what was asked (a 1000-byte liar inflating 256 MB into memory)
-            data = f.read(info.file_size + 1)
+            data = f.read(info.file_size + 1) if info.file_size < _PIECE else _read_pieces(f, info.file_size + 1)
     except NotImplementedError:
         return ImageError(f"unsupported compression method {info.compress_type}")
     except Exception as e:  # zipfile and its decompressors fail in many types; each is a value here
@@ -920,12 +964,35 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes
     return data if data else ImageError("empty member")
 
 
+def _read_pieces(f, n: int) -> bytes:
+    """Up to ``n`` bytes of ``f``, inflated _PIECE at a time into one growing buffer: zlib's output for one
+    read of them all is gathered in blocks, then joined (the member held twice, 500 MB for a 250 MB one)."""
+    out = io.BytesIO()
+    while n > 0:
+        piece = f.read(min(n, _PIECE))
+        if not piece:
+            break
+        out.write(piece)
+        n -= len(piece)
+    return out.getvalue()  # the buffer itself, not a copy (BytesIO shrinks it to its size)
+
+
 def read_zip(path: str, indices: Sequence[int]) -> list[bytes | ImageError]:
     """The bytes of members by their index in ``ZipFile.infolist()`` (index_zip's offsets); an ImageError in
     the place of one that is too large, encrypted, compressed in a way zipfile lacks, or fails its CRC."""
+    return list(read_zip_each(path, indices))
+
+
+def read_zip_each(path: str, indices: Sequence[int]) -> Iterator[bytes | ImageError]:
+    """read_zip's members one at a time, as they are asked for: a worker holds one member's bytes while it
+    decodes it. Several central records may name one compressed block (Python's zipfile before 3.12 accepts
+    overlapping entries): each is inflated, one at a time, never past its declared size nor the limit."""
     try:
         zf = _open_zip(path)
     except (OSError, ArchiveDamaged, *_ZIP_ERRORS) as e:
-        return [ImageError(f"cannot open the archive: {getattr(e, 'strerror', None) or e}") for _ in indices]
+        for _ in indices:
+            yield ImageError(f"cannot open the archive: {getattr(e, 'strerror', None) or e}")
+        return
     infos = zf.infolist()
-    return [_zip_member(zf, infos[i], images.MAX_FILE_BYTES) for i in indices]
+    for i in indices:
+        yield _zip_member(zf, infos[i], images.MAX_FILE_BYTES)

@@ -70,7 +70,9 @@ def _decode(item: list[str] | Members):
     from fmnist_onnx import images
     from fmnist_onnx.classify import sources
 
-    return images.preprocess_batch(sources.read(item) if isinstance(item, Members) else item)
+    if isinstance(item, Members):
+        return images.preprocess_batch(sources.read(item), count=len(item))
+    return images.preprocess_batch(item)
 
 
 def _decode_chunks(chunks: Sequence[list[str] | Members], workers: int) -> None:
@@ -221,7 +223,7 @@ def one_of_each(load: Workload, where: Path) -> list[str]:
         out.append(str(where))
     firsts = {m.kind: m for m in reversed(load.members)}  # the first Members of each kind
     for kind, m in firsts.items():
-        data = sources.read(m.take(0, 1))[0]
+        data = next(iter(sources.read(m.take(0, 1))))
         if isinstance(data, Exception):
             raise UserError(f"its first {kind} image cannot be read ({data})")
         out.append(_ONE_WRITERS[kind](m, data, where))

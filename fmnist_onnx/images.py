@@ -506,17 +506,22 @@ def preprocess(source: bytes | str | Path, invert: str = "auto") -> tuple[np.nda
         return None, str(e)
 
 
-def preprocess_batch(sources: Iterable[bytes | str | Path | ImageError],
-                     invert: str = "auto") -> tuple[np.ndarray, list[str]]:
+def preprocess_batch(sources: Iterable[bytes | str | Path | ImageError], invert: str = "auto",
+                     count: int | None = None) -> tuple[np.ndarray, list[str]]:
     """Many images (bytes, paths, or the ImageError of one that could not be read) -> (uint8 [N, 28, 28],
     errors): errors[i] is "" where image i is good,
     else its message (and image i is zeros). Same result as ``preprocess`` image by image, faster: the
     common case (a 28x28 8-bit grayscale PNG) skips the per-image numpy work, and the invert decision
-    is taken for all such images at once. uint8, not float32, to ship 4x fewer bytes between processes."""
-    sources = list(sources)
-    out = np.zeros((len(sources), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    errors = [""] * len(sources)
+    is taken for all such images at once. uint8, not float32, to ship 4x fewer bytes between processes.
+    ``count``: how many ``sources`` gives, taken as they come (an archive's members read one at a time: one
+    member's bytes held, not a chunk's); None: all listed first."""
+    if count is None:
+        sources = list(sources)
+        count = len(sources)
+    out = np.zeros((count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    errors = [""] * count
     plain = []  # 28x28 images whose invert decision is still to take
+    i = -1
     for i, src in enumerate(sources):
         try:
             if isinstance(src, ImageError):  # a source could not read this image: its error row
@@ -532,6 +537,9 @@ def preprocess_batch(sources: Iterable[bytes | str | Path | ImageError],
                 out[i] = preprocess_gray(gray, invert)
         except ImageError as e:
             errors[i] = str(e)
+        src = gray = None  # neither held while the next one is read
+    for short in range(i + 1, count):  # a source that gave fewer: never a row of zeros classified
+        errors[short] = "not read (its source gave no bytes for it)"
     if plain:
         idx = np.asarray(plain)
         sums = out[idx][:, _BORDER_MASK].sum(axis=1, dtype=np.int64)

@@ -518,3 +518,17 @@ def test_tar_zst_is_streamed_as_the_plain_tar(tmp_path, folder):
     packed.write_bytes(packed.read_bytes()[:-40])  # cut short: the good members, then where it broke
     with pytest.raises(ArchiveDamaged, match="compressed data broken|truncated"):
         list(archives.iter_tar_stream(str(packed)))
+
+
+def test_compressed_member_over_the_limit_stops_the_stream_at_its_header(tmp_path):
+    """A .tar.gz member declaring 4 GiB is not inflated to be skipped: its error, then the stream stops."""
+    big = tarfile.TarInfo("big.png")
+    big.size = 4 << 30
+    path = tmp_path / "s.tar.gz"
+    path.write_bytes(gzip.compress(big.tobuf(tarfile.USTAR_FORMAT) + bytes(1 << 20)))
+    got = []
+    with pytest.raises(ArchiveDamaged, match=r"^member 'big.png' of 4294967296 bytes \(limit \d+\) not inflated at "
+                                             r"byte 0 \(before any member\): the members after it are not read$"):
+        for name, member in archives.iter_tar_stream(str(path)):
+            got.append((name, str(member)))
+    assert got == [("big.png", f"member too large ({big.size} bytes, limit {images.MAX_FILE_BYTES})")]

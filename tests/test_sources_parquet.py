@@ -342,3 +342,27 @@ def test_the_report_draws_rows_from_the_image_column(samples, onnx_model, tmp_pa
     assert again.returncode == 0, again.stderr
     for text in (page.read_text(), (tmp_path / "again.html").read_text()):
         assert "cannot read it now" not in text and text.count("data:image/png") > 20
+
+
+@pytest.mark.parametrize("dictionary", [True, False])
+def test_record_batches_give_each_row_its_own_bytes(tmp_path, monkeypatch, dictionary):
+    """Row groups bigger than a batch (CHUNK_BYTES made 4 KB here) read in record batches, dictionaries kept
+    encoded or not, rows asked in order, out of order and across groups: each row's bytes, a null's error."""
+    from fmnist_onnx.classify.contract import Members
+    from fmnist_onnx.classify.sources import parquet
+    from fmnist_onnx.images import ImageError
+
+    values = [None if i % 37 == 5 else bytes([i % 251]) * (50 + i % 90) for i in range(300)]
+    values[100:110] = [values[99]] * 10  # repeats, which a dictionary holds once
+    path = tmp_path / ("d.parquet" if dictionary else "p.parquet")
+    pq.write_table(pa.table({"image": pa.array(values, pa.binary())}), path, row_group_size=120,
+                   use_dictionary=dictionary)
+    monkeypatch.setattr(parquet, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(parquet, "_files", {})
+    monkeypatch.setattr(parquet, "_batch", {})
+    for rows in (list(range(300)), [0, 7, 119, 120, 121, 299], [250, 3, 130, 129, 5]):
+        got = list(parquet.read(Members("parquet", str(path), [""] * len(rows), rows, [-1] * len(rows))))
+        want = [values[r] for r in rows]
+        assert [g if isinstance(g, bytes) else None for g in got] == want
+        assert all(isinstance(g, ImageError) and "null" in str(g) for g, w in zip(got, want, strict=True)
+                   if w is None)

@@ -31,6 +31,7 @@ FIRST_CHUNK = 64
 MAX_CHUNK = 2048  # files a chunk holds at most where the decoding processes run the model
 BATCHED_MAX_CHUNK = 8192  # ... where a batched stage does (fewer, bigger round trips through the parent)
 CHUNK_SECONDS = 0.25
+CHUNK_BYTES = 64 << 20  # member bytes (declared) a chunk of a container holds at most, beyond its first member
 DEFAULT_BATCH = 512  # images per onnxruntime call where the model runs beside the decoder (the CPU)
 CRASHED = "the decoder crashed on this file (its process died)"
 NON_FINITE = "the model gave non-finite logits (NaN or infinity) for this image"
@@ -99,12 +100,17 @@ class Members:
     units: list[str]
     keys: Sequence
     truth: Sequence[int]
-    sizes: Sequence[int] = ()  # tar: the members' declared sizes, beside their offsets
+    sizes: Sequence[int] = ()  # the members' declared sizes (tar: beside their offsets; zip; a stream's bytes)
     inline: bool = False  # the keys are the images' bytes themselves (a compressed tar, streamed by the walk)
     column: str | None = None  # Parquet: the image column named by --image-column (None: the source's rule)
 
     def __len__(self) -> int:
         return len(self.units)
+
+    def carried(self) -> int:
+        """The bytes that travel with the chunk (a compressed tar's members, read by the walk); 0 for keys that
+        say where a worker reads them."""
+        return sum(len(k) for k in self.keys if isinstance(k, bytes)) if self.inline else 0
 
     def take(self, start: int, stop: int) -> Members:
         return replace(self, units=self.units[start:stop], keys=self.keys[start:stop], truth=self.truth[start:stop],
@@ -294,4 +300,5 @@ class Source(Protocol):
     def walk_batches(self, inputs: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> Iterator[Batch]:
         """Every unit under ``inputs``, in a deterministic order; ``exclude``: the run's own files, left out."""
 
-    # Sources of Members also have: read(members: Members) -> list[bytes | images.ImageError], in a worker.
+    # Sources of Members also have: read(members: Members) -> Iterable[bytes | images.ImageError], in a worker:
+    # the members' bytes in order, one at a time where it can (a worker holds one member while it decodes it).

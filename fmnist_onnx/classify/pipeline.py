@@ -25,8 +25,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fmnist_onnx.classify import engines, sources
 from fmnist_onnx.classify.contract import (
+    CHUNK_BYTES,
     CHUNK_SECONDS,
     FIRST_CHUNK,
     MAX_CHUNK,
@@ -80,6 +83,7 @@ def work_items(batches: Iterator[Batch], done: Done | None, tally: Tally,
         if batch.unlistable is not None:
             yield Row(batch.unlistable.path, error=batch.unlistable.error)
         if batch.members is not None:
+            del batch  # a compressed tar's members go before the walk reads the next ones
             continue
         files = batch.files if done is None else [p for p in batch.files if p not in done]
         start = 0
@@ -95,11 +99,17 @@ def work_items(batches: Iterator[Batch], done: Done | None, tally: Tally,
 
 
 def _member_chunks(members: Members, done: Done | None, sizer: ChunkSizer) -> Iterator[Members]:
+    """A container's images in chunks of ``sizer.size`` at most, and of CHUNK_BYTES of declared member bytes at
+    most (or one member bigger than that): 64 members declaring 250 MB each are 64 chunks, not 16 GB in one."""
     if done is not None:
         members = members.keep([u not in done for u in members.units])
+    ends = np.cumsum(np.asarray(members.sizes, np.int64)) if len(members.sizes) else None
     start = 0
     while start < len(members):
-        stop = start + sizer.size
+        stop = min(start + sizer.size, len(members))
+        if ends is not None:
+            before = int(ends[start - 1]) if start else 0
+            stop = max(start + 1, min(stop, int(np.searchsorted(ends, before + CHUNK_BYTES, "right"))))
         yield members.take(start, stop)
         start = stop
 

@@ -24,18 +24,20 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fmnist_onnx import images
 from fmnist_onnx.classify import sources
 from fmnist_onnx.classify.contract import (
+    CHUNK_BYTES,
     CRASHED,
     DEFAULT_BATCH,
     INFERENCE_MODES,
@@ -55,6 +57,7 @@ from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)
 
+PIPED_BYTES = 8 << 20  # a chunk carrying this many member bytes sends them through a pipe (_Piped), not pickled
 STAGE_DEPTH = 2  # chunks queued per inference process: it never waits for the parent, nor holds much memory
 # Decoding workers per inference process. On the H100 with 16 workers, 1, 2 and 4 inference processes ran at
 # 188k, 214k and 207k images/s (600,000 PNGs, best of two).
@@ -181,11 +184,43 @@ def _stage_init(parent: int, slots: Slots | None, foreign: Sequence[int], model:
         pass
 
 
+@dataclass(frozen=True)
+class _Piped(Members):
+    """A chunk whose members' bytes come through a pipe of their own (``pipe``, in order, where ``keys`` holds
+    None), not pickled with it: the executor's pickling would hold each byte twice in the parent (the chunk,
+    its pickle) and twice in the worker (the pickle read, the bytes loaded), 1 GB for a 250 MB member. Here
+    the parent's thread writes the bytes it holds and the worker reads each straight into its own."""
+
+    pipe: object = None  # the reading end of a multiprocessing Pipe (sent to the worker as a file descriptor)
+
+    def received(self) -> Members:
+        """The chunk with its bytes read from the pipe (in the worker)."""
+        with self.pipe:
+            keys = [self.pipe.recv_bytes() if k is None else k for k in self.keys]
+        return Members(self.kind, self.container, self.units, keys, self.truth, self.sizes, True, self.column)
+
+
+def _pour(conn, data: list[bytes]) -> None:
+    """A thread of the parent: ``data`` into the pipe of a _Piped chunk, for its worker."""
+    try:
+        for d in data:
+            conn.send_bytes(d)
+    except OSError:  # the worker died, or the chunk was dropped: nobody reads
+        pass
+    finally:
+        conn.close()
+
+
 def _decode(item: Sequence[str] | Members, invert: str) -> tuple[np.ndarray, list[str], float]:
     """A chunk of loose files (paths: read here) or of a container's images (read by their source)."""
     crash_point(units_of(item))  # tests kill the worker here, on a file they name (testing.py)
     t0 = time.perf_counter()
-    imgs, errors = images.preprocess_batch(sources.read(item) if isinstance(item, Members) else item, invert)
+    if isinstance(item, _Piped):
+        item = item.received()
+    if isinstance(item, Members):  # one member's bytes held at a time
+        imgs, errors = images.preprocess_batch(sources.read(item), invert, len(item))
+    else:
+        imgs, errors = images.preprocess_batch(item, invert)
     return imgs, errors, time.perf_counter() - t0
 
 
@@ -221,6 +256,11 @@ def _decode_and_classify(item: Sequence[str] | Members, job: _Job, encoding: str
 
 
 # ---------------------------------------------------------------------------------------------- the engine
+
+def _carried(item: list[str] | Members) -> int:
+    """The member bytes a chunk carries to its worker (pickled with it)."""
+    return item.carried() if isinstance(item, Members) else 0
+
 
 def _failed(e: BaseException) -> Future:
     """A future that raises ``e`` where its result is collected."""
@@ -295,6 +335,7 @@ class LocalEngine:
         """A future of the chunk's Rows (the workers' path), or of its decoding (the batched path: errors and
         seconds, the images in ``slot``; or without slots, the images too); one that raises BrokenProcessPool
         if the pool is broken already (found out where results are collected)."""
+        paths = self._piped(paths)
         try:
             if slot is not None:
                 return self.pool.submit(_decode_into, paths, self.job.invert, slot)
@@ -304,6 +345,17 @@ class LocalEngine:
         except BrokenProcessPool as e:
             return _failed(e)
 
+    def _piped(self, item: list[str] | Members) -> list[str] | Members:
+        """A chunk that carries PIPED_BYTES or more, as a _Piped one (its bytes poured by a thread of ours as
+        its worker reads them); another as it is."""
+        if not isinstance(item, Members) or _carried(item) < PIPED_BYTES:
+            return item
+        read, write = self.ctx.Pipe(duplex=False)
+        threading.Thread(target=_pour, args=(write, [k for k in item.keys if isinstance(k, bytes)]),
+                         name="fmnist-onnx-pour", daemon=True).start()
+        keys = [None if isinstance(k, bytes) else k for k in item.keys]
+        return _Piped(item.kind, item.container, item.units, keys, item.truth, item.sizes, True, item.column, read)
+
     def _isolate(self, item: list[str] | Members) -> tuple[np.ndarray, list[str], float]:
         """Decode a chunk that was in a dying pool file by file, each alone in the pool, so that a file that
         kills its worker is named and the others are decoded."""
@@ -311,7 +363,7 @@ class LocalEngine:
         errors = [""] * len(item)
         for i, path in enumerate(units_of(item)):
             try:
-                imgs, errs, _ = self.pool.submit(_decode, part(item, i, i + 1), self.job.invert).result()
+                imgs, errs, _ = self.pool.submit(_decode, self._piped(part(item, i, i + 1)), self.job.invert).result()
                 out[i], errors[i] = imgs[0], errs[0]
             except BrokenProcessPool:
                 log.warning("%s: %s", visible(path), CRASHED)
@@ -322,6 +374,8 @@ class LocalEngine:
     def _stage_submit(self, paths: list[str], encoding: str, slot: int | None, res: tuple) -> Future:
         """A future of the chunk's Rows from the inference processes (one that raises BrokenProcessPool if they
         are broken already: found out where results are collected)."""
+        if isinstance(paths, Members) and paths.inline:  # the stage needs the names, not the bytes again
+            paths = replace(paths, keys=(), sizes=(), inline=False)
         try:
             if slot is None:
                 return self.stage.submit(_classify_decoded, paths, *res, self.job, encoding)
@@ -345,15 +399,19 @@ class LocalEngine:
         decoding: deque = deque()  # (paths, future, slot) or (None, Row, None), in walk order
         staged: deque = deque()  # (paths, future of Rows, slot) in the inference stage, in walk order
         written = False  # rows went to the sink already
+        carried = 0  # bytes carried by the chunks in flight (a compressed tar's members): CHUNK_BYTES at most,
+        # or one chunk; the walk reads no further meanwhile
 
         def feed() -> None:
-            while len(decoding) < self.depth:
+            nonlocal carried
+            while len(decoding) < self.depth and (carried < CHUNK_BYTES or not (decoding or staged)):
                 item = next(items, None)
                 if item is None:
                     return
                 if isinstance(item, Row):
                     decoding.append((None, item, None))
                 else:
+                    carried += _carried(item)
                     slot = slots.free.pop() if slots is not None else None
                     decoding.append((item, self._submit(item, encoding, slot), slot))
 
@@ -369,6 +427,9 @@ class LocalEngine:
                 if slot is not None:
                     slots.free.append(slot)
                 rows.paths = units_of(paths)
+                carried -= _carried(paths)
+                del paths  # its bytes, if it carries any, go before the walk reads on
+                feed()
                 written = True
                 yield rows
                 continue
@@ -383,13 +444,16 @@ class LocalEngine:
             except BrokenProcessPool:
                 res, decoding = self._after_worker_died(paths, slot, encoding, decoding)
             observe(res.seconds if isinstance(res, Rows) else res[-1], len(paths))
-            feed()  # keep the workers busy while this chunk is written
             if isinstance(res, Rows):
                 res.paths = units_of(paths)
-                written = True
-                yield res
+                carried -= _carried(paths)
             else:
                 staged.append((paths, self._stage_submit(paths, encoding, slot, res), slot))
+            del paths  # its bytes, if it carries any and is done, go before the walk reads on
+            feed()  # keep the workers busy while this chunk is written
+            if isinstance(res, Rows):
+                written = True
+                yield res
 
     def _after_worker_died(self, paths: list[str], slot: int | None, encoding: str, decoding: deque):
         """A worker died (the OOM killer, a decoder crash), and every chunk in flight in its pool failed with it,

@@ -42,6 +42,7 @@ from pathlib import Path
 from fmnist_onnx import TELEMETRY_ENV, images
 from fmnist_onnx.classify import sources
 from fmnist_onnx.classify.contract import (
+    CHUNK_BYTES,
     CRASHED,
     DEFAULT_BATCH,
     MAX_CHUNK,
@@ -132,7 +133,7 @@ class Predictor:
         try:
             t0 = time.perf_counter()
             data = sources.read(item) if isinstance(item, Members) else self._data(item)
-            imgs, errors = images.preprocess_batch(data, self.invert)
+            imgs, errors = images.preprocess_batch(data, self.invert, len(item))  # one member held at a time
             seconds = time.perf_counter() - t0
             session = None if all(errors) else self.session
             rows = make_rows(session, units_of(item), imgs, errors, self.top_k, self.batch_size, encoding,
@@ -211,6 +212,7 @@ class _Pool:
         self.actors = [self.cls.remote(*args) for _ in range(n)]  # they start while the driver walks
         self.load = [0] * n  # chunks in flight per actor
         self.pending: dict = {}  # ObjectRef -> (item, actor index, actor, tries)
+        self.carried = 0  # member bytes the chunks in flight carry (a compressed tar's: contract.CHUNK_BYTES)
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -220,6 +222,7 @@ class _Pool:
         i = min(range(len(self.actors)), key=self.load.__getitem__)
         self.pending[self.actors[i].classify.remote(item, encoding)] = (item, i, self.actors[i], tries)
         self.load[i] += 1
+        self.carried += item.carried() if isinstance(item, Members) else 0
 
     def next(self) -> tuple[list[str] | Members, int, Rows | tuple[int, str] | None]:
         """The first chunk done: (item, tries so far, its Rows or fatal error; None where its actor died)."""
@@ -227,6 +230,7 @@ class _Pool:
         (ref,), _ = ray.wait(list(self.pending), num_returns=1)
         item, i, actor, tries = self.pending.pop(ref)
         self.load[i] -= 1
+        self.carried -= item.carried() if isinstance(item, Members) else 0
         try:
             return item, tries, ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
@@ -237,7 +241,7 @@ class _Pool:
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor)
-        self.actors, self.pending = [], {}
+        self.actors, self.pending, self.carried = [], {}, 0
 
 
 def _one_by_one(item: list[str] | Members) -> Iterator[list[str] | Members]:
@@ -417,7 +421,8 @@ class RayEngine:
                     yield early
             if len(item):
                 pool.submit(item, encoding)
-            while len(pool) >= depth:
+            # the walk reads on only once fewer chunks, and at most CHUNK_BYTES of their members, are in flight
+            while len(pool) >= depth or (len(pool) and pool.carried >= CHUNK_BYTES):
                 yield from self._collect(encoding, lost, observe)
         while len(pool):
             yield from self._collect(encoding, lost, observe)

@@ -86,8 +86,9 @@ def source(kind: str):
     return import_module(SOURCES[kind])
 
 
-def read(members: Members) -> list:
-    """The bytes of each image of ``members`` (or its images.ImageError), in a worker: its source's ``read``."""
+def read(members: Members) -> Iterable:
+    """The bytes of each image of ``members`` (or its images.ImageError), in a worker: its source's ``read``,
+    one member at a time where the source can (images.preprocess_batch takes them as they come)."""
     return source(members.kind).read(members)
 
 

@@ -5,11 +5,14 @@ Face Hub (an ``image`` struct of ``bytes`` and ``path``, a ``label`` whose class
 named ``<file>::row/<N>`` (N from 0, in the file's order).
 
 The walk (this process) reads the metadata and the label column only; the workers read the image column a
-row group at a time (the last one kept: chunks and row groups need not line up), so memory is bounded by the
-row group, and a row group bigger than MAX_GROUP_BYTES is refused as error rows rather than read. A row group
-that cannot be read (a damaged file) gives its rows error rows; the run goes on. A file damaged (or replaced)
-after check() read it is handled as a damaged tar: one error row ``<file>::`` where the walk cannot open it,
-else error rows for the rows the workers cannot read, and the run goes on."""
+row group at a time where it is CHUNK_BYTES or less, else in record batches of about CHUNK_BYTES (the last
+batch kept: chunks and batches need not line up), and hand the images on one at a time (``_Batches``). A
+column chunk with a dictionary page is read with its dictionary kept encoded, each row's image the
+dictionary's own bytes: a dictionary may repeat one value in every row (a 902-byte file, one 20 MiB value and
+60 rows pointing at it, decodes to 1.26 GB where the footer says 20 MiB), and it is held once, not once a row.
+A row group that cannot be read (a damaged file) gives its rows error rows; the run goes on. A file damaged (or
+replaced) after check() read it is handled as a damaged tar: one error row ``<file>::`` where the walk cannot
+open it, else error rows for the rows the workers cannot read, and the run goes on."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from fmnist_onnx.classify.contract import Batch, Members
+from fmnist_onnx.classify.contract import CHUNK_BYTES, Batch, Members
 from fmnist_onnx.classify.sources import members
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.images import MAX_FILE_BYTES, ImageError
@@ -29,9 +32,8 @@ from fmnist_onnx.text import first_line, visible
 
 log = logging.getLogger(__name__)
 
-MAX_GROUP_BYTES = 1 << 30  # a row group's image column, uncompressed, read at once by a worker
-_files: dict[tuple, tuple] = {}  # per process: (path, column asked) -> (ParquetFile, column, first row of groups)
-_group: dict[tuple, list] = {}  # per process: the last row group read: (path, column, group) -> images
+_files: dict[tuple, tuple] = {}  # per process: (path, column asked) -> (ParquetFiles, column, first row of groups)
+_batch: dict[tuple, _Batches] = {}  # per process: the record batches being read: (path, column, group) -> them
 
 
 def _pq():
@@ -184,54 +186,116 @@ def _truth(pf, g: int, n: int, labels: tuple[str, np.ndarray] | None) -> list[in
 
 # ---------------------------------------------------------------------------------------------- in a worker
 
-def read(m: Members) -> list:
-    """The images' bytes (or ImageError each), a row group at a time."""
+def read(m: Members) -> Iterator:
+    """The images' bytes (or ImageError each), one at a time, from record batches of their row groups."""
     if (m.container, m.column) not in _files:
+        import pyarrow as pa
+
         try:
             pf, column = _open(m.container, m.column)
-        except UserError as e:  # the walk read it: damaged (or replaced) since, so its rows are error rows
-            return [ImageError(f"cannot read the file now: {e}")] * len(m.keys)
+            # the same file, its image column's dictionary kept encoded where it has one (_Batches)
+            pfd = _pq().ParquetFile(m.container, read_dictionary=[f"{column[0]}.bytes" if column[1] else column[0]])
+        except (UserError, OSError, pa.ArrowException) as e:  # the walk read it: damaged or replaced since
+            yield from itertools.repeat(ImageError(f"cannot read the file now: {first_line(e)}"), len(m.keys))
+            return
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
-        _files[m.container, m.column] = (pf, column, starts)
-    pf, column, starts = _files[m.container, m.column]
+        _files[m.container, m.column] = (pf, pfd, column, starts)
+    pf, pfd, column, starts = _files[m.container, m.column]
     rows = np.asarray(m.keys, np.int64)
     if not len(rows):
-        return []
+        return
+    ordered = bool((np.diff(rows) > 0).all())  # as the walk makes them: each batch's rows in one run
     groups = np.searchsorted(starts, rows, side="right") - 1
     cuts = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(rows)]  # runs of rows in one row group
-    out: list = []
     for a, b in itertools.pairwise(cuts):
         g = int(groups[a])
         if g == len(starts) - 1:  # past the file's last row: it was replaced by a shorter one since the walk
-            out += [ImageError(f"no such row: the file holds {starts[-1]:,} rows now")] * (b - a)
+            yield from itertools.repeat(ImageError(f"no such row: the file holds {starts[-1]:,} rows now"), b - a)
             continue
-        group = _read_group(m.container, pf, column, g)
-        if isinstance(group, ImageError):
-            out += [group] * (b - a)
+        key = (m.container, column[0], g)
+        if key not in _batch:
+            _batch.clear()
+            _batch[key] = _Batches(pf, pfd, column, g)
+        yield from _rows_of(_batch[key], rows[a:b] - starts[g], ordered)
+
+
+def _rows_of(batches: _Batches, rows: np.ndarray, ordered: bool) -> Iterator:
+    """The images of ``rows`` (of one row group), a run of them per batch that holds them."""
+    i = 0
+    while i < len(rows):
+        start, values = batches.at(int(rows[i]))
+        if isinstance(values, ImageError):
+            yield from itertools.repeat(values, len(rows) - i)
+            return
+        j = i + 1 + int(np.searchsorted(rows[i + 1:], start + len(values))) if ordered else i + 1
+        yield from [_value(values[r - start]) for r in rows[i:j].tolist()]
+        i = j
+
+
+class _Batches:
+    """Row group ``g``'s images, read on as its rows are asked for in order (from its start again for a row
+    before the batch held), a batch at a time: the whole group where its image column is CHUNK_BYTES or less
+    (one read, the fast way), else record batches of about CHUNK_BYTES of it. A column chunk with a dictionary
+    page is read with its dictionary kept encoded (``pfd``): a dictionary may hold one 20 MiB value that 60
+    rows point at (a 902-byte file, 1.26 GB decoded); each row's value is looked up in it as it is asked for,
+    never the rows decoded together. A batch that cannot be read is an ImageError for each row from it on."""
+
+    def __init__(self, pf, pfd, column: tuple[str, bool], g: int) -> None:
+        group = pf.metadata.row_group(g)
+        leaf = f"{column[0]}.bytes" if column[1] else column[0]
+        chunk = next((group.column(i) for i in range(group.num_columns)
+                      if group.column(i).path_in_schema == leaf), None)
+        encoded = max(1, chunk.total_uncompressed_size if chunk is not None else 1)
+        self.pf = pfd if chunk is not None and chunk.has_dictionary_page else pf
+        self.column, self.g, self.rows = column, g, group.num_rows
+        self.size = max(1, int(self.rows * min(1.0, CHUNK_BYTES / encoded)))  # rows a batch holds
+        self._restart()
+
+    def _restart(self) -> None:
+        # one thread: a worker per core is the pipeline's design, and pyarrow's pool would add one per core
+        if self.size >= self.rows:  # the fast way: iter_batches reads the same group at a third of the speed
+            self.it = (self.pf.read_row_group(self.g, columns=[self.column[0]], use_threads=False).column(0)
+                       .combine_chunks()
+                       for _ in range(1))
         else:
-            out += [_value(group[r]) for r in (rows[a:b] - starts[g]).tolist()]
-    return out
+            self.it = (b.column(0) for b in self.pf.iter_batches(batch_size=self.size, row_groups=[self.g],
+                                                                 columns=[self.column[0]], use_threads=False))
+        self.start, self.values, self.error = 0, [], None
+
+    def at(self, r: int) -> tuple[int, list | ImageError]:
+        """(the first row of the batch that holds row ``r``, that batch's values; or the ImageError of every
+        row from the one that could not be read on)."""
+        import pyarrow as pa
+
+        if r < self.start:
+            self._restart()
+        while self.error is None and r >= self.start + len(self.values):
+            self.start += len(self.values)
+            self.values = []  # the batch before goes before the next is read
+            try:
+                col = next(self.it)
+                self.values = _values(col.field("bytes") if self.column[1] else col)
+            except StopIteration:
+                self.error = ImageError(f"row group {self.g} has no row {r}")
+            except (pa.ArrowException, OSError, ValueError) as e:
+                self.error = ImageError(f"cannot read row group {self.g} of the file: {first_line(e)}")
+        return (r, self.error) if self.error is not None else (self.start, self.values)
 
 
-def _read_group(path: str, pf, column: tuple[str, bool], g: int) -> list | ImageError:
+def _values(col) -> list:
+    """A batch's image bytes by row (None where null): a plain column's values; a dictionary's looked up in
+    it, each row the dictionary's own bytes object (the rows never decoded apart: 60 rows of one 20 MiB value
+    hold 20 MiB)."""
     import pyarrow as pa
 
-    key = (path, column[0], g)
-    if key not in _group:
-        _group.clear()
-        size = pf.metadata.row_group(g).total_byte_size
-        if size > MAX_GROUP_BYTES:
-            _group[key] = ImageError(f"row group {g} holds {size:,} bytes, more than {MAX_GROUP_BYTES:,} to read "
-                                     "at once")
-            return _group[key]
-        name, struct = column
-        try:
-            # one thread: a worker per core is the pipeline's design, and pyarrow's pool would add one per core
-            col = pf.read_row_group(g, columns=[name], use_threads=False).column(0).combine_chunks()
-            _group[key] = (col.field("bytes") if struct else col).to_pylist()
-        except (pa.ArrowException, OSError, ValueError) as e:
-            _group[key] = ImageError(f"cannot read row group {g} of the file: {first_line(e)}")
-    return _group[key]
+    if not pa.types.is_dictionary(col.type):
+        return col.to_pylist()
+    dictionary = col.dictionary.to_pylist()
+    values = [dictionary[i] for i in col.indices.fill_null(0).to_numpy(zero_copy_only=False).tolist()]
+    if col.null_count:
+        for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)).tolist():
+            values[i] = None
+    return values
 
 
 def _value(data) -> bytes | ImageError:
@@ -247,4 +311,4 @@ def read_one(path: str, member: str, image_column: str | None = None) -> bytes:
     row = member.removeprefix("row/")
     if not member.startswith("row/") or not row.isdigit():
         raise ImageError(f"no row {member!r}: Parquet rows are named row/N")
-    return members.one(read(Members("parquet", path, [member], [int(row)], [-1], column=image_column)), member)
+    return members.one(list(read(Members("parquet", path, [member], [int(row)], [-1], column=image_column))), member)

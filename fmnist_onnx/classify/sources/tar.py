@@ -2,9 +2,11 @@
 unpacked to disk. A plain ``.tar`` is indexed by walking its 512-byte headers over a memory map (archives.py:
 a few us a member, where Python's tarfile takes 48) and the workers read each image at its offset; a compressed
 tar (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``; ``.tar.zst`` with the [zstd] extra) cannot be read at an
-offset, so it is streamed once here and its images' bytes go to the workers. A damaged archive gives every
-member before the damage its row, then one error row, ``<archive>::``, saying where it broke. Links are read as
-the member they reach; members that are no file (a symlink out of the archive, a device) are counted by kind."""
+offset, so it is streamed once here and its images' bytes go to the workers, STREAM_BYTES at a time at most (or
+one member bigger than that); a member over the byte limit there stops the stream (archives.stream_tar). A
+damaged archive gives every member before the damage its row, then one error row, ``<archive>::``, saying where
+it broke. Links are read as the member they reach; members that are no file (a symlink out of the archive, a
+device) are counted by kind."""
 
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import logging
 from collections.abc import Iterator, Sequence
 
 from fmnist_onnx import archives
-from fmnist_onnx.classify.contract import Batch, Members
+from fmnist_onnx.classify.contract import CHUNK_BYTES, Batch, Members
 from fmnist_onnx.classify.sources import members
 from fmnist_onnx.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STREAM_BATCH = 2048  # members of a compressed tar held at once (their bytes are in memory until decoded)
+STREAM_BATCH = 2048  # members of a compressed tar held at once (their bytes are in memory until decoded) ...
+STREAM_BYTES = CHUNK_BYTES  # ... and their bytes at most, beyond one member bigger than that
 
 
 def check(paths: Sequence[str]) -> list[str]:
@@ -51,22 +54,30 @@ def _indexed(path: str) -> Batch:
 
 
 def _streamed(path: str) -> Iterator[Batch]:
-    """A compressed tar in one pass, a few thousand members at a time, cut between samples (an image and its
-    sidecar stay together)."""
+    """A compressed tar in one pass, a few thousand members or STREAM_BYTES at a time, cut between samples (an
+    image and its sidecar stay together): a batch is cut before a member whose declared size would take it
+    past STREAM_BYTES, before that member is read, so that the walk holds one batch at a time, at most
+    STREAM_BYTES or one member. A sample's small members (sidecars) join it past the bound."""
     names: list[str] = []
     data: list = []
     special: list[tuple[str, str]] = []  # members that are no file: skipped, counted by kind
     repeats = members.Repeats()  # a name repeated in a later batch is still a repeat
+    held = 0
     try:
-        for name, content in archives.iter_tar_stream(path):
+        for name, size, read in archives.stream_tar(path):
+            full = len(names) >= STREAM_BATCH or held + size > STREAM_BYTES
+            if full and names and (members.sample_key(name) != members.sample_key(names[-1])
+                                   or size > members.MAX_SIDECAR_BYTES):
+                yield _inline(path, names, data, repeats, special=special)
+                names, data, held, special = [], [], 0, []
+            content = read()
             if isinstance(content, archives.Skipped):
                 special.append((name, content.kind))
                 continue
-            if len(names) >= STREAM_BATCH and members.sample_key(name) != members.sample_key(names[-1]):
-                yield _inline(path, names, data, repeats, special=special)
-                names, data, special = [], [], []
             names.append(name)
             data.append(content)
+            held += len(content) if isinstance(content, bytes) else 0
+            del content
     except (archives.ArchiveDamaged, OSError) as e:
         yield _inline(path, names, data, repeats, members.damage(e), special)
         return
@@ -76,24 +87,38 @@ def _streamed(path: str) -> Iterator[Batch]:
 
 def _inline(path: str, names: list[str], data: list, repeats: members.Repeats, damage: str | None = None,
             special: list = ()) -> Batch:
-    return members.batch("tar", path, names, data, (), lambda picks: [data[i] for i in picks], damage, inline=True,
-                         special=special, repeats=repeats)
+    sizes = [len(d) if isinstance(d, bytes) else 0 for d in data]  # what a chunk of them holds (its cut)
+    return members.batch("tar", path, names, data, sizes, lambda picks: [data[i] for i in picks], damage,
+                         inline=True, special=special, repeats=repeats)
 
 
-def read(m: Members) -> list:
-    """The members' bytes (or ImageError each): read at their offsets, or carried already (a compressed tar)."""
+def read(m: Members) -> Iterator:
+    """The members' bytes (or ImageError each), one at a time: read at their offsets, or carried already (a
+    compressed tar)."""
     if m.inline:
-        return list(m.keys)
-    return archives.read_tar(m.container, m.keys, m.sizes)
+        return iter(m.keys)
+    return archives.read_tar_each(m.container, m.keys, m.sizes)
 
 
 def read_one(path: str, member: str) -> bytes:
     """One member's bytes, by its row's name (``x.png``, ``x.png::2``: members.Repeats; the report draws a few
     images again)."""
-    if archives.archive_kind(path) != "tar":  # compressed: streamed up to the member
-        repeats = members.Repeats()
-        found = next((content for name, content in archives.iter_tar_stream(path)
-                      if not isinstance(content, archives.Skipped) and repeats.one(name) == member), None)
+    if archives.archive_kind(path) != "tar":  # compressed: streamed up to the member, the others skipped unheld
+        found = _streamed_member(path, member)
         return members.one([] if found is None else [found], member)
     index, i = members.by_name(path, lambda: archives.index_tar(path), member)
     return members.one(archives.read_tar(path, [index.offsets[i]], [index.sizes[i]]), member)
+
+
+def _streamed_member(path: str, member: str) -> bytes | Exception | None:
+    """A compressed tar's member by its row's name, the stream read up to it; only members of no bytes (links,
+    devices: Skipped, which get no row and so no place among the repeats) are read on the way."""
+    repeats = members.Repeats()
+    for name, size, read in archives.stream_tar(path):
+        if size == 0:
+            content = read()
+            if not isinstance(content, archives.Skipped) and repeats.one(name) == member:
+                return content
+        elif repeats.one(name) == member:
+            return read()
+    return None

@@ -26,11 +26,13 @@ def walk_batches(paths: Sequence[str], recursive: bool = True, exclude: Sequence
         def sidecars(picks: list[int], path: str = path, index=index) -> list:
             return archives.read_zip(path, [index.offsets[i] for i in picks])
 
-        yield members.batch("zip", path, index.names, index.offsets, (), sidecars, index.damage)
+        # the declared sizes cut the chunks: a member is never inflated past its own
+        yield members.batch("zip", path, index.names, index.offsets, index.sizes, sidecars, index.damage)
 
 
-def read(m: Members) -> list:
-    return archives.read_zip(m.container, m.keys)
+def read(m: Members) -> Iterator:
+    """The members' bytes (or ImageError each), inflated one at a time."""
+    return archives.read_zip_each(m.container, m.keys)
 
 
 def read_one(path: str, member: str) -> bytes:
