@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,8 @@ from fmnist_onnx.machine import machine_info
 from fmnist_onnx.runtime import PROVIDERS, open_session, resolve_provider
 from fmnist_onnx.spec import IMAGE_SIZE
 from fmnist_onnx.timing import Clock, best_of
+
+log = logging.getLogger(__name__)
 
 DECODE_CHUNK = 1024  # images per task of decoding alone
 NAIVE_BATCH = 256
@@ -46,10 +50,12 @@ class PipelineRecord:
 @dataclass
 class Workload:
     """What the contenders read, found once before any timing: the inputs as classify checked them, their
-    source kinds, the loose files, the images inside containers (Members, by container) and the count."""
+    source kinds, the loose files, the images inside containers (Members, by container) and the count;
+    ``image_column``: the Parquet inputs' --image-column."""
 
     inputs: list[str]
     kinds: list[str]
+    image_column: str | None = None
     files: list[str] = field(default_factory=list)
     members: list[Members] = field(default_factory=list)
     images: int = 0
@@ -92,50 +98,86 @@ def _decode_chunks(chunks: Sequence[list[str] | Members], workers: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- the naive loop
 
-def plain_images(files: Sequence[str], containers: Sequence[tuple[str, str]]) -> Iterator[str | tuple[str, bytes]]:
+def plain_images(files: Sequence[str], containers: Sequence[tuple[str, str]],
+                 image_column: str | None = None) -> Iterator[str | tuple[str, bytes]]:
     """The images read the plain way for their layout, as a user's own script would: loose files by path, then
-    each container's images as (row name, bytes) through tarfile, zipfile or pyarrow rows."""
+    each container's images as (row name, bytes) through tarfile, zipfile or pyarrow rows (``image_column``:
+    the Parquet files' --image-column). Bounded as classify is: a member or value over images.MAX_FILE_BYTES
+    is never read (a compressed tar's reading ends there: tarfile would inflate it to its end to go past it),
+    one that cannot be read (encrypted, damaged) is skipped, and a damaged container ends its reading where its
+    reader gives up; never an exception."""
     yield from files
-    readers = {"tar": _plain_tar, "zip": _plain_zip, "parquet": _plain_parquet}
+    readers = {"tar": _plain_tar, "zip": _plain_zip, "parquet": partial(_plain_parquet, name=image_column)}
     for kind, path in containers:
-        yield from readers[kind](path)
+        try:
+            yield from readers[kind](path)
+        except _DAMAGE as e:  # the images before the damage were read; classify gives the rest error rows
+            log.info("%s: the naive loop stops reading it: %s", path, e)
+
+
+def _damage() -> tuple[type[BaseException], ...]:
+    """How tarfile, zipfile, pyarrow and the decompressors under them fail on a damaged file."""
+    import lzma
+    import tarfile
+    import zipfile
+    import zlib
+
+    return (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error,
+            lzma.LZMAError)
+
+
+_DAMAGE = _damage()  # (pyarrow's ArrowException is a ValueError; bz2 and gzip say OSError)
 
 
 def _plain_tar(path: str) -> Iterator[tuple[str, bytes]]:
     import tarfile
 
-    from fmnist_onnx.images import image_extensions
+    from fmnist_onnx.archives import archive_kind
+    from fmnist_onnx.images import MAX_FILE_BYTES, image_extensions
 
-    exts = image_extensions()
+    exts, compressed = image_extensions(), archive_kind(path) == "tgz"
     with tarfile.open(path) as tf:  # any compression
         for m in tf:
             if m.isfile() and Path(m.name).suffix.lower() in exts:
-                yield f"{path}::{m.name}", tf.extractfile(m).read()
+                if m.size > MAX_FILE_BYTES:
+                    if compressed:
+                        return
+                    continue
+                yield f"{path}::{m.name}", tf.extractfile(m).read(m.size)  # (read(n) allocates n bytes first)
 
 
 def _plain_zip(path: str) -> Iterator[tuple[str, bytes]]:
     import zipfile
 
-    from fmnist_onnx.images import image_extensions
+    from fmnist_onnx.images import MAX_FILE_BYTES, image_extensions
 
     exts = image_extensions()
     with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            if Path(name).suffix.lower() in exts:
-                yield f"{path}::{name}", zf.read(name)
+        for info in zf.infolist():
+            if Path(info.filename).suffix.lower() not in exts or info.file_size > MAX_FILE_BYTES:
+                continue
+            try:
+                with zf.open(info) as f:  # at most what it declares: a liar inflates no further
+                    data = f.read(info.file_size + 1)
+            except (RuntimeError, *_DAMAGE):  # encrypted, an unknown method, a bad CRC
+                continue
+            yield f"{path}::{info.filename}", data
 
 
-def _plain_parquet(path: str) -> Iterator[tuple[str, bytes]]:
+def _plain_parquet(path: str, name: str | None = None) -> Iterator[tuple[str, bytes]]:
     import pyarrow.parquet as pq
 
     from fmnist_onnx.classify.sources.parquet import image_column
+    from fmnist_onnx.images import MAX_FILE_BYTES
 
     pf = pq.ParquetFile(path)
-    column, struct = image_column(pf.schema_arrow)  # the user knows which column holds the images
+    column, struct = image_column(pf.schema_arrow, name)  # the user knows which column holds the images
     row = 0
     for batch in pf.iter_batches(batch_size=NAIVE_BATCH, columns=[column]):
         for r in batch.to_pylist():
-            yield f"{path}::row/{row}", (r[column] or {}).get("bytes") if struct else r[column]
+            data = (r[column] or {}).get("bytes") if struct else r[column]
+            if data is not None and len(data) <= MAX_FILE_BYTES:
+                yield f"{path}::row/{row}", data
             row += 1
 
 
@@ -178,9 +220,9 @@ def naive_loop(images: Iterable[str | tuple[str, bytes]], model: Path, output: P
 _COORDINATOR = """
 import json, resource, sys
 from fmnist_onnx.classify import classify
-inputs, model, out, workers, provider, batch, inference = json.loads(sys.argv[1]), *sys.argv[2:8]
+inputs, model, out, workers, provider, batch, inference, column = json.loads(sys.argv[1]), *sys.argv[2:9]
 s = classify(inputs, model, out, overwrite=True, workers=int(workers), provider=provider,
-             batch_size=int(batch) if batch != "-" else None, inference=inference)
+             batch_size=int(batch) if batch != "-" else None, inference=inference, image_column=column or None)
 r = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"cpu_s": r.ru_utime + r.ru_stime, "files": s.files}))
 """
@@ -198,7 +240,8 @@ def coordinator_cpu(load: Workload, one: list[str], model: Path, workers: int, p
 
     def run(inputs: list[str]) -> dict:
         proc = subprocess.run([sys.executable, "-c", _COORDINATOR, json.dumps(inputs), str(model),
-                               str(work / "c.csv"), str(workers), provider, str(batch_size or "-"), inference],
+                               str(work / "c.csv"), str(workers), provider, str(batch_size or "-"), inference,
+                               load.image_column or ""],
                               capture_output=True, text=True)
         if proc.returncode not in (0, 3):
             raise UserError(f"the coordinator run failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -277,7 +320,8 @@ def scaling_workers(cores: int) -> list[int]:
     return [*counts, cores]
 
 
-def _inputs(inputs: Sequence[str], model: Path, provider: str) -> tuple[str, Workload]:
+def _inputs(inputs: Sequence[str], model: Path, provider: str,
+            image_column: str | None = None) -> tuple[str, Workload]:
     """The provider resolved and the inputs checked as classify checks them, then walked once, every file
     read once (every contender then reads from a warm page cache). One line for a missing input, a container
     that cannot be opened, inputs without images, a missing or wrong model, or a provider that is missing."""
@@ -287,13 +331,14 @@ def _inputs(inputs: Sequence[str], model: Path, provider: str) -> tuple[str, Wor
     from fmnist_onnx.classify import engines, sources
     from fmnist_onnx.text import visible
 
-    paths = sources.check_inputs([os.fspath(p) for p in inputs], engines.entry("local").sources, "local")
+    paths = sources.check_inputs([os.fspath(p) for p in inputs], engines.entry("local").sources, "local",
+                                 image_column)
     # The model is opened on the CPU: CUDA started in this process would not work in the processes that classify
     # forks from it.
     prov = resolve_provider(provider)
     open_session(model, "cpu")
-    load = Workload(paths, sources.kinds(paths))
-    for batch in sources.walk(paths, True):
+    load = Workload(paths, sources.kinds(paths), image_column)
+    for batch in sources.walk(paths, True, image_column=image_column):
         if batch.members is not None and batch.members.kind != "folder":
             load.members.append(batch.members)
         else:  # loose files, those whose rows are escaped (sources.loose_row) by their paths
@@ -321,18 +366,21 @@ def bench_classify(
     scaling: bool = False,
     coordinator: bool = True,
     inference: str = "auto",
+    image_column: str | None = None,
 ) -> dict:
     """The classify pipeline (find, decode, infer, write) beside decoding alone and the naive loop, on the
     same inputs (what classify takes: folders, files, tar and zip archives, Parquet files), best of ``repeats``
     each (timed with ``clock``). Every file is read once first, so that all find a warm page cache.
     ``scaling``: the pipeline also with 1, 2, 4, ... workers up to ``workers``. ``coordinator``: the CPU cost
-    of the process that walks and writes (``coordinator_cpu``). ``inference``: classify's --inference.
+    of the process that walks and writes (``coordinator_cpu``). ``inference``: classify's --inference;
+    ``image_column``: its --image-column (the Parquet inputs' column of images, for every contender).
     UserError for a bad input (as classify's), inputs without images, a missing or wrong model."""
     from fmnist_onnx import classify as cl
     from fmnist_onnx.classify.engines.local import default_workers
 
     model = Path(model)
-    prov, load = _inputs([inputs] if isinstance(inputs, (str, Path)) else list(inputs), model, provider)
+    prov, load = _inputs([inputs] if isinstance(inputs, (str, Path)) else list(inputs), model, provider,
+                         image_column)
     workers = workers or default_workers()
     records: list[PipelineRecord] = []
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
@@ -340,7 +388,8 @@ def bench_classify(
 
         def pipeline(w: int, out: str) -> Callable[[], object]:
             return lambda: cl.classify(load.inputs, model, work / out, batch_size=batch_size, workers=w,
-                                       provider=prov, overwrite=True, inference=inference)
+                                       provider=prov, overwrite=True, inference=inference,
+                                       image_column=image_column)
 
         def record(what: str, procs: int, run: Callable[[], object]) -> PipelineRecord:
             best = best_of(run, repeats, clock)
@@ -360,7 +409,7 @@ def bench_classify(
                  for w in (scaling_workers(workers) if scaling else [])]
         # last: the naive loop runs the model in this process (CUDA started here, no pipeline could fork after it)
         records.append(record(f"naive loop (1 process, Pillow, batches of {NAIVE_BATCH})", 1, lambda: naive_loop(
-            plain_images(load.files, load.containers()), model, work / "naive.csv", prov)))
+            plain_images(load.files, load.containers(), image_column), model, work / "naive.csv", prov)))
         coord = _coordinator(load, model, workers, prov, batch_size, work, inference) if coordinator else None
     return _result(load, model, prov, inference, workers, repeats, records, curve, coord)
 

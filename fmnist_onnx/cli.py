@@ -405,6 +405,7 @@ Examples:
   fmnist-onnx bench classify shards/*.tar             # WebDataset shards (naive loop: tarfile)
   fmnist-onnx data export-png --split train --format parquet --out hf
   fmnist-onnx bench classify hf/train-00000-of-00001.parquet   # (naive loop: pyarrow rows)
+  fmnist-onnx bench classify shop.parquet --image-column photo  # a table with several binary columns
 """)
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-m", "--model", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_DIR / "model.onnx",
@@ -420,19 +421,22 @@ Examples:
 @click.option("--scaling", is_flag=True, help="Also the pipeline with 1, 2, 4, ... decoding processes up to --workers.")
 @click.option("--inference", type=click.Choice(INFERENCE_MODES), default="auto", show_default=True,
               help="classify's --inference: where the model runs (batched: the CUDA path's code, on any provider).")
+@click.option("--image-column", metavar="NAME",
+              help="classify's --image-column: the column of the Parquet inputs that holds the encoded images.")
 @_OVERWRITE
 def bench_classify(inputs, model, workers, provider, batch_size, repeats, json_path, quiet, scaling, inference,
-                   overwrite):
+                   image_column, overwrite):
     """Time the classify pipeline on INPUTS beside decoding alone and the naive loop.
 
-    INPUTS are what classify takes: folders, image files, tar and zip archives, Parquet files (or a mix),
-    folders of shards and brace patterns, checked as classify checks them. The pipeline (find, decode, infer,
-    write) in images/s, beside decoding alone (classify's own decoder, the images read through the same
-    source, in the same processes and in one) and the naive loop (one process, Pillow, batches of 256, the
-    images read the plain way for their layout: files, tarfile, zipfile, pyarrow rows), on the same images in
-    one run: how close the pipeline runs to its decoding limit. Then the coordinator (the process that walks
-    and writes): its CPU per file and start-up CPU, from two fresh runs, and the ceiling they imply on any
-    number of cores; with --scaling, images/s for 1, 2, 4, ... processes.
+    INPUTS are what classify takes: folders, image files, tar and zip archives, Parquet files (or a mix, with
+    --image-column), folders of shards and brace patterns, checked as classify checks them; an image classify
+    gives an error row, the naive loop skips. The pipeline (find, decode, infer, write) in images/s, beside
+    decoding alone (classify's own decoder, the images read through the same source, in the same processes and
+    in one) and the naive loop (one process, Pillow, batches of 256, the images read the plain way for their
+    layout: files, tarfile, zipfile, pyarrow rows), on the same images in one run: how close the pipeline runs
+    to its decoding limit. Then the coordinator (the process that walks and writes): its CPU per file and
+    start-up CPU, from two fresh runs, and the ceiling they imply on any number of cores; with --scaling,
+    images/s for 1, 2, 4, ... processes.
     """
     from fmnist_onnx import bench as bn
     from fmnist_onnx.files import locked
@@ -444,12 +448,17 @@ def bench_classify(inputs, model, workers, provider, batch_size, repeats, json_p
             click.echo(f"  {rec.what}: {rec.images_per_s:,.0f} images/s", err=True)
 
     _outputs(overwrite, (model, *map(Path, inputs)), json=json_path)
+    if image_column is not None:
+        from fmnist_onnx.classify.sources import kind_of
+
+        if not any(kind_of(p) == "parquet" for p in inputs):
+            raise click.UsageError("--image-column is for Parquet inputs, and none of INPUTS is a .parquet file")
     for folder in filter(os.path.isdir, inputs):
         if json_path is not None and os.path.realpath(json_path).startswith(os.path.realpath(folder) + os.sep):
             raise UserError(f"--json {json_path} is inside {folder}, the folder measured; write it elsewhere")
     with locked(json_path):
         result = bn.bench_classify(inputs, model, workers, provider, batch_size, repeats, on_record=on_record,
-                                   scaling=scaling, inference=inference)
+                                   scaling=scaling, inference=inference, image_column=image_column)
         if json_path:
             bn.save_json(result, json_path, overwrite)
     click.echo(bn.format_classify(result))

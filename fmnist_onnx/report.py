@@ -472,18 +472,28 @@ def draw(path: str, invert: str, image_column: str | None = None) -> Drawn:
     """A file as the model saw it and as it is, read again now (it may have changed since the run), with
     classify's own bounded decoding (a big JPEG at a reduced scale, a pixel limit before any decoding).
     ``image_column``: the run's --image-column, for a Parquet row."""
-    from PIL import Image
-
     from fmnist_onnx.classify.sources import read_path
 
     try:
         data = read_path(path, image_column)
-        gray = images.decode_gray(data, path)
-        seen = images.preprocess_gray(gray, invert)
     except images.ImageError as e:
         return Drawn(note=f"cannot read it now: {e}")
     except ValueError:  # a name with a NUL byte (a crafted table): no file has it
         return Drawn(note="cannot read it now: not a possible file name")
+    return draw_bytes(path, data, invert)
+
+
+def draw_bytes(path: str, data: bytes | Exception, invert: str) -> Drawn:
+    """``draw``'s figure of the bytes read (or the error met reading them)."""
+    from PIL import Image
+
+    try:
+        if isinstance(data, Exception):
+            raise data
+        gray = images.decode_gray(data, path)
+        seen = images.preprocess_gray(gray, invert)
+    except images.ImageError as e:
+        return Drawn(note=f"cannot read it now: {e}")
     d = Drawn(seen=_uri(_png(Image.fromarray(seen)), "image/png"))
     try:
         thumb = _thumbnail(data, gray)
@@ -501,7 +511,8 @@ def draw(path: str, invert: str, image_column: str | None = None) -> Drawn:
 
 class Drawer:
     """``draw`` for one page, each file once: keyed by what the name leads to on disk (device, inode, size,
-    modification time), so that many rows naming one file, or links to it, cost one read and one decode."""
+    modification time), so that many rows naming one file, or links to it, cost one read and one decode; and
+    the files of one archive read together (``prefetch``), in one pass over it."""
 
     def __init__(self, invert: str, image_column: str | None = None) -> None:
         self.invert, self.image_column = invert, image_column
@@ -514,15 +525,32 @@ class Drawer:
 
     def __call__(self, path: str) -> Drawn:
         self.figures += 1
-        try:
-            st = os.stat(path)
-            key: tuple = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        except (OSError, ValueError):
-            key = (path,)
+        key = _file_key(path)
         drawn = self._done.get(key)
         if drawn is None:
             drawn = self._done[key] = draw(path, self.invert, self.image_column)
         return drawn
+
+    def prefetch(self, paths: Iterable[str]) -> None:
+        """Draw ``paths`` now, those inside one archive in one pass over it (sources.read_paths: a compressed
+        tar read a member at a time, from the start, was streamed again for every figure), a file at a time."""
+        from fmnist_onnx.classify.sources import read_paths
+
+        keys = {path: _file_key(path) for path in paths}
+        todo = dict.fromkeys(path for path, key in keys.items() if key not in self._done)
+        for path, data in read_paths(todo, self.image_column):
+            if keys[path] not in self._done:  # (two names of one file)
+                self._done[keys[path]] = draw_bytes(path, data, self.invert)
+
+
+def _file_key(path: str) -> tuple:
+    """What a row's path leads to on disk (device, inode, size, modification time), or the path itself (a
+    member of an archive, a file gone)."""
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    except (OSError, ValueError):
+        return (path,)
 
 
 # ---------------------------------------------------------------------------------------------- the page's values
@@ -707,6 +735,8 @@ def render(c: Collected, predictions: str, model: str | Path | None = None, inve
 
     labelled = c.labelled
     drawer = Drawer(invert, image_column)
+    shown = [*(kept for cell in c.cells.values() for kept in cell.rows()), *c.wrong.rows()] if labelled else []
+    drawer.prefetch(row["path"] for row in [*shown, *c.unsure.rows()])
     figures = _Figures(drawer, c.top_k)
     wrong = _sorted_rows(c.wrong, reverse=True)
     unsure = _sorted_rows(c.unsure)

@@ -4,15 +4,19 @@ the records, which peak each percentage refers to, and the bad-input contract.""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fmnist_onnx import bench, bench_pipeline, timing
+from fmnist_onnx.images import MAX_FILE_BYTES
 from fmnist_onnx.peak import Peak
 from fmnist_onnx.spec import FLOPS_PER_IMAGE
 from harness import FakeClock, assert_one_line_error, run_cli
@@ -350,3 +354,120 @@ def test_bench_classify_measures_the_coordinator_and_the_scaling(onnx_model, tes
     assert all(r["images"] == 1000 and r["images_per_s"] > 0 for r in data["scaling"])
     c = data["coordinator"]
     assert c["files"] == 1000 and 0.01 < c["startup_cpu_s"] < 30 and c["cpu_us_per_file"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------- hostile inputs
+
+class Zeros(io.RawIOBase):
+    """``n`` zero bytes, read as a file (a member's data that never sits in memory whole)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        k = min(len(b), self.left)
+        b[:k] = bytes(k)
+        self.left -= k
+        return k
+
+
+def _write_tar(path: Path, pngs: list[Path], mode: str = "w", big_after: int | None = None) -> Path:
+    """The PNGs as a tar (Python's tarfile, ``mode`` its compression); ``big_after``: a member of
+    MAX_FILE_BYTES + 1 zero bytes, named big.png, after that many of them."""
+    with tarfile.open(path, mode, **({"compresslevel": 1} if mode != "w" else {})) as tf:
+        for i, p in enumerate(pngs):
+            if i == big_after:
+                info = tarfile.TarInfo("big.png")
+                info.size = MAX_FILE_BYTES + 1
+                tf.addfile(info, Zeros(info.size))
+            tf.add(p, arcname=p.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile(png_folder, tmp_path_factory) -> dict[str, Path]:
+    """Archives classify reads (with error rows), each written by a real tool and then damaged, by what is
+    wrong: a tar cut inside a member, a .tar.gz cut short (GNU tar), a zip with an encrypted member (Info-ZIP's
+    zip -P), a .tar.gz with a member over the byte limit between images."""
+    out = tmp_path_factory.mktemp("hostile")
+    pngs = sorted(png_folder.rglob("*.png"))[:40]
+    cut = _write_tar(out / "whole.tar", pngs)
+    (out / "cut.tar").write_bytes(cut.read_bytes()[:20 * 1024 + 100])  # inside a member's data
+    subprocess.run(["tar", "-czf", out / "whole.tar.gz", "-C", png_folder, "."], check=True)
+    whole = (out / "whole.tar.gz").read_bytes()
+    (out / "cut.tar.gz").write_bytes(whole[:len(whole) // 2])
+    files = {"a tar cut inside a member": out / "cut.tar", "a .tar.gz cut short": out / "cut.tar.gz",
+             "a .tar.gz with a member over the limit": _write_tar(out / "big.tar.gz", pngs[:10], "w:gz", 5)}
+    if shutil.which("zip"):
+        subprocess.run(["zip", "-q", "-j", out / "enc.zip", *pngs[:20]], check=True)
+        subprocess.run(["zip", "-q", "-j", "-P", "secret", out / "enc.zip", *pngs[20:22]], check=True)
+        files["a zip with an encrypted member"] = out / "enc.zip"
+    return files
+
+
+HOSTILE = ["a tar cut inside a member", "a .tar.gz cut short", "a zip with an encrypted member",
+           "a .tar.gz with a member over the limit"]
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_bench_classify_reads_what_classify_reads_without_a_traceback(case, hostile, onnx_model, tmp_path):
+    """Before: tracebacks from tarfile and zipfile in the naive loop, and 'Aborted!' (exit 1) for the cut
+    .tar.gz (an EOFError taken by click for Ctrl-D). Classify gives the damage error rows; every contender
+    runs."""
+    if case not in hostile:
+        pytest.skip("Info-ZIP's zip is not installed")
+    proc = run_cli("bench", "classify", hostile[case], "-m", onnx_model, "--provider", "cpu", "--workers", "2",
+                   "--json", tmp_path / "b.json", "--quiet")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Aborted" not in proc.stderr, proc.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [r["what"].split(" (")[0] for r in data["results"]] == ["classify pipeline", "decode alone",
+                                                                    "decode alone", "naive loop"]
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_the_naive_loop_reads_hostile_archives_bounded(case, hostile):
+    """tarfile and zipfile as a user's script uses them, but bounded as classify is: the images before the
+    damage, the readable members, and never the member over the limit in memory (before: a .tar.bz2 of 1 GiB
+    of zeros took 1.4 GB), without an exception."""
+    import tracemalloc
+
+    if case not in hostile:
+        pytest.skip("Info-ZIP's zip is not installed")
+    path = str(hostile[case])
+    kind = "zip" if path.endswith(".zip") else "tar"
+    tracemalloc.start()
+    try:
+        names = [name.rpartition("::")[2] for name, _ in bench_pipeline.plain_images([], [(kind, path)])]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    if case.startswith("a tar cut") or case.startswith("a .tar.gz cut"):  # a first part of the whole's images
+        whole = hostile[case].with_name(hostile[case].name.replace("cut", "whole"))
+        with tarfile.open(whole) as tf:
+            every = [m.name for m in tf if m.name.endswith(".png")]
+        assert 0 < len(names) < len(every) and names == every[:len(names)], names
+    else:  # the readable members; none after the big member (classify stops there too)
+        assert len(names) == (20 if kind == "zip" else 5), names
+    assert peak < 16 << 20, peak
+
+
+def test_bench_classify_takes_the_image_column(parquet_file, onnx_model, tmp_path):
+    """A table with two binary columns: without --image-column, classify's one line; with it, every contender
+    (the coordinator's runs too) reads that column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [r["bytes"] for r in pq.read_table(parquet_file).column("image").to_pylist()[:50]]
+    pq.write_table(pa.table({"photo": images, "thumb": [b"not an image"] * 50}), tmp_path / "two.parquet")
+    args = ("bench", "classify", tmp_path / "two.parquet", "-m", onnx_model, "--provider", "cpu", "--workers", "2")
+    assert_one_line_error(run_cli(*args), 2, "--image-column")
+    run_cli(*args, "--image-column", "photo", "--json", tmp_path / "b.json", "--quiet", check=True)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["images"] == 50 and data["coordinator"]["files"] == 50
+    assert all(r["images"] == 50 for r in data["results"])
+    assert_one_line_error(run_cli(*args, "--image-column", "nope"), 2, "no column 'nope'")
+    assert_one_line_error(run_cli("bench", "classify", tmp_path, "-m", onnx_model, "--image-column", "photo"), 2,
+                          "--image-column is for Parquet inputs")

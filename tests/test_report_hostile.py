@@ -224,6 +224,37 @@ def test_rows_naming_one_huge_original_decode_it_once(tmp_path):
     assert "The original image" not in (tmp_path / "r.html").read_text()  # too big to thumbnail: left out
 
 
+def test_a_cut_archive_draws_what_lies_before_the_cut_and_says_why_for_the_rest(tmp_path):
+    """A .tar.gz cut in half (Python's tarfile, then truncated) and a zip, read for the page in one pass each:
+    the members before the cut are drawn, the rest and a member the zip lacks say why in their place, and the
+    page is written."""
+    import tarfile
+    import zipfile
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "img").mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    with tarfile.open(tmp_path / "whole.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "img", arcname="img")
+    whole = (tmp_path / "whole.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(whole[:len(whole) // 2])
+    with zipfile.ZipFile(tmp_path / "z.zip", "w") as zf:
+        zf.write(tmp_path / "img" / "0.png", "img/0.png")
+    paths = [f"cut.tar.gz::img/{i}.png" for i in range(40)] + ["z.zip::img/0.png", "z.zip::img/nope.png"]
+    write_csv(tmp_path / "t.csv", [[p, "Bag", 8, f"{0.5 + i / 100:.2f}", ""] for i, p in enumerate(paths)])
+    proc = report("t.csv", "-o", "r.html", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    figures = {path: figure for figure, path in re.findall(r'<figure>(.*?<code class="path">([^<]+)</code>.*?)'
+                                                           r'</figure>', (tmp_path / "r.html").read_text(), re.S)}
+    assert sorted(figures) == sorted(paths)
+    drawn = {p for p in paths if "data:image/png" in figures[p]}
+    assert 0 < len(drawn & set(paths[:40])) < 40 and "z.zip::img/0.png" in drawn
+    for p in set(paths[:40]) - drawn:
+        assert "cannot read it now: cannot read it from cut.tar.gz: compressed data broken" in figures[p]
+    assert "cannot read it now: no member &#39;img/nope.png&#39; in the archive" in figures["z.zip::img/nope.png"]
+
+
 # ---------------------------------------------------------------------------------------------- write policy
 
 @pytest.fixture

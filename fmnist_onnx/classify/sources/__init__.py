@@ -19,10 +19,11 @@ an input that is a container. A member name that the archive repeats is ``<membe
 (members.Repeats). A loose file's row is its path, escaped where it holds ``::`` or ``\\:`` (``loose_row``): so
 a row holds ``::`` if and only if it names an image inside a container, and every row names one image.
 
-Adding a source: a module here with ``check`` and ``walk_batches`` (contract.Source; and ``read``, for
-Members), an entry in SOURCES, a test in ``kind_of`` for its inputs, and its name in the sources of each engine
-that reads it (engines/__init__.py). An option of one source (the Parquet source's --image-column) reaches its
-``check`` and ``walk_batches`` as a keyword (``_options``), and its workers through the Members it makes.
+Adding a source: a module here with ``check`` and ``walk_batches`` (contract.Source; ``read``, for Members;
+``read_many``, for the report), an entry in SOURCES, a test in ``kind_of`` for its inputs, and its name in the
+sources of each engine that reads it (engines/__init__.py). An option of one source (the Parquet source's
+--image-column) reaches its ``check`` and ``walk_batches`` as a keyword (``_options``), and its workers through
+the Members it makes.
 """
 
 from __future__ import annotations
@@ -106,28 +107,65 @@ def loose_path(row: str) -> str:
     return re.sub(r"\\(.)", r"\1", row, flags=re.DOTALL) if ESCAPE + ":" in row else row
 
 
-def read_path(path: str, image_column: str | None = None) -> bytes:
-    """The bytes of a row's image, read again (the report): a loose file (``loose_row``), or
-    ``<container>::<member>``, the container being the first prefix before a ``::`` that is an existing
-    container file; images.ImageError where it cannot be read. ``image_column``: the run's --image-column, for
-    a Parquet row."""
-    from fmnist_onnx import images
-
+def member_of(path: str) -> tuple[str, str, str] | None:
+    """(container, its source kind, member) where a row's ``path`` names an image inside a container: the
+    container being the first prefix before a ``::`` that is an existing container file; None for a loose file
+    (a row without ``::``: ``loose_row``) or a row whose container is gone."""
     if SEPARATOR not in path:
-        return images.read_file(loose_path(path))
+        return None
     at = path.find(SEPARATOR)
     while at >= 0:
-        container, member = path[:at], path[at + len(SEPARATOR):]
+        container = path[:at]
         kind = container_kind(container)
         if kind is not None and os.path.isfile(container):
-            try:
-                return source(kind).read_one(container, member, **_options(kind, image_column))
-            except images.ImageError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a damaged archive, an Arrow error: the figure's note
-                raise images.ImageError(f"cannot read it from {container}: {e}") from None
+            return container, kind, path[at + len(SEPARATOR):]
         at = path.find(SEPARATOR, at + 1)
-    return images.read_file(path)  # a loose file of an earlier version's table (rows were not escaped), or an error
+    return None  # a loose file of an earlier version's table (rows were not escaped), or its own error
+
+
+def read_path(path: str, image_column: str | None = None) -> bytes:
+    """The bytes of a row's image, read again: ``read_paths`` of one; images.ImageError where it cannot be read."""
+    data = next(read_paths([path], image_column))[1]
+    if isinstance(data, Exception):
+        raise data
+    return data
+
+
+def read_paths(paths: Iterable[str], image_column: str | None = None) -> Iterator[tuple[str, bytes | Exception]]:
+    """(path, bytes or images.ImageError) of each rows' image, read again (the report draws up to a few thousand):
+    a loose file (``loose_row``), or a member (``member_of``). Each path once; the loose files first, then the
+    members of each container together, in one pass over it (its source's ``read_many``: a compressed tar
+    streamed once, a zip listed once), one image's bytes held at a time. ``image_column``: the run's
+    --image-column, for a Parquet row."""
+    inside: dict[tuple[str, str], dict[str, str]] = {}  # (container, kind) -> {member: path}
+    for path in dict.fromkeys(paths):
+        where = member_of(path)
+        if where is None:
+            yield path, _read_file(loose_path(path))
+        else:
+            inside.setdefault(where[:2], {})[where[2]] = path
+    for (container, kind), wanted in inside.items():
+        try:
+            for member, data in source(kind).read_many(container, list(wanted), **_options(kind, image_column)):
+                if member in wanted:
+                    yield wanted.pop(member), data
+        except Exception as e:  # noqa: BLE001 - a damaged archive, an Arrow error: the figures' note
+            from fmnist_onnx.images import ImageError
+
+            error = ImageError(f"cannot read it from {container}: {e}")
+            for path in wanted.values():
+                yield path, error
+
+
+def _read_file(path: str) -> bytes | Exception:
+    from fmnist_onnx import images
+
+    try:
+        return images.read_file(path)
+    except images.ImageError as e:
+        return e
+    except ValueError:  # a name with a NUL byte (a crafted table): no file has it
+        return images.ImageError("not a possible file name")
 
 
 def _options(kind: str, image_column: str | None) -> dict:

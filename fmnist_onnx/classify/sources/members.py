@@ -6,7 +6,7 @@ member name told apart by its ordinal), and their true classes, from a WebDatase
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def class_of_sidecar(data: bytes) -> int:
 class Repeats:
     """The row names of one archive's members, in archive order: the first member of a name keeps it, the k-th
     (k >= 2) is ``<name>::<k>``. That is never an image's own name (an image's name ends in its image suffix,
-    never in ``::`` and digits), so a row names one member and read_one finds it again. One set pass over a
+    never in ``::`` and digits), so a row names one member and read_many finds it again. One set pass over a
     batch of names; a statement per name only in a batch that repeats one (a compressed tar's batches share
     one Repeats: a repeat may come thousands of members later)."""
 
@@ -148,15 +148,24 @@ def broken(path: str, e: BaseException) -> Batch:
     return Batch([], [], Found(path + "::", "unlistable", damage(e)))
 
 
-def by_name(container: str, make: Callable[[], object], member: str) -> tuple:
-    """(the archive's index, ``make()``, made once per archive as it is now; the position of ``member``, a row's
-    name of a member (``x.png``, or ``x.png::2`` for the second), in it), or ImageError where it has no such
-    member: the report reads a few members again."""
-    index, positions = listing(container, make)
-    i = positions.get(member)
-    if i is None:
-        raise ImageError(f"no member {member!r} in the archive")
-    return index, i
+def find(names: Sequence[str], wanted: Iterable[str]) -> dict[int, str]:
+    """{position in an archive's listing ``names``: row name} for each row name of ``wanted`` that it has (a
+    repeated name's k-th member: ``<name>::<k>``, members.Repeats, as the walk names it), in archive order: the
+    report reads the members it draws in one pass."""
+    todo = set(wanted)
+    found: dict[int, str] = {}
+    for i, name in enumerate(Repeats().name(names)):
+        if name in todo:
+            found[i] = name
+            todo.discard(name)
+            if not todo:
+                break
+    return found
+
+
+def missing(member: str, damage: str | None = None) -> ImageError:
+    """A member the archive does not have (as far as it could be listed: ``damage``)."""
+    return ImageError(f"no member {member!r} in the archive" + (f" ({damage})" if damage else ""))
 
 
 def check_files(paths: Sequence[str], what: str) -> list[str]:
@@ -176,28 +185,3 @@ def check_files(paths: Sequence[str], what: str) -> list[str]:
             raise UserError(f"{visible(p)} and {visible(seen[key])} are the same; name each file or folder once")
         seen[key] = p
     return list(paths)
-
-
-def one(results: list, member: str) -> bytes:
-    """The single result of a source's read: its bytes, or its ImageError raised."""
-    if not results:
-        raise ImageError(f"no member {member!r} in the archive")
-    if isinstance(results[0], Exception):
-        raise results[0]
-    return results[0]
-
-
-_listings: dict[tuple, tuple] = {}  # (archive, size, mtime) -> (its index, {member's row name: position})
-
-
-def listing(container: str, make: Callable[[], object]) -> tuple:
-    """(the archive's index, ``make()``, and its members' positions by row name, as the walk names them: a
-    repeat by its ordinal), made once per archive as it is now: the report reads a few members of each
-    archive again."""
-    st = os.stat(container)
-    key = (container, st.st_size, st.st_mtime_ns)
-    if key not in _listings:
-        _listings.clear()
-        index = make()
-        _listings[key] = (index, {n: i for i, n in enumerate(Repeats().name(index.names))})
-    return _listings[key]

@@ -306,9 +306,17 @@ def _value(data) -> bytes | ImageError:
     return data
 
 
-def read_one(path: str, member: str, image_column: str | None = None) -> bytes:
-    """One row's image bytes, by its name ``row/N`` (the report draws a few images again)."""
-    row = member.removeprefix("row/")
-    if not member.startswith("row/") or not row.isdigit():
-        raise ImageError(f"no row {member!r}: Parquet rows are named row/N")
-    return members.one(list(read(Members("parquet", path, [member], [int(row)], [-1], column=image_column))), member)
+def read_many(path: str, wanted: Sequence[str],
+              image_column: str | None = None) -> Iterator[tuple[str, bytes | ImageError]]:
+    """(name, bytes or ImageError) of each row named ``row/N`` in ``wanted``, once, in row order (each row group
+    read once, one held at a time): the report's draws from one file. A name that is no row: an ImageError."""
+    total = _open(path, image_column)[0].metadata.num_rows
+    rows: dict[int, str] = {}
+    for name in dict.fromkeys(wanted):
+        row = name.removeprefix("row/")
+        if name.startswith("row/") and row.isascii() and row.isdigit() and int(row) < total:
+            rows[int(row)] = name
+        else:
+            yield name, ImageError(f"no row {name!r} (rows are named row/N, N from 0 to {total - 1})")
+    for row in sorted(rows):
+        yield rows[row], next(read(Members("parquet", path, [rows[row]], [row], [-1], column=image_column)))

@@ -17,6 +17,7 @@ from fmnist_onnx import archives
 from fmnist_onnx.classify.contract import CHUNK_BYTES, Batch, Members
 from fmnist_onnx.classify.sources import members
 from fmnist_onnx.errors import UserError
+from fmnist_onnx.images import ImageError
 
 log = logging.getLogger(__name__)
 
@@ -100,25 +101,32 @@ def read(m: Members) -> Iterator:
     return archives.read_tar_each(m.container, m.keys, m.sizes)
 
 
-def read_one(path: str, member: str) -> bytes:
-    """One member's bytes, by its row's name (``x.png``, ``x.png::2``: members.Repeats; the report draws a few
-    images again)."""
-    if archives.archive_kind(path) != "tar":  # compressed: streamed up to the member, the others skipped unheld
-        found = _streamed_member(path, member)
-        return members.one([] if found is None else [found], member)
-    index, i = members.by_name(path, lambda: archives.index_tar(path), member)
-    return members.one(archives.read_tar(path, [index.offsets[i]], [index.sizes[i]]), member)
-
-
-def _streamed_member(path: str, member: str) -> bytes | Exception | None:
-    """A compressed tar's member by its row's name, the stream read up to it; only members of no bytes (links,
-    devices: Skipped, which get no row and so no place among the repeats) are read on the way."""
-    repeats = members.Repeats()
-    for name, size, read in archives.stream_tar(path):
-        if size == 0:
-            content = read()
-            if not isinstance(content, archives.Skipped) and repeats.one(name) == member:
-                return content
-        elif repeats.one(name) == member:
-            return read()
-    return None
+def read_many(path: str, wanted: Sequence[str]) -> Iterator[tuple[str, bytes | ImageError]]:
+    """(row name, bytes or ImageError) of each member named in ``wanted`` (``x.png``, ``x.png::2``:
+    members.Repeats), once, in archive order, then an ImageError for each name it lacks: the report draws up to
+    a few thousand members again. A plain tar is indexed once and read at their offsets; a compressed one
+    streamed once, up to the last of them (a stream per member made a report of a .tar.gz 18x that of the
+    .tar), the members it does not want skipped unheld. ArchiveDamaged or OSError where the archive cannot be
+    read (on)."""
+    todo = set(wanted)
+    damage = None
+    if archives.archive_kind(path) != "tar":
+        repeats = members.Repeats()
+        for name, size, read in archives.stream_tar(path):
+            content = read() if size == 0 else None  # links, devices: Skipped, with no row and no place
+            if isinstance(content, archives.Skipped):
+                continue
+            row = repeats.one(name)
+            if row in todo:
+                todo.discard(row)
+                yield row, read() if content is None else content
+                if not todo:
+                    return
+    else:
+        index = archives.index_tar(path)
+        damage = index.damage
+        for i, name in members.find(index.names, todo).items():  # one member's bytes held at a time
+            yield name, archives.read_tar(path, [index.offsets[i]], [index.sizes[i]])[0]
+            todo.discard(name)
+    for name in sorted(todo):
+        yield name, members.missing(name, damage)

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from fmnist_onnx import archives
 from fmnist_onnx.classify.contract import Batch, Members
 from fmnist_onnx.classify.sources import members
+from fmnist_onnx.images import ImageError
 
 
 def check(paths: Sequence[str]) -> list[str]:
@@ -35,8 +36,13 @@ def read(m: Members) -> Iterator:
     return archives.read_zip_each(m.container, m.keys)
 
 
-def read_one(path: str, member: str) -> bytes:
-    """One member's bytes, by its row's name (``x.png``, ``x.png::2``: members.Repeats; the report draws a few
-    images again)."""
-    index, i = members.by_name(path, lambda: archives.index_zip(path), member)
-    return members.one(archives.read_zip(path, [index.offsets[i]]), member)
+def read_many(path: str, wanted: Sequence[str]) -> Iterator[tuple[str, bytes | ImageError]]:
+    """(name, bytes or ImageError) of each member named in ``wanted``, once, in archive order, then an ImageError
+    for each name it lacks: the report's draws from one zip, its central directory listed once for all of them.
+    ArchiveDamaged or OSError where it is no zip."""
+    index = archives.index_zip(path)
+    found = members.find(index.names, wanted)
+    for i, name in found.items():
+        yield name, archives.read_zip(path, [index.offsets[i]])[0]
+    for name in sorted(set(wanted) - set(found.values())):
+        yield name, members.missing(name)
