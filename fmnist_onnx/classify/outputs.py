@@ -38,8 +38,9 @@ def confusion_png_path(output: str | Path) -> Path:
 
 def run_files(output: str, report: str | Path | None = None) -> tuple[str, ...]:
     """Every file a run on ``output`` writes: the output, its journal, run records and lock, the confusion PNG,
-    the --report page. None of them may be one of the run's inputs (request.py)."""
-    named = [os.fspath(report)] if report is not None else []
+    the --report page and its lock (held from before the walk). None of them may be one of the run's inputs
+    (request.py)."""
+    named = [os.fspath(report), str(lock_path(report))] if report is not None else []
     if output == "-":
         return tuple(named)
     return (output, str(journal_path(output)), str(identity_path(output)), str(record_path(output)),
