@@ -295,7 +295,11 @@ def load_summary(path: str | Path) -> dict:
 def _key(path: str) -> bytes:
     """A 64-bit hash of the path (bytes compare as big-endian numbers): the sampling order, the same whatever
     the row order."""
-    return hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    try:
+        raw = path.encode("utf-8", "surrogateescape")  # a name that is not UTF-8, as os.fsdecode keeps it
+    except UnicodeEncodeError:  # another lone surrogate (JSON's "\ud800"): its code point, as UTF-8 would
+        raw = path.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(raw, digest_size=8).digest()
 
 
 class Largest:

@@ -201,6 +201,20 @@ def test_control_and_bidirectional_characters_in_names_are_shown_as_escapes(fold
     assert "cat_\\u202efdp.png" in page and "Bag/\\x1b]0;owned\\x07.png" in page and "x\\u2066y" in page
 
 
+def test_lone_surrogates_in_jsonl_paths_are_rows_shown_as_escapes(folder):
+    # json.dumps writes them as \ud800 escapes, which json.loads gives back as lone surrogates: no UTF-8 for
+    # them, and only \udc80-\udcff stand for bytes (as os.fsdecode keeps a name that is not UTF-8)
+    write_jsonl(folder / "t.jsonl", [row(), row(path="Bag/\ud800.png"), row(path="Coat/x\udfff\ud800.png", score=0.5),
+                                     row(path="Bag/\udcff.png", score=0.7),
+                                     row(path="\ud83d.png", label=None, index=None, score=None, error="bad")])
+    proc = report("t.jsonl", "-o", "r.html", cwd=folder)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "5 rows" in proc.stdout, proc.stdout
+    page = (folder / "r.html").read_text()
+    for shown in ("Bag/\\ud800.png", "Coat/x\\udfff\\ud800.png", "Bag/\\xff.png", "\\ud83d.png"):
+        assert shown in page, shown
+
+
 # ---------------------------------------------------------------------------------------------- bounded cost
 
 def test_rows_naming_one_huge_original_decode_it_once(tmp_path):
