@@ -399,8 +399,7 @@ class LocalEngine:
         decoding: deque = deque()  # (paths, future, slot) or (None, Row, None), in walk order
         staged: deque = deque()  # (paths, future of Rows, slot) in the inference stage, in walk order
         written = False  # rows went to the sink already
-        carried = 0  # bytes carried by the chunks in flight (a compressed tar's members): CHUNK_BYTES at most,
-        # or one chunk; the walk reads no further meanwhile
+        carried = 0  # member bytes the chunks in flight carry: CHUNK_BYTES at most, or one chunk's
 
         def feed() -> None:
             nonlocal carried
@@ -426,8 +425,7 @@ class LocalEngine:
                 rows = self._stage_result(fut, written)
                 if slot is not None:
                     slots.free.append(slot)
-                rows.paths = units_of(paths)
-                carried -= _carried(paths)
+                rows.paths, carried = units_of(paths), carried - _carried(paths)
                 del paths  # its bytes, if it carries any, go before the walk reads on
                 feed()
                 written = True
@@ -445,8 +443,7 @@ class LocalEngine:
                 res, decoding = self._after_worker_died(paths, slot, encoding, decoding)
             observe(res.seconds if isinstance(res, Rows) else res[-1], len(paths))
             if isinstance(res, Rows):
-                res.paths = units_of(paths)
-                carried -= _carried(paths)
+                res.paths, carried = units_of(paths), carried - _carried(paths)
             else:
                 staged.append((paths, self._stage_submit(paths, encoding, slot, res), slot))
             del paths  # its bytes, if it carries any and is done, go before the walk reads on
