@@ -309,7 +309,7 @@ def _value(data) -> bytes | ImageError:
 def read_many(path: str, wanted: Sequence[str],
               image_column: str | None = None) -> Iterator[tuple[str, bytes | ImageError]]:
     """(name, bytes or ImageError) of each row named ``row/N`` in ``wanted``, once, in row order (each row group
-    read once, one held at a time): the report's draws from one file. A name that is no row: an ImageError."""
+    read once): the report's draws from one file. A name that is no row: an ImageError."""
     total = _open(path, image_column)[0].metadata.num_rows
     rows: dict[int, str] = {}
     for name in dict.fromkeys(wanted):
@@ -318,5 +318,8 @@ def read_many(path: str, wanted: Sequence[str],
             rows[int(row)] = name
         else:
             yield name, ImageError(f"no row {name!r} (rows are named row/N, N from 0 to {total - 1})")
-    for row in sorted(rows):
-        yield rows[row], next(read(Members("parquet", path, [rows[row]], [row], [-1], column=image_column)))
+    order = sorted(rows)
+    names = [rows[r] for r in order]
+    # one read of them all, in row order: each row group read once
+    found = read(Members("parquet", path, names, order, [-1] * len(order), column=image_column))
+    yield from zip(names, found, strict=True)
