@@ -418,7 +418,7 @@ def test_the_report_reads_each_archive_once_and_draws_each_row_its_own_member(te
                 w.writerow([f"{archive}::img/{j}.png", CLASSES[truth], truth, f"{0.5 + (12 * k + j) / 200:.3f}", "",
                             CLASSES[truth]])
     opened: list[str] = []
-    for name in ("iter_tar_stream", "index_tar", "index_zip"):  # the archives' own readers, counted, not replaced
+    for name in ("stream_tar", "index_tar", "index_zip"):  # the archives' own readers, counted, not replaced
         real = getattr(archives, name)
         monkeypatch.setattr(archives, name, lambda path, real=real: (opened.append(path), real(path))[1])
     result = build_report(tmp_path / "t.csv", tmp_path / "r.html")

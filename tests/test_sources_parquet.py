@@ -169,12 +169,12 @@ def test_rows_of_a_parquet_file_damaged_after_the_walk_are_error_rows(samples, t
     assert [len(m) for m in chunks] == [25] * 4
     whole = path.read_bytes()
     path.write_bytes(whole[:len(whole) // 2])
-    parquet._files.clear(), parquet._group.clear()  # a worker that has not read this file yet
+    parquet._files.clear(), parquet._batch.clear()  # a worker that has not read this file yet
     got = sources.read(chunks[0])
     assert len(got) == 25 and all(isinstance(e, ImageError) for e in got)
     assert str(got[0]).startswith("cannot read the file now: not a readable Parquet file (")
     write_hub(path, items[:30], row_group_size=25)  # replaced by a shorter table: rows 30-99 are gone
-    parquet._files.clear(), parquet._group.clear()
+    parquet._files.clear(), parquet._batch.clear()
     got = [x for m in chunks for x in sources.read(m)]
     assert [isinstance(x, bytes) for x in got] == [True] * 30 + [False] * 70
     assert str(got[-1]) == "no such row: the file holds 30 rows now"

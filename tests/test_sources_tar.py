@@ -228,7 +228,7 @@ def test_links_in_a_tar_are_rows_of_their_targets_and_other_members_are_counted(
     assert labels["x-hard-1.png"] == labels["x-soft.png"] == labels[first.name]
     assert labels["x-hard-2.png"] == labels[second.name]
     assert summary["skipped"] == 2 and summary["skipped_kinds"] == {"FIFO": 1, "symlink": 1}
-    text = run_cli("classify", tar, "-m", onnx_model, "-o", tmp_path / "u.csv", check=True).stdout
+    text = run_cli("classify", tar, "-m", onnx_model, "-o", tmp_path / "u.csv", check=True).stderr  # with -o
     assert "13 of 13 files classified, 0 failed, 2 other files skipped (of them 1 FIFO, 1 symlink to nothing in " \
            "its archive)." in text
     summary, rows = _classify(tgz, "-m", onnx_model, "-o", tmp_path / "g.csv", code=3)

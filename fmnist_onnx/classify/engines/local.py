@@ -404,8 +404,7 @@ class LocalEngine:
         def feed() -> None:
             nonlocal carried
             while len(decoding) < self.depth and (carried < CHUNK_BYTES or not (decoding or staged)):
-                item = next(items, None)
-                if item is None:
+                if (item := next(items, None)) is None:
                     return
                 if isinstance(item, Row):
                     decoding.append((None, item, None))
@@ -416,8 +415,7 @@ class LocalEngine:
 
         feed()
         while decoding or staged:
-            # the stage's oldest chunk: when the stage is full (more may wait while it starts), or when nothing
-            # else comes before it
+            # the stage's oldest chunk: when the stage is full (more may wait as it starts), or nothing is before it
             limit = self.stage_depth + (0 if self.ready.done() else self.startup_depth)
             if staged and (len(staged) >= limit or not decoding or decoding[0][0] is None):
                 paths, fut, slot = staged.popleft()
