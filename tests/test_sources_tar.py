@@ -157,19 +157,25 @@ def write_zip(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["t.tar", "t.tar.gz", "t.zip"])  # read at offsets, streamed, by index
-def test_sigkill_then_resume_gives_every_member_once(pngs, onnx_model, tmp_path, name):
-    path = tmp_path / name
-    tar = write_zip(path, pngs) if name.endswith(".zip") else write_tar(path, pngs, "w:gz" if ".gz" in name else "w")
-    out = tmp_path / "t.csv"
-    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(tar), "-m", str(onnx_model), "-o", str(out),
+def _killed_after_first_chunk(archive: Path, onnx_model: Path, out: Path) -> int:
+    """A one-worker classify of ``archive`` SIGKILLed (its process group) once its first chunk is journaled;
+    the rows its journal keeps."""
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(archive), "-m", str(onnx_model), "-o", str(out),
            "--workers", "1"]
     with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", start_new_session=True, stdout=subprocess.DEVNULL,
               stderr=subprocess.PIPE, text=True) as held:
         held.wait()
         os.killpg(held.proc.pid, signal.SIGKILL)
         held.proc.wait()
-    done = journal_path(out).read_bytes().count(b"\n") - 1
+    return journal_path(out).read_bytes().count(b"\n") - 1
+
+
+@pytest.mark.parametrize("name", ["t.tar", "t.tar.gz", "t.zip"])  # read at offsets, streamed, by index
+def test_sigkill_then_resume_gives_every_member_once(pngs, onnx_model, tmp_path, name):
+    path = tmp_path / name
+    tar = write_zip(path, pngs) if name.endswith(".zip") else write_tar(path, pngs, "w:gz" if ".gz" in name else "w")
+    out = tmp_path / "t.csv"
+    done = _killed_after_first_chunk(tar, onnx_model, out)
     assert 0 < done < len(pngs)
     summary, rows = _classify(tar, "-m", onnx_model, "-o", out, "--resume")
     assert summary["resumed"] == done and sorted(r["path"] for r in rows) == sorted(f"{tar}::{n}" for n, _ in pngs)
@@ -308,14 +314,7 @@ def test_sigkill_then_resume_gives_each_repeated_member_once(pngs, onnx_model, t
                for m in ((f"s/{i % 100:03d}.png", data), (f"s/{i % 100:03d}.cls", str(i // PER_CLASS).encode()))]
     path = WRITERS[name](tmp_path / name, members)
     out = tmp_path / "t.csv"
-    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(path), "-m", str(onnx_model), "-o", str(out),
-           "--workers", "1"]
-    with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:1", start_new_session=True, stdout=subprocess.DEVNULL,
-              stderr=subprocess.PIPE, text=True) as held:
-        held.wait()
-        os.killpg(held.proc.pid, signal.SIGKILL)
-        held.proc.wait()
-    done = journal_path(out).read_bytes().count(b"\n") - 1
+    done = _killed_after_first_chunk(path, onnx_model, out)
     assert 0 < done < 100
     summary, rows = _classify(path, "-m", onnx_model, "-o", out, "--resume")
     want = {f"{path}::s/{i % 100:03d}.png{'::2' if i >= 100 else ''}": CLASSES[i // PER_CLASS] for i in range(200)}
