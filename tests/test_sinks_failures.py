@@ -133,7 +133,7 @@ def test_classify_on_a_disk_that_fills_up_then_resume(tmpfs, odd_pngs, onnx_mode
 
     remount(disk, "size=4m")  # space freed
     proc = run_cli(*args, "--resume", check=True)
-    assert f"{len(done)} of them from the interrupted run" in proc.stdout
+    assert f"{len(done)} of them from the interrupted run" in proc.stderr  # the summary, with -o FILE
     got = list(read_rows(out))
     assert sorted(r["path"] for r in got) == paths  # every file exactly once, odd names included
     assert all(r["error"] is None and r["label"] in CLASSES for r in got)

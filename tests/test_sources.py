@@ -133,7 +133,7 @@ def test_a_parquet_output_inside_the_folder_of_shards_is_no_shard(hub, onnx_mode
     out = tmp_path / "hub" / "data" / "preds.parquet"
     summary, _ = _classify(onnx_model, tmp_path / "hub", "--image-column", "image", out=out)
     proc = run_cli("classify", tmp_path / "hub", "--image-column", "image", "-m", onnx_model, "-o", out, "--resume")
-    assert proc.returncode == 0 and f"complete already: {summary['files']} rows" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and f"complete already: {summary['files']} rows" in proc.stderr, proc.stderr
 
 
 def test_a_brace_pattern_reads_the_shards_it_names_and_resumes_as_named(pngs, png_rows, onnx_model, tmp_path):
@@ -146,7 +146,7 @@ def test_a_brace_pattern_reads_the_shards_it_names_and_resumes_as_named(pngs, pn
     _same_images(rows, png_rows[25:100])
     assert json.loads(record_path(out).read_text())["inputs"] == [pattern]  # as named, not as expanded
     proc = run_cli("classify", pattern, "-m", onnx_model, "-o", out, "--resume")
-    assert proc.returncode == 0 and "complete already: 75 rows" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "complete already: 75 rows" in proc.stderr, proc.stderr
 
 
 def test_a_missing_name_of_a_pattern_is_one_line(pngs, onnx_model, tmp_path):
@@ -222,7 +222,7 @@ def test_a_folder_of_images_and_shards_reads_the_images_and_names_the_shards(png
     assert (summary["skipped"], summary["containers_skipped"]) == (2, 2)
     assert summary["containers_skipped_first"] == [f"{folder}/train-000000.tar", f"{folder}/train-000001.tar"]
     proc = run_cli("classify", folder, "-m", onnx_model, "-o", tmp_path / "q.csv")
-    line = next(x for x in proc.stdout.splitlines() if "archives or Parquet files" in x)
+    line = next(x for x in proc.stderr.splitlines() if "archives or Parquet files" in x)
     command = shlex.split(line.partition("name them: fmnist-onnx ")[2])
     assert command == ["classify", f"{folder}/train-000000.tar", f"{folder}/train-000001.tar"]
     _, named = _classify(onnx_model, *command[1:], out=tmp_path / "r.csv")

@@ -170,7 +170,7 @@ def test_rows_of_a_parquet_file_damaged_after_the_walk_are_error_rows(samples, t
     whole = path.read_bytes()
     path.write_bytes(whole[:len(whole) // 2])
     parquet._files.clear(), parquet._batch.clear()  # a worker that has not read this file yet
-    got = sources.read(chunks[0])
+    got = list(sources.read(chunks[0]))
     assert len(got) == 25 and all(isinstance(e, ImageError) for e in got)
     assert str(got[0]).startswith("cannot read the file now: not a readable Parquet file (")
     write_hub(path, items[:30], row_group_size=25)  # replaced by a shorter table: rows 30-99 are gone

@@ -19,7 +19,6 @@ is what keeps it off the critical path on many cores. No torch here.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -192,9 +191,16 @@ def _found(walk: Iterator[Batch], tally: Tally, seen: sources.Seen, roots: Seque
     error row are a UserError saying what they hold: not an empty table and exit 0."""
     for batch in walk:
         if batch.files or batch.unlistable is not None:
-            return itertools.chain([batch], walk)
+            return _then([batch], walk)
         tally.skipped += len(batch.skipped)
     raise UserError(seen.nothing(roots))
+
+
+def _then(first: list[Batch], walk: Iterator[Batch]) -> Iterator[Batch]:
+    """``first``'s one batch, then the walk's, holding none of them: itertools.chain([batch], walk) would keep
+    the first batch (a compressed tar's member bytes) for the whole run."""
+    yield first.pop()
+    yield from walk
 
 
 def _pipeline(request: Request, eng: Engine, sink: JournalSink | StdoutSink, done: Done | None, tally: Tally,
