@@ -162,10 +162,10 @@ def _run(request: Request, engine: str, progress: bool, on_provider, engine_opti
             else:
                 check_fresh(request)
             pause_point(CLASSIFY_BEFORE_ENGINE)  # tests hold the run here, before the walk (testing.py)
-            seen = sources.Seen()
+            eng = engines.open_engine(engine, request, **engine_options)  # its processes forked before the
+            seen = sources.Seen()  # walk reads a member's bytes (a fork would hold them for the whole run)
             walk = _found(sources.walk(request.roots, request.recursive, request.own_files, request.image_column,
                                        seen), tally, seen, request.roots)
-            eng = engines.open_engine(engine, request, **engine_options)
             if on_provider is not None:
                 on_provider(eng.provider)
             pause_point(CLASSIFY_ENGINE_READY)

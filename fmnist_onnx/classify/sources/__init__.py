@@ -371,6 +371,7 @@ def walk(roots: Sequence[str], recursive: bool, exclude: Sequence[str] = (),
         for batch in batches:
             seen.add(batch, kind == "folder")
             yield batch
+            del batch  # before the next is read: a compressed tar's batch holds its members' bytes
 
 
 def _shards(folder: str, recursive: bool, exclude: Sequence[str], image_column: str | None,
