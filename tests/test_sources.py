@@ -196,7 +196,7 @@ def test_a_run_that_finds_no_image_is_one_line_exit_2(files, found, onnx_model, 
     out = tmp_path / "p.csv"
     proc = run_cli("classify", tmp_path / "in", "-m", onnx_model, "-o", out)
     assert_one_line_error(proc, 2, f"Error: no images in {tmp_path}/in: {found}")
-    assert len(proc.stderr.splitlines()) == 1  # said before any engine starts: no provider line, no progress
+    assert len(proc.stderr.splitlines()) == 1  # said before the provider line and any progress
     assert not list(tmp_path.glob("p.csv*")) and not journal_path(out).exists()
 
 

@@ -162,8 +162,10 @@ def _run(request: Request, engine: str, progress: bool, on_provider, engine_opti
             else:
                 check_fresh(request)
             pause_point(CLASSIFY_BEFORE_ENGINE)  # tests hold the run here, before the walk (testing.py)
-            eng = engines.open_engine(engine, request, **engine_options)  # its processes forked before the
-            seen = sources.Seen()  # walk reads a member's bytes (a fork would hold them for the whole run)
+            # the engine's processes are forked before the walk reads any member's bytes: a fork after it would
+            # hold a compressed tar's first member in every worker for the whole run
+            eng = engines.open_engine(engine, request, **engine_options)
+            seen = sources.Seen()
             walk = _found(sources.walk(request.roots, request.recursive, request.own_files, request.image_column,
                                        seen), tally, seen, request.roots)
             if on_provider is not None:
@@ -186,8 +188,8 @@ def _run(request: Request, engine: str, progress: bool, on_provider, engine_opti
 
 
 def _found(walk: Iterator[Batch], tally: Tally, seen: sources.Seen, roots: Sequence[str]) -> Iterator[Batch]:
-    """The walk, once it has given something with a row (a file, or an error row), before any engine starts
-    and anything is written; the files skipped until then counted in ``tally``. Inputs with no image and no
+    """The walk, once it has given something with a row (a file, or an error row), before the provider line
+    and before anything is written; the files skipped until then counted in ``tally``. Inputs with no image and no
     error row are a UserError saying what they hold: not an empty table and exit 0."""
     for batch in walk:
         if batch.files or batch.unlistable is not None:
