@@ -257,6 +257,18 @@ def _decode_and_classify(item: Sequence[str] | Members, job: _Job, encoding: str
 
 # ---------------------------------------------------------------------------------------------- the engine
 
+def _piped(ctx, item: list[str] | Members) -> list[str] | Members:
+    """A chunk that carries PIPED_BYTES or more, as a _Piped one (its bytes poured by a thread of ours as its
+    worker reads them, through a pipe of ``ctx``, the pools' multiprocessing context); another as it is."""
+    if not isinstance(item, Members) or _carried(item) < PIPED_BYTES:
+        return item
+    read, write = ctx.Pipe(duplex=False)
+    threading.Thread(target=_pour, args=(write, [k for k in item.keys if isinstance(k, bytes)]),
+                     name="fmnist-onnx-pour", daemon=True).start()
+    keys = [None if isinstance(k, bytes) else k for k in item.keys]
+    return _Piped(item.kind, item.container, item.units, keys, item.truth, item.sizes, True, item.column, read)
+
+
 def _carried(item: list[str] | Members) -> int:
     """The member bytes a chunk carries to its worker (pickled with it)."""
     return item.carried() if isinstance(item, Members) else 0
@@ -335,7 +347,7 @@ class LocalEngine:
         """A future of the chunk's Rows (the workers' path), or of its decoding (the batched path: errors and
         seconds, the images in ``slot``; or without slots, the images too); one that raises BrokenProcessPool
         if the pool is broken already (found out where results are collected)."""
-        paths = self._piped(paths)
+        paths = _piped(self.ctx, paths)
         try:
             if slot is not None:
                 return self.pool.submit(_decode_into, paths, self.job.invert, slot)
@@ -345,17 +357,6 @@ class LocalEngine:
         except BrokenProcessPool as e:
             return _failed(e)
 
-    def _piped(self, item: list[str] | Members) -> list[str] | Members:
-        """A chunk that carries PIPED_BYTES or more, as a _Piped one (its bytes poured by a thread of ours as
-        its worker reads them); another as it is."""
-        if not isinstance(item, Members) or _carried(item) < PIPED_BYTES:
-            return item
-        read, write = self.ctx.Pipe(duplex=False)
-        threading.Thread(target=_pour, args=(write, [k for k in item.keys if isinstance(k, bytes)]),
-                         name="fmnist-onnx-pour", daemon=True).start()
-        keys = [None if isinstance(k, bytes) else k for k in item.keys]
-        return _Piped(item.kind, item.container, item.units, keys, item.truth, item.sizes, True, item.column, read)
-
     def _isolate(self, item: list[str] | Members) -> tuple[np.ndarray, list[str], float]:
         """Decode a chunk that was in a dying pool file by file, each alone in the pool, so that a file that
         kills its worker is named and the others are decoded."""
@@ -363,7 +364,8 @@ class LocalEngine:
         errors = [""] * len(item)
         for i, path in enumerate(units_of(item)):
             try:
-                imgs, errs, _ = self.pool.submit(_decode, self._piped(part(item, i, i + 1)), self.job.invert).result()
+                one = _piped(self.ctx, part(item, i, i + 1))
+                imgs, errs, _ = self.pool.submit(_decode, one, self.job.invert).result()
                 out[i], errors[i] = imgs[0], errs[0]
             except BrokenProcessPool:
                 log.warning("%s: %s", visible(path), CRASHED)
