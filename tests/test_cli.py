@@ -105,8 +105,10 @@ def test_every_provider_choice_list_is_the_tables():
 
 def _no_cache_env(home) -> dict:
     """This environment with an empty ``home`` as HOME and no XDG_CACHE_HOME (the suite sets one): any cache a
-    command writes lands in ``home``; no ORT_DISABLE_TELEMETRY but what the package sets."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_") and k != "ORT_DISABLE_TELEMETRY"}
+    command writes lands in ``home``; no ORT_DISABLE_TELEMETRY but what the package sets, and no CI (onnxruntime
+    1.32 starts no telemetry at all when CI is set, which would hide what the package does)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("XDG_") and k not in ("ORT_DISABLE_TELEMETRY", "CI")}
     return {**env, "HOME": str(home)}
 
 
