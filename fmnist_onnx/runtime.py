@@ -265,8 +265,10 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/se
     except OSError:
         lines = []
     files = []
-    for line in lines:
-        _, controllers, own = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+    for line in lines:  # "ID:CONTROLLERS:PATH"; v2's line has no controllers
+        if line.count(":") < 2:
+            continue
+        _, controllers, own = line.split(":", 2)
         if controllers == "":  # v2: one hierarchy
             files += [(d / "cpu.max", None) for d in _up(root, own)]
         elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
