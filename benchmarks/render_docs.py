@@ -123,6 +123,20 @@ def train_section() -> list[str]:
     return out
 
 
+def contention_section() -> list[str]:
+    d = _load("contention.json")
+    n, k = d["cores"], d["busy_processes"]
+    out = [f"Machine: {machine_line(d['machine'])}; {k} busy processes beside each command on {n} cores (fair "
+           f"share: {(n + k) / n:g}x the quiet time); medians of {d['repeats']} quiet/busy pairs; classify on "
+           f"{d['test_pngs']:,} test PNGs.", "",
+           "| command | setting | quiet | busy | fair share | busy / fair share |",
+           "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in d["results"]:
+        out.append(f"| `{r['command']}` | {r['setting']} | {r['quiet_median_s']:.1f} s | {r['busy_median_s']:.1f} s "
+                   f"| {r['fair_share_s']:.1f} s | {r['busy_over_fair_share']:.2f}x |")
+    return out
+
+
 def pipeline_section() -> list[str]:
     d = _load("bench_classify.json")
     out = [f"Machine: {machine_line(d['machine'])}; {d['images']:,} PNG files.", "",
@@ -308,7 +322,8 @@ def _median_line(d: dict) -> list[str]:
 SECTIONS = {"plot": plot_section, "plot_docs": lambda: plot_section("../"),
             "headline": headline_section, "setup": setup_section, "inference": inference_section,
             "train": train_section, "pipeline": pipeline_section, "naive": naive_section, "int8": int8_section,
-            "ray": ray_section, "gpu": gpu_section, "sources": sources_section}
+            "ray": ray_section, "gpu": gpu_section, "sources": sources_section,
+            "contention": contention_section}
 
 
 def render_page(text: str, name: str) -> tuple[str, list[str]]:

@@ -9,4 +9,15 @@ import os
 TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
 os.environ.setdefault(TELEMETRY_ENV, "1")
 
+# torch's OpenMP threads (GNU libgomp in the Linux wheels: torch's own, MKL's and oneDNN's loops) spin for
+# 300,000 turns at every barrier before they sleep. Beside other busy processes a spinning thread holds the core
+# that the thread with the work needs, and a small MLP meets thousands of barriers: `train --epochs 3` took
+# 136 s beside two busy processes on 2 cores, against 11.4 s quiet (fair share: 2x). libgomp reads the spin
+# count once, when torch loads it: set here, before any module can import torch. A user's own GOMP_SPINCOUNT,
+# or OMP_WAIT_POLICY (which GOMP_SPINCOUNT would override), wins (docs/reliability.md).
+SPIN_ENV = "GOMP_SPINCOUNT"
+SPIN_COUNT = "0"
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault(SPIN_ENV, SPIN_COUNT)
+
 __version__ = "0.1.0"

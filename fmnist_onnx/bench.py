@@ -115,7 +115,7 @@ def make_input(batch_size: int, seed: int = SEED) -> np.ndarray:
 
 def _ort_candidate(model: Path, provider: str, precision: str, threads: int | None, io_binding: bool = False):
     def make(batch: np.ndarray) -> Runner:
-        s = open_session(model, provider, threads)
+        s = open_session(model, provider, threads, spin=True)
         x = batch.astype(np.float16) if s.input_type == "tensor(float16)" else batch
         if io_binding:
             import onnxruntime as ort

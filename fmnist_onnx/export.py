@@ -129,8 +129,9 @@ def build_onnx(weights: Path, opset: int | None = None):
     """The exported, checked onnx.ModelProto for ``weights`` (not yet written anywhere)."""
     import onnx
 
-    from fmnist_onnx.model import load_model
+    from fmnist_onnx.model import load_model, use_usable_cores
 
+    use_usable_cores()
     weights = Path(weights)
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from fmnist_onnx import __version__
+from fmnist_onnx.runtime import usable_cores  # noqa: F401 - where the figures' callers have always found it
 
 # Every library that a figure or a model file may depend on; the ones not installed are left out.
 LIBRARIES = ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "torch", "torchvision", "pillow")
@@ -57,11 +58,6 @@ def _version_file(name: str) -> str | None:
         if m := re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", text, re.MULTILINE):
             return m.group(1)
     return None
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cpu_name_and_flags() -> tuple[str, set[str]]:

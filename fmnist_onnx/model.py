@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 from pathlib import Path
@@ -32,6 +33,18 @@ class NeuralNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(x)
         return self.linear_relu_stack(x)
+
+
+def use_usable_cores() -> int:
+    """Give torch one thread per core this process may use (its affinity mask and cgroup quota: torch's own
+    count is the machine's, a container limited to 2 CPUs on a 64-core host would start 64), unless the user
+    set OMP_NUM_THREADS. The thread count only: how long the threads spin is GOMP_SPINCOUNT's, set by
+    fmnist_onnx/__init__.py before torch is imported. Returns the count torch runs with."""
+    from fmnist_onnx.runtime import usable_cores
+
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(usable_cores())
+    return torch.get_num_threads()
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -251,6 +252,61 @@ def machine_memory() -> int | None:
     return total
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time per second this process's cgroup may use (a container started with --cpus 2: 2.0),
+    or None where there is no limit or nothing to read. ``membership`` (/proc/self/cgroup) names the process's
+    cgroups; the lowest quota of its own and each one above it counts. cgroup v2: ``cpu.max`` ("max 100000"
+    or "200000 100000"); v1: ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (-1: no limit)."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    files = []
+    for line in lines:  # "ID:CONTROLLERS:PATH"; v2's line has no controllers
+        if line.count(":") < 2:
+            continue
+        _, controllers, own = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy
+            files += [(d / "cpu.max", None) for d in _up(root, own)]
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
+            files += [(d / "cpu.cfs_quota_us", d / "cpu.cfs_period_us") for d in _up(root / controllers, own)]
+    found = [q for q in (_quota(*f) for f in files) if q is not None]
+    return min(found) if found else None
+
+
+def _up(top: Path, own: str) -> list[Path]:
+    """The folder of cgroup ``own`` under the hierarchy mounted at ``top``, and each one above it to ``top``."""
+    folder = top / own.strip("/")
+    return [folder] + [d for d in folder.parents if top in d.parents or d == top]
+
+
+def _quota(path: Path, period_path: Path | None) -> float | None:
+    """quota / period from a cgroup file (v2: both in ``path``; v1: the period in its own file)."""
+    try:
+        fields = path.read_text().split()
+        if period_path is not None:
+            fields += period_path.read_text().split()
+        quota, period = fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    if quota == "max" or not quota.isdigit() or period <= 0:  # "max" (v2) or -1 (v1): no limit
+        return None
+    return int(quota) / period
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: the affinity mask (a container or taskset may allow fewer than the
+    machine has), and no more than the cgroup's CPU quota, rounded up (a container limited to 2 CPUs on a
+    64-core host gets 2 threads, not 64). Never the load average: thread counts decide how sums are split,
+    and training must give the same weights for a seed however busy the machine is."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return max(1, min(n, math.ceil(limit))) if limit else n
+
+
 def _shape_bytes(value) -> tuple[list, int]:
     """(declared shape, bytes of one tensor of it) for an input or output of the model; a dimension that is
     not a fixed number (the batch axis of a dynamic model) counts as 1: the batch is ours to choose."""
@@ -275,13 +331,38 @@ def _check_memory(path: Path, values) -> None:
                         f"machine's memory ({limit:,} bytes); export the model with a dynamic batch axis")
 
 
+# onnxruntime's intra-op threads busy-wait for work by default. Beside other busy processes a spinning thread
+# holds a core that the thread with the work needs; with waiting threads asleep, verify, export, info and bench
+# take their fair share of a busy machine (docs/reliability.md, benchmarks/contention.py). bench's peak figures
+# may keep spinning (spin=True); FMNIST_ONNX_ORT_SPIN=1 turns it back on everywhere.
+ORT_SPIN_ENV = "FMNIST_ONNX_ORT_SPIN"
+SPIN_ENTRY = "session.intra_op.allow_spinning"
+
+
+def session_options(ort, threads: int | None = None, spin: bool | None = None):
+    """onnxruntime.SessionOptions as every session here has them: fatal log lines only, ``threads`` intra-op
+    threads (default: the cores this process may use, its cgroup's quota included, where onnxruntime would
+    count the machine's), and a pool that sleeps rather than spins unless ``spin`` (default: $FMNIST_ONNX_ORT_SPIN
+    is 1)."""
+    opts = ort.SessionOptions()
+    # fatal only: onnxruntime's warnings and errors (the log lines of a failed run too) become our own one line
+    opts.log_severity_level = 4
+    opts.intra_op_num_threads = threads or usable_cores()
+    if spin is None:
+        spin = os.environ.get(ORT_SPIN_ENV, "0") == "1"
+    opts.add_session_config_entry(SPIN_ENTRY, "1" if spin else "0")
+    return opts
+
+
 def open_session(
     model: str | Path,
     provider: str = "auto",
     threads: int | None = None,
+    spin: bool | None = None,
 ) -> Session:
     """A checked session for ``model``: UserError for a missing file, a non-ONNX file, the wrong signature,
-    or a provider that cannot run it (onnxruntime itself would only warn and run on the CPU)."""
+    or a provider that cannot run it (onnxruntime itself would only warn and run on the CPU). ``threads`` and
+    ``spin``: session_options'."""
     ort = import_onnxruntime()
 
     path = Path(model)
@@ -289,11 +370,7 @@ def open_session(
         raise UserError(f"model file not found: {path}")
     name = resolve_provider(provider)
     providers = session_providers(name)
-    opts = ort.SessionOptions()
-    # fatal only: onnxruntime's warnings and errors (the log lines of a failed run too) become our own one line
-    opts.log_severity_level = 4
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts = session_options(ort, threads, spin)
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/... types

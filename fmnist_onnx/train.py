@@ -24,7 +24,7 @@ from fmnist_onnx.data import load_dataset, load_split
 from fmnist_onnx.errors import Interrupted, UserError
 from fmnist_onnx.files import OutputLock, atomic_write, atomic_write_text, check_output, open_existing
 from fmnist_onnx.machine import library_versions
-from fmnist_onnx.model import NeuralNetwork
+from fmnist_onnx.model import NeuralNetwork, use_usable_cores
 from fmnist_onnx.signals import StopSignals
 from fmnist_onnx.testing import TRAIN_AFTER_STEP, pause_point
 
@@ -353,6 +353,7 @@ def _train(cfg: TrainConfig, out: Path, state: dict | None, overwrite: bool, dat
            progress: bool) -> TrainResult:
     from fmnist_onnx.progress import note
 
+    use_usable_cores()  # the same count for a seed, busy or not: the weights never depend on the load
     ckpt_path = out / CHECKPOINT
     loop, start_epoch, start_step, partial = _restore(cfg, state)
     if state is not None:

@@ -99,8 +99,9 @@ def torch_logits(weights, images) -> object:
     import numpy as np
     import torch
 
-    from fmnist_onnx.model import load_model
+    from fmnist_onnx.model import load_model, use_usable_cores
 
+    use_usable_cores()
     model = load_model(weights) if isinstance(weights, (str, Path)) else weights
     out = []
     with torch.inference_mode():

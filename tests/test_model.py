@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,3 +96,37 @@ def test_not_a_dict(tmp_path):
     torch.save([torch.zeros(3)], tmp_path / "list.pth")
     with pytest.raises(UserError, match="not a state_dict"):
         load_state_dict(tmp_path / "list.pth")
+
+
+# What a process started by the command line reports: usable cores, torch's threads after use_usable_cores, the
+# spin count libgomp was started with (fmnist_onnx/__init__.py sets it before torch is imported).
+_THREADS = ("import os, fmnist_onnx.model as m, torch; from fmnist_onnx.runtime import usable_cores; "
+            "print(usable_cores(), m.use_usable_cores(), torch.get_num_threads(), os.environ.get('GOMP_SPINCOUNT'))")
+
+
+def _threads(env: dict | None = None, cpus: set[int] | None = None) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    return subprocess.run([sys.executable, "-c", _THREADS], env=base | (env or {}), capture_output=True, text=True,
+                          check=True, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+                          ).stdout.split()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to take one away")
+def test_torch_threads_follow_the_affinity_mask():
+    """taskset -c 0 (or a container's cpuset) leaves one core: one thread, not one per core of the machine."""
+    allowed = os.sched_getaffinity(0)
+    assert _threads()[:3] == [str(len(allowed))] * 3
+    assert _threads(cpus={min(allowed)})[:3] == ["1", "1", "1"]
+
+
+def test_a_users_omp_num_threads_wins():
+    assert _threads({"OMP_NUM_THREADS": "1"})[1:3] == ["1", "1"]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "0"),  # threads sleep at once at a barrier: no core held beside busy processes (issue 28)
+    ({"GOMP_SPINCOUNT": "300000"}, "300000"),  # the user's own value wins
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "None"),  # and so does their wait policy, which a spin count would override
+])
+def test_openmp_spin_count_is_set_before_torch_unless_the_user_set_one(env, expected):
+    assert _threads(env)[3] == expected

@@ -1,5 +1,6 @@
 """runtime.py: a model whose declared shapes need more memory than the machine has is refused before any work;
-onnxruntime failing mid-run (out of memory) is one line, exit 5, with the rows so far kept (issue 17)."""
+onnxruntime failing mid-run (out of memory) is one line, exit 5, with the rows so far kept (issue 17); sessions
+sleep rather than spin, with a thread per core this process may use (issue 28)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import numpy as np
 import pytest
 
 from fmnist_onnx.classify import identity_path
-from fmnist_onnx.runtime import MODEL_FAILED, machine_memory
+from fmnist_onnx.runtime import (
+    MODEL_FAILED,
+    ORT_SPIN_ENV,
+    SPIN_ENTRY,
+    cgroup_cpu_limit,
+    machine_memory,
+    open_session,
+    usable_cores,
+)
 from fmnist_onnx.sinks import JournalScan, journal_path
 from harness import assert_one_line_error, run_cli, save_classifier
 
@@ -101,3 +110,59 @@ def test_classify_auto_takes_the_cpu_where_cuda_is_measured_slower():
     assert with_cuda[0] == ("cuda" if CLASSIFY_AUTO_DEVICE else "cpu")
     assert "CUDAExecutionProvider is available" in with_cuda[1] and "images/s" in with_cuda[1]
     assert classify_provider("auto", ["CPUExecutionProvider"]) == ("cpu", "auto: onnxruntime here has no GPU provider")
+
+
+def linear_model(path: Path) -> Path:
+    """The smallest model of this project's signature: flatten, one matrix product."""
+    from onnx import helper, numpy_helper
+
+    return save_classifier(path, "linear", [helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]),
+                                            helper.make_node("MatMul", ["flat", "weights"], ["logits"])],
+                           [numpy_helper.from_array(np.array([-1, 784], np.int64), "flat_shape"),
+                            numpy_helper.from_array(np.ones((784, 10), np.float32), "weights")])
+
+
+@pytest.mark.parametrize("spin, env, expected", [(None, None, "0"), (True, None, "1"), (None, "1", "1"),
+                                                 (False, "1", "0"), (None, "0", "0")])
+def test_sessions_sleep_rather_than_spin_unless_asked(tmp_path, monkeypatch, spin, env, expected):
+    """A spinning pool beside busy processes holds the core the working thread needs (issue 28): off unless
+    the caller (bench's peak rows) or FMNIST_ONNX_ORT_SPIN=1 asks; one thread per core this process may use."""
+    if env is None:
+        monkeypatch.delenv(ORT_SPIN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ORT_SPIN_ENV, env)
+    session = open_session(linear_model(tmp_path / "linear.onnx"), "cpu", spin=spin)
+    opts = session.session.get_session_options()
+    assert opts.get_session_config_entry(SPIN_ENTRY) == expected
+    assert opts.intra_op_num_threads == usable_cores()
+    assert session.run(np.ones((3, 1, 28, 28), np.float32)).tolist() == [[784.0] * 10] * 3
+
+
+def _cgroup(root: Path, membership: str, files: dict[str, str]) -> Path:
+    """A cgroup tree under ``root`` as the kernel shows it: /proc/self/cgroup's lines, each file's text."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "self-cgroup").write_text(membership)
+    return root / "self-cgroup"
+
+
+@pytest.mark.parametrize("membership, files, expected", [
+    # cgroup v2, a container with --cpus 2 (docker writes cpu.max in the container's own cgroup)
+    ("0::/\n", {"cpu.max": "200000 100000\n"}, 2.0),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    # v2 on a host: the process's slice has no limit, the one above it 1.5 CPUs; the lowest on the way up counts
+    ("0::/user.slice/job.scope\n", {"user.slice/cpu.max": "150000 100000\n",
+                                     "user.slice/job.scope/cpu.max": "max 100000\n"}, 1.5),
+    ("0::/a/b\n", {"a/cpu.max": "400000 100000\n", "a/b/cpu.max": "50000 100000\n"}, 0.5),
+    # v1: quota and period in files of their own, under the cpu controller's mount; -1 is no limit
+    ("4:memory:/x\n3:cpu,cpuacct:/docker/abc\n0::/\n",
+     {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"},
+     3.0),
+    ("3:cpu,cpuacct:/\n0::/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+     None),
+    ("0::/\n", {}, None),  # no cpu controller mounted
+    ("0::/\n", {"cpu.max": "garbage\n"}, None),
+])
+def test_cgroup_cpu_limit_reads_v1_and_v2(tmp_path, membership, files, expected):
+    assert cgroup_cpu_limit(tmp_path, _cgroup(tmp_path, membership, files)) == expected
