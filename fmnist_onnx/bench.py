@@ -331,7 +331,7 @@ def run_benchmark(
     before = cpu_times()
     with _workdir() as work:
         cands = _candidates(model, precision, weights, names, threads, int8, work, notes, say)
-        _peaks(report, cands, names, threads, duration_s, peak_sizes, torch_int8_peak, say)
+        _peaks(report, cands, names, threads, duration_s, peak_sizes, torch_int8_peak, weights is not None, say)
         x = make_input(max(batch_sizes))
         for cand in cands:  # torch comes last per provider: its OpenMP threads spin a while after each call
             say(f"measuring {cand.backend} {cand.provider} {cand.precision}"
@@ -347,16 +347,16 @@ def run_benchmark(
 
 
 def _peaks(report: BenchReport, cands: list[Candidate], names: list[str], threads: int | None, duration_s: float,
-           sizes: Sequence[int], torch_int8: bool, say: Callable[[str], None]) -> None:
+           sizes: Sequence[int], torch_int8: bool, with_torch: bool, say: Callable[[str], None]) -> None:
     """The fp32 peak of every provider; the int8 one where int8 rows run on the CPU; none for fp16 (no
-    percentage there)."""
+    percentage there). torch.mm joins the fp32 peak only where the PyTorch backend runs (``with_torch``)."""
     wanted = [(p, "fp32") for p in names] + [(c.provider, "int8") for c in cands if c.precision == "int8"]
     for prov, prec in dict.fromkeys(wanted):
         if prec == "int8" and prov != "cpu":
             continue
         say(f"measuring the {prov} {prec} matrix-product peak")
         report.peaks[prov, prec] = matmul_peak(prov, prec, threads, duration_s=min(1.5, max(0.3, duration_s)),
-                                               sizes=sizes, torch_int8=torch_int8)
+                                               sizes=sizes, torch_int8=torch_int8, with_torch=with_torch)
 
 
 # ------------------------------------------------------------------------------------------ rendering

@@ -125,6 +125,7 @@ class CpuTimes:
     steal_s: float  # taken by the hypervisor for other virtual machines
     total_s: float  # all of it, idle included
     own_s: float  # this process: user + system, all its threads
+    cores: int  # how many cores were read
 
 
 def cpu_times(cores: set[int] | None = None) -> CpuTimes | None:
@@ -136,7 +137,7 @@ def cpu_times(cores: set[int] | None = None) -> CpuTimes | None:
         tick = os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, AttributeError):
         return None
-    busy = steal = total = 0
+    busy = steal = total = count = 0
     for line in lines:
         name, *fields = line.split()
         if not (name.startswith("cpu") and name[3:].isdigit()) or (cores is not None and int(name[3:]) not in cores):
@@ -145,10 +146,11 @@ def cpu_times(cores: set[int] | None = None) -> CpuTimes | None:
         busy += user + nice + system + irq + softirq  # guest time is already inside user
         steal += stolen
         total += user + nice + system + idle + iowait + irq + softirq + stolen
+        count += 1
     if not total:
         return None
     own = os.times()
-    return CpuTimes(busy / tick, steal / tick, total / tick, own.user + own.system)
+    return CpuTimes(busy / tick, steal / tick, total / tick, own.user + own.system, count)
 
 
 def busy_between(before: CpuTimes | None, after: CpuTimes | None) -> dict | None:
@@ -159,7 +161,7 @@ def busy_between(before: CpuTimes | None, after: CpuTimes | None) -> dict | None
         return None
     total = after.total_s - before.total_s
     other = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s))
-    cores = usable_cores()
+    cores = after.cores
     other_pct, steal_pct = 100 * min(other, total) / total, 100 * (after.steal_s - before.steal_s) / total
     return {"other_cpu_pct": round(other_pct, 1), "other_cores": round(other_pct * cores / 100, 2),
             "steal_pct": round(steal_pct, 1), "cores": cores, "seconds": round(total / cores, 1),

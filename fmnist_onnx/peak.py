@@ -3,7 +3,8 @@
 bench reports each model's achieved GFLOP/s as a percentage of this peak: its roofline. A percentage only
 means something against a peak of the same arithmetic, so each precision has its own:
 
-- fp32: onnxruntime's MatMul, torch.mm and (when the thread count is the machine's, since numpy's BLAS
+- fp32: onnxruntime's MatMul, torch.mm (``with_torch``: bench asks for it where the PyTorch backend runs, so
+  that a run without it does not import torch) and (when the thread count is the machine's, since numpy's BLAS
   threads cannot be set here) numpy's ``@``, on float32 matrices;
 - int8: onnxruntime's MatMulInteger on uint8 x int8 matrices (int32 sums: the product that onnxruntime's
   QGemm runs for an int8 model, uint8 activations times int8 weights); CPU only, as bench measures int8 on the
@@ -172,20 +173,22 @@ def _numpy_gflops(duration_s: float, n: int) -> float:
 
 
 def matmul_peak(provider: str = "cpu", precision: str = "fp32", threads: int | None = None,
-                duration_s: float = 1.0, sizes: Sequence[int] = PEAK_SIZES, torch_int8: bool = False) -> Peak:
+                duration_s: float = 1.0, sizes: Sequence[int] = PEAK_SIZES, torch_int8: bool = False,
+                with_torch: bool = True) -> Peak:
     """The matrix-product peak with ``threads``, in GFLOP/s (int8: GOP/s): the best of the libraries at hand
     (see the module docstring), each on square matrices of each size in ``sizes``, best call of each; the int8
-    peak with torch._int_mm only where ``torch_int8``."""
+    peak with torch._int_mm only where ``torch_int8``, the fp32 one with torch.mm only ``with_torch``."""
     if precision not in PRECISIONS or (precision == "int8" and provider != "cpu"):
         raise ValueError(f"no {precision} matrix-product peak on {provider}")
     # numpy's BLAS uses every core it sees, and cannot be told otherwise without threadpoolctl.
     with_numpy = precision == "fp32" and provider == "cpu" and (threads is None or threads == usable_cores())
-    per = max(0.05, duration_s / (len(sizes) * (1 + with_numpy + (precision == "fp32" or torch_int8))))
+    with_torch = torch_int8 if precision == "int8" else with_torch
+    per = max(0.05, duration_s / (len(sizes) * (1 + with_numpy + with_torch)))
     found: dict[str, float] = {}
     best_size: dict[str, int] = {}
     for n in sizes:
         got = {"onnxruntime": _ort_gflops(provider, precision, threads, per, n)}
-        if precision == "fp32" or torch_int8:
+        if with_torch:
             got["torch"] = _torch_gflops(provider, precision, threads, per, n)
         if with_numpy:
             got["numpy"] = _numpy_gflops(per, n)
