@@ -10,10 +10,10 @@ set against the matrix-product peak of the same provider and precision, measured
 thread count (peak.py): fp32 rows against the fp32 peak, int8 rows against the int8 peak; fp16 rows get no
 percentage, as no fp16 peak is measured.
 
-By default a bounded run (DEFAULT_BATCH_SIZES, DEFAULT_DURATION_S: about 15 s on 2 quiet cores, each row within
-5% of the full sweep's: benchmarks/bench_default.py); ``full=True`` (bench --full) is the whole sweep, FULL_*.
-The CPU time other processes used meanwhile (machine.py's busy_between) goes beside the figures: a figure from a
-busy machine is lower, and says so.
+By default a bounded run (DEFAULT_BATCH_SIZES, DEFAULT_DURATION_S: a third of the full sweep's time; each row
+is to be within 5% of the full sweep's, which benchmarks/bench_default.py checks); bench --full is the whole
+sweep (FULL_*). The CPU time other processes used meanwhile (machine.py's busy_between) goes beside the
+figures: a figure from a busy machine is lower, and says so.
 
 The other parts live apart: machine.py (what the figures were measured on), timing.py (the harness), peak.py
 (the matrix-product peaks), bench_pipeline.py (`bench classify`). torch is imported only for the PyTorch

@@ -344,7 +344,7 @@ Examples:
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True),
               help="Seconds of timed calls per measurement, after the first run and a warm-up [1; --full: 2].")
 @click.option("--full", is_flag=True, help="The whole sweep: batch sizes 1,8,64,256,1024, 2 s each, and the peak "
-              "on matrices up to 2048 (about 2 minutes on 2 cores). --batch-sizes and --duration still win.")
+              "on matrices up to 2048 (about 3x as long). --batch-sizes and --duration still win.")
 @click.option("--no-int8", "no_int8", is_flag=True, help="Leave out onnxruntime int8 (and its peak).")
 @click.option("--no-torch", "no_torch", is_flag=True, help="Leave out PyTorch eager, even where model.pth is found.")
 @click.option("--torch-int8-peak", is_flag=True, help="Also time torch._int_mm for the int8 peak (seconds a call "
