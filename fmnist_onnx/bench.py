@@ -334,8 +334,7 @@ def run_benchmark(
         _peaks(report, cands, names, threads, duration_s, peak_sizes, torch_int8_peak, weights is not None, say)
         x = make_input(max(batch_sizes))
         for cand in cands:  # torch comes last per provider: its OpenMP threads spin a while after each call
-            say(f"measuring {cand.backend} {cand.provider} {cand.precision}"
-                + (" iobinding" if cand.io_binding else "") + f" at batch {', '.join(map(str, batch_sizes))}")
+            say(f"measuring {_label(cand)} at batch {', '.join(map(str, batch_sizes))}")
             for bs in batch_sizes:
                 rec = measure(cand, x[:bs], duration_s, report.peaks.get((cand.provider, cand.precision)))
                 report.results.append(rec)
@@ -344,6 +343,10 @@ def run_benchmark(
                 gc.collect()  # drop the session (and its thread pool) before the next one starts
     report.machine["busy"] = busy_between(before, cpu_times())
     return report
+
+
+def _label(cand: Candidate) -> str:
+    return f"{cand.backend} {cand.provider} {cand.precision}" + (" iobinding" if cand.io_binding else "")
 
 
 def _peaks(report: BenchReport, cands: list[Candidate], names: list[str], threads: int | None, duration_s: float,
