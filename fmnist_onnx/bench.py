@@ -10,6 +10,11 @@ set against the matrix-product peak of the same provider and precision, measured
 thread count (peak.py): fp32 rows against the fp32 peak, int8 rows against the int8 peak; fp16 rows get no
 percentage, as no fp16 peak is measured.
 
+By default a bounded run (DEFAULT_BATCH_SIZES, DEFAULT_DURATION_S: a third of the full sweep's time; each row
+is to be within 5% of the full sweep's, which benchmarks/bench_default.py checks); bench --full is the whole
+sweep (FULL_*). The CPU time other processes used meanwhile (machine.py's busy_between) goes beside the
+figures: a figure from a busy machine is lower, and says so.
+
 The other parts live apart: machine.py (what the figures were measured on), timing.py (the harness), peak.py
 (the matrix-product peaks), bench_pipeline.py (`bench classify`). torch is imported only for the PyTorch
 backend: the onnxruntime benchmarks run where only onnxruntime and numpy are.
@@ -32,15 +37,18 @@ from fmnist_onnx.bench_pipeline import bench_classify, format_classify  # noqa: 
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import atomic_write_text
 from fmnist_onnx.info import is_int8
-from fmnist_onnx.machine import machine_info
-from fmnist_onnx.peak import Peak, matmul_peak
+from fmnist_onnx.machine import busy_between, busy_line, cpu_times, machine_info
+from fmnist_onnx.peak import FULL_PEAK_SIZES, PEAK_SIZES, Peak, matmul_peak  # noqa: F401 - FULL_*: bench --full
 from fmnist_onnx.runtime import PROVIDER_TABLE, PROVIDERS, Session, available_providers, open_session, resolve_provider
 from fmnist_onnx.spec import FLOPS_PER_IMAGE, IMAGE_SIZE, NUM_CLASSES
 from fmnist_onnx.timing import Clock, LatencyMs, Runner, latency_ms, time_runner
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZES = (1, 8, 64, 256, 1024)
+DEFAULT_BATCH_SIZES = (1, 64, 1024)  # latency, a mid batch, throughput: the default run stays short
+DEFAULT_DURATION_S = 1.0
+FULL_BATCH_SIZES = (1, 8, 64, 256, 1024)  # bench --full: the whole sweep
+FULL_DURATION_S = 2.0
 SEED = 0
 
 
@@ -251,11 +259,13 @@ def _workdir() -> Iterator[Path]:
 
 
 def _candidates(model: Path, precision: str, weights: Path | None, names: list[str], threads: int | None,
-                int8: bool, work: Path, notes: list[str]) -> list[Candidate]:
+                int8: bool, work: Path, notes: list[str], say: Callable[[str], None]) -> list[Candidate]:
     cands: list[Candidate] = []
     for prov in names:
         cands.append(_ort_candidate(model, prov, precision, threads))
         if prov == "cpu" and int8 and precision == "fp32":
+            if not int8_beside(model).is_file():
+                say(f"quantizing {model.name} to int8 (no {int8_beside(model).name} beside it)")
             int8_model = _int8_model(model, work, notes)
             if int8_model is not None:
                 cands.append(_ort_candidate(int8_model, prov, "int8", threads))
@@ -279,14 +289,20 @@ def run_benchmark(
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     providers: Sequence[str] = ("auto",),
     threads: int | None = None,
-    duration_s: float = 2.0,
+    duration_s: float = DEFAULT_DURATION_S,
     int8: bool = True,
     on_record: Callable[[BenchRecord], None] | None = None,
+    *,
+    peak_sizes: Sequence[int] = PEAK_SIZES,
+    torch_int8_peak: bool = False,
+    on_progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
-    """Measure every option side by side (see the module docstring) and return the records.
+    """Measure every option side by side (see the module docstring) and return the records. ``on_progress``
+    gets a line as each step starts (a peak, an option's batch sizes); ``on_record`` each record when measured.
 
     UserError for a missing or wrong model, a provider that is not there, or a batch size < 1.
     """
+    say = on_progress or (lambda line: log.info("%s", line))
     model = Path(model)
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError("batch sizes must be integers >= 1")
@@ -309,27 +325,41 @@ def run_benchmark(
 
     report = BenchReport(machine_info(), {"model": str(model), "weights": str(weights) if weights else None,
                                            "batch_sizes": list(batch_sizes), "providers": names, "threads": threads,
-                                           "duration_s": duration_s, "input": f"uniform [0, 1), seed {SEED}"},
+                                           "duration_s": duration_s, "input": f"uniform [0, 1), seed {SEED}",
+                                           "peak_sizes": list(peak_sizes), "torch_int8_peak": torch_int8_peak},
                          {}, [], notes)
+    before = cpu_times()
     with _workdir() as work:
-        cands = _candidates(model, precision, weights, names, threads, int8, work, notes)
-        # fp32 for every provider; int8 where int8 rows run on the CPU; nothing for fp16 (no percentage there).
-        wanted = [(p, "fp32") for p in names] + [(c.provider, "int8") for c in cands if c.precision == "int8"]
-        for prov, prec in dict.fromkeys(wanted):
-            if prec == "int8" and prov != "cpu":
-                continue
-            log.info("measuring the %s %s matrix-product peak", prov, prec)
-            report.peaks[prov, prec] = matmul_peak(prov, prec, threads, duration_s=min(1.5, max(0.3, duration_s)))
+        cands = _candidates(model, precision, weights, names, threads, int8, work, notes, say)
+        _peaks(report, cands, names, threads, duration_s, peak_sizes, torch_int8_peak, weights is not None, say)
         x = make_input(max(batch_sizes))
         for cand in cands:  # torch comes last per provider: its OpenMP threads spin a while after each call
+            say(f"measuring {_label(cand)} at batch {', '.join(map(str, batch_sizes))}")
             for bs in batch_sizes:
-                log.info("measuring %s %s %s batch %d", cand.backend, cand.provider, cand.precision, bs)
                 rec = measure(cand, x[:bs], duration_s, report.peaks.get((cand.provider, cand.precision)))
                 report.results.append(rec)
                 if on_record:
                     on_record(rec)
                 gc.collect()  # drop the session (and its thread pool) before the next one starts
+    report.machine["busy"] = busy_between(before, cpu_times())
     return report
+
+
+def _label(cand: Candidate) -> str:
+    return f"{cand.backend} {cand.provider} {cand.precision}" + (" iobinding" if cand.io_binding else "")
+
+
+def _peaks(report: BenchReport, cands: list[Candidate], names: list[str], threads: int | None, duration_s: float,
+           sizes: Sequence[int], torch_int8: bool, with_torch: bool, say: Callable[[str], None]) -> None:
+    """The fp32 peak of every provider; the int8 one where int8 rows run on the CPU; none for fp16 (no
+    percentage there). torch.mm joins the fp32 peak only where the PyTorch backend runs (``with_torch``)."""
+    wanted = [(p, "fp32") for p in names] + [(c.provider, "int8") for c in cands if c.precision == "int8"]
+    for prov, prec in dict.fromkeys(wanted):
+        if prec == "int8" and prov != "cpu":
+            continue
+        say(f"measuring the {prov} {prec} matrix-product peak")
+        report.peaks[prov, prec] = matmul_peak(prov, prec, threads, duration_s=min(1.5, max(0.3, duration_s)),
+                                               sizes=sizes, torch_int8=torch_int8, with_torch=with_torch)
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -347,10 +377,12 @@ def format_table(report: BenchReport) -> str:
     best = fastest_per_batch(report.results)
     head = (f"{'batch':>5}  {'option':<33} {'images/s':>11} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
             f"{'min ms':>8} {'max ms':>8} {'first ms':>9} {'GFLOP/s':>8} {'roofline':>8}")
-    lines = []
+    lines = [line] if (line := busy_line(report.machine.get("busy"))) else []
     for (prov, prec), p in report.peaks.items():
         unit = "GOP/s" if prec == "int8" else "GFLOP/s"
         detail = ", ".join(f"{k} {v:.0f}" for k, v in p.by_method.items())
+        if prec == "int8" and "torch" not in p.by_method and not report.settings.get("torch_int8_peak", True):
+            detail += "; torch._int_mm not measured: --torch-int8-peak"
         lines.append(f"{prov} {prec} matmul peak {p.gflops:.0f} {unit} ({detail}; best at {p.size}x{p.size}; "
                      f"threads {p.threads or 'default'}) -> {prec} roofline {p.roofline_images_per_s:,.0f} images/s")
     lines += [head, "-" * len(head)]

@@ -326,6 +326,7 @@ def info(model, as_json):
 @cli.group(invoke_without_command=True, epilog="""\b
 Examples:
   fmnist-onnx bench                            # artifacts/model.onnx, int8, and model.pth when present
+  fmnist-onnx bench --full                     # the whole sweep: batch sizes 1 to 1024, 2 s each
   fmnist-onnx bench --batch-sizes 1,256 --duration 1 --json bench.json --plot bench.png
   fmnist-onnx bench --provider cuda --provider cpu --threads 2
   fmnist-onnx bench classify photos/           # the classify pipeline beside decoding alone
@@ -335,44 +336,61 @@ Examples:
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="model.pth: adds PyTorch eager (where torch is installed). "
                    "Default: model.pth beside --model, else artifacts/model.pth, when present.")
-@click.option("--batch-sizes", default="1,8,64,256,1024", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--batch-sizes", help="Comma-separated batch sizes [1,64,1024; --full: 1,8,64,256,1024].")
 @click.option("--provider", "providers", type=click.Choice(PROVIDER_CHOICES), multiple=True, default=("auto",),
               show_default=True, help="Repeatable. auto: cpu, plus cuda where onnxruntime has it.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads for onnxruntime and torch "
               "[libraries' defaults].")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
-              help="Seconds of timed calls per measurement (after the first run and a warm-up).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds of timed calls per measurement, after the first run and a warm-up [1; --full: 2].")
+@click.option("--full", is_flag=True, help="The whole sweep: batch sizes 1,8,64,256,1024, 2 s each, and the peak "
+              "on matrices up to 2048 (about 3x as long). --batch-sizes and --duration still win.")
+@click.option("--no-int8", "no_int8", is_flag=True, help="Leave out onnxruntime int8 (and its peak).")
+@click.option("--no-torch", "no_torch", is_flag=True, help="Leave out PyTorch eager, even where model.pth is found.")
+@click.option("--torch-int8-peak", is_flag=True, help="Also time torch._int_mm for the int8 peak (seconds a call "
+              "where torch has no fast int8 kernel); by default the int8 peak is onnxruntime's MatMulInteger.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the machine and all records as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a PNG chart.")
 @_OVERWRITE
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.pass_context
-def bench(ctx, model, weights, batch_sizes, providers, threads, duration, json_path, plot, overwrite, quiet):
+def bench(ctx, model, weights, batch_sizes, providers, threads, duration, full, no_int8, no_torch, torch_int8_peak,
+          json_path, plot, overwrite, quiet):
     """Benchmark inference: onnxruntime fp32 and int8 (fp16, IO binding on CUDA) beside PyTorch eager.
 
     For each option and batch size: the first run (session creation + first inference) apart, then images/s,
     latency percentiles and GFLOP/s against the matrix-product peak of the same precision (fp32; int8: an int8
-    product), measured at the start.
+    product), measured at the start. By default a short run (batch sizes 1, 64, 1024, 1 s each); --full
+    measures the whole sweep. The table says when other processes kept the machine busy meanwhile.
     """
     if ctx.invoked_subcommand is not None:
         return
     from fmnist_onnx import bench as bn
     from fmnist_onnx.files import locked
 
-    sizes = bn.parse_batch_sizes(batch_sizes)
-    if weights is None:
+    sizes = bn.parse_batch_sizes(batch_sizes) if batch_sizes else list(
+        bn.FULL_BATCH_SIZES if full else bn.DEFAULT_BATCH_SIZES)
+    duration = duration or (bn.FULL_DURATION_S if full else bn.DEFAULT_DURATION_S)
+    if weights is not None and no_torch:
+        raise click.UsageError("--weights and --no-torch exclude each other")
+    if weights is None and not no_torch:
         for candidate in (model.with_name("model.pth"), DEFAULT_DIR / "model.pth"):
             if candidate.is_file():
                 weights = candidate
                 break
     int8 = model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx")
     _outputs(overwrite, (model, weights, int8), json=json_path, plot=plot)
+    if show_progress(quiet):  # before onnxruntime is imported: a first line at once
+        click.echo(f"bench {model}: batch sizes {', '.join(map(str, sizes))}, {duration:g} s each"
+                   + ("" if full else "; --full for the whole sweep"), err=True)
+    options = {"int8": not no_int8, "peak_sizes": bn.FULL_PEAK_SIZES if full else bn.PEAK_SIZES,
+               "torch_int8_peak": torch_int8_peak}
     with locked(json_path, plot):
-        _bench(model, weights, sizes, providers, threads, duration, json_path, plot, overwrite, quiet)
+        _bench(model, weights, sizes, providers, threads, duration, json_path, plot, overwrite, quiet, options)
 
 
-def _bench(model, weights, sizes, providers, threads, duration, json_path, plot, overwrite, quiet) -> None:
+def _bench(model, weights, sizes, providers, threads, duration, json_path, plot, overwrite, quiet, options) -> None:
     from fmnist_onnx import bench as bn
 
     progress = show_progress(quiet)
@@ -381,7 +399,13 @@ def _bench(model, weights, sizes, providers, threads, duration, json_path, plot,
         if progress:
             click.echo(f"  {rec.label} batch {rec.batch_size}: {rec.images_per_s:,.0f} images/s", err=True)
 
-    report = bn.run_benchmark(model, weights, sizes, providers, threads, duration, on_record=on_record)
+    def on_progress(line):
+        if progress:
+            click.echo(line, err=True)
+
+    report = bn.run_benchmark(model, weights, sizes, providers, threads, duration, options["int8"], on_record,
+                              peak_sizes=options["peak_sizes"], torch_int8_peak=options["torch_int8_peak"],
+                              on_progress=on_progress)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(bn.format_table(report))

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -104,3 +105,70 @@ def machine_info() -> dict:
             "cpu_flags": [f for f in SIMD_FLAGS if f in flags], "gpus": gpu_names(), "platform": platform.platform(),
             "versions": library_versions(), "providers": available_providers(), "load_average": load,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+# ------------------------------------------------------------------------------------------ how busy it was
+
+BUSY_PCT = 10.0  # other processes' CPU, % of the usable cores, from which a measurement counts as busy
+STEAL_PCT = 5.0  # time the hypervisor gave to other machines, % of the usable cores' time, likewise
+
+
+@dataclass
+class CpuTimes:
+    """One reading of the CPU time spent on the usable cores (/proc/stat) and by this process (os.times)."""
+
+    busy_s: float  # every process (user, nice, system, irq, softirq), this one included
+    steal_s: float  # taken by the hypervisor for other virtual machines
+    total_s: float  # all of it, idle included
+    own_s: float  # this process: user + system, all its threads
+    cores: int  # how many cores were read
+
+
+def cpu_times(cores: set[int] | None = None) -> CpuTimes | None:
+    """The CPU times of the ``cores`` (default: those this process may use) now; None where /proc/stat cannot
+    be read (not Linux). Their differences between two readings say how busy the machine was meanwhile."""
+    cores = os.sched_getaffinity(0) if cores is None and hasattr(os, "sched_getaffinity") else cores
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    busy = steal = total = count = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit()) or (cores is not None and int(name[3:]) not in cores):
+            continue
+        user, nice, system, idle, iowait, irq, softirq, stolen = (list(map(int, fields)) + [0] * 8)[:8]
+        busy += user + nice + system + irq + softirq  # guest time is already inside user
+        steal += stolen
+        total += user + nice + system + idle + iowait + irq + softirq + stolen
+        count += 1
+    if not total:
+        return None
+    own = os.times()
+    return CpuTimes(busy / tick, steal / tick, total / tick, own.user + own.system, count)
+
+
+def busy_between(before: CpuTimes | None, after: CpuTimes | None) -> dict | None:
+    """How busy the machine was between two readings: the cores other processes used on average (the busy time
+    less this process's own), the hypervisor's steal, each as % of the cores' time, and ``busy`` where either
+    passes its threshold (BUSY_PCT, STEAL_PCT). None without two readings."""
+    if before is None or after is None or not after.total_s > before.total_s:
+        return None
+    total = after.total_s - before.total_s
+    other = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s))
+    cores = after.cores
+    other_pct, steal_pct = 100 * min(other, total) / total, 100 * (after.steal_s - before.steal_s) / total
+    return {"other_cpu_pct": round(other_pct, 1), "other_cores": round(other_pct * cores / 100, 2),
+            "steal_pct": round(steal_pct, 1), "cores": cores, "seconds": round(total / cores, 1),
+            "busy": other_pct >= BUSY_PCT or steal_pct >= STEAL_PCT}
+
+
+def busy_line(busy: dict | None) -> str | None:
+    """The note for a busy measurement, or None where it was quiet (or could not be read)."""
+    if not busy or not busy["busy"]:
+        return None
+    steal = f", and the hypervisor took {busy['steal_pct']:.0f}% of their time (steal)" \
+        if busy["steal_pct"] >= STEAL_PCT else ""
+    return (f"note: the machine was busy: other processes used {busy['other_cores']:.1f} of {busy['cores']} cores "
+            f"during the measurement{steal}; figures are lower than on a quiet machine")

@@ -3,15 +3,19 @@
 bench reports each model's achieved GFLOP/s as a percentage of this peak: its roofline. A percentage only
 means something against a peak of the same arithmetic, so each precision has its own:
 
-- fp32: onnxruntime's MatMul, torch.mm and (when the thread count is the machine's, since numpy's BLAS
+- fp32: onnxruntime's MatMul, torch.mm (``with_torch``: bench asks for it where the PyTorch backend runs, so
+  that a run without it does not import torch) and (when the thread count is the machine's, since numpy's BLAS
   threads cannot be set here) numpy's ``@``, on float32 matrices;
 - int8: onnxruntime's MatMulInteger on uint8 x int8 matrices (int32 sums: the product that onnxruntime's
-  QGemm runs for an int8 model, uint8 activations times int8 weights) and torch._int_mm where it runs; CPU only,
-  as bench measures int8 on the CPU only. Its unit is GOP/s (a multiply-add is 2 operations, as for fp32).
+  QGemm runs for an int8 model, uint8 activations times int8 weights); CPU only, as bench measures int8 on the
+  CPU only. Its unit is GOP/s (a multiply-add is 2 operations, as for fp32). torch._int_mm only when asked
+  (``torch_int8``): where it has no fast kernel (no VNNI: 3 GOP/s beside onnxruntime's 361 on an AMD EPYC) it
+  takes about 10 s a call at 2048 and cannot be the peak.
 
-Each library on square matrices of each size in PEAK_SIZES, the best call of each: big matrices reach the
-peak on a quiet machine; on a busy one only short calls (512: about 1 ms) find the cores free, and the best
-call is what counts. There is no fp16 peak: bench gives fp16 rows no percentage.
+Each library on square matrices of each size in PEAK_SIZES, the best call of each: on a busy machine only
+short calls (512: about 1 ms) find the cores free, and the best call is what counts; 1024 reaches the peak on a
+quiet one (the best of 512, 1024 and 2048 was at 512 in benchmarks/results/inference.json). FULL_PEAK_SIZES
+adds 2048 (bench --full). There is no fp16 peak: bench gives fp16 rows no percentage.
 
 The matrix-product models are written with the protobuf wire format directly (no onnx package needed), so the
 peak is measured where only onnxruntime and numpy are installed; torch is imported only where it is.
@@ -30,7 +34,8 @@ from fmnist_onnx.runtime import PROVIDER_TABLE, PROVIDERS, session_providers
 from fmnist_onnx.spec import FLOPS_PER_IMAGE
 from fmnist_onnx.timing import time_calls
 
-PEAK_SIZES = (512, 1024, 2048)
+PEAK_SIZES = (512, 1024)
+FULL_PEAK_SIZES = (512, 1024, 2048)
 PRECISIONS = ("fp32", "int8")
 SEED = 0
 # onnx.TensorProto element types
@@ -168,19 +173,23 @@ def _numpy_gflops(duration_s: float, n: int) -> float:
 
 
 def matmul_peak(provider: str = "cpu", precision: str = "fp32", threads: int | None = None,
-                duration_s: float = 1.0, sizes: Sequence[int] = PEAK_SIZES) -> Peak:
+                duration_s: float = 1.0, sizes: Sequence[int] = PEAK_SIZES, torch_int8: bool = False,
+                with_torch: bool = True) -> Peak:
     """The matrix-product peak with ``threads``, in GFLOP/s (int8: GOP/s): the best of the libraries at hand
-    (see the module docstring), each on square matrices of each size in ``sizes``, best call of each."""
+    (see the module docstring), each on square matrices of each size in ``sizes``, best call of each; the int8
+    peak with torch._int_mm only where ``torch_int8``, the fp32 one with torch.mm only ``with_torch``."""
     if precision not in PRECISIONS or (precision == "int8" and provider != "cpu"):
         raise ValueError(f"no {precision} matrix-product peak on {provider}")
     # numpy's BLAS uses every core it sees, and cannot be told otherwise without threadpoolctl.
     with_numpy = precision == "fp32" and provider == "cpu" and (threads is None or threads == usable_cores())
-    per = max(0.05, duration_s / (len(sizes) * (3 if with_numpy else 2)))
+    with_torch = torch_int8 if precision == "int8" else with_torch
+    per = max(0.05, duration_s / (len(sizes) * (1 + with_numpy + with_torch)))
     found: dict[str, float] = {}
     best_size: dict[str, int] = {}
     for n in sizes:
-        got = {"onnxruntime": _ort_gflops(provider, precision, threads, per, n),
-               "torch": _torch_gflops(provider, precision, threads, per, n)}
+        got = {"onnxruntime": _ort_gflops(provider, precision, threads, per, n)}
+        if with_torch:
+            got["torch"] = _torch_gflops(provider, precision, threads, per, n)
         if with_numpy:
             got["numpy"] = _numpy_gflops(per, n)
         for name, gflops in got.items():

@@ -34,11 +34,18 @@ def short_run(onnx_model, weights, tmp_path_factory):
     return proc, json.loads((out / "bench.json").read_text()), out / "bench.png"
 
 
+def proc_lines(short_run) -> list[str]:
+    return short_run[0].stdout.splitlines()
+
+
 def test_json_schema(short_run):
     _, data, _ = short_run
     machine = data["machine"]
-    for key in ("cpu", "cores", "memory_gib", "versions", "providers", "peak", "peak_int8"):
+    for key in ("cpu", "cores", "memory_gib", "versions", "providers", "peak", "peak_int8", "busy"):
         assert key in machine, key
+    assert set(machine["busy"]) == {"other_cpu_pct", "other_cores", "steal_pct", "cores", "seconds", "busy"}
+    assert machine["busy"]["cores"] == machine["usable_cores"] and 0 <= machine["busy"]["other_cpu_pct"] <= 100
+    assert (bench.busy_line(machine["busy"]) in proc_lines(short_run)) == machine["busy"]["busy"]
     assert "onnxruntime" in machine["versions"] and "CPUExecutionProvider" in machine["providers"]
     assert machine["peak"]["cpu"]["precision"] == "fp32" and machine["peak_int8"]["cpu"]["precision"] == "int8"
     for r in data["results"]:
@@ -64,6 +71,8 @@ def test_each_precision_is_set_against_its_own_peak(short_run):
     for r in data["results"]:
         assert r["roofline_pct"] == pytest.approx(100 * r["gflops"] / peaks[r["precision"]]["gflops"]), r
     assert "cpu int8 matmul peak" in proc.stdout and "GOP/s" in proc.stdout
+    # torch._int_mm (seconds a call without VNNI) only with --torch-int8-peak, and the peak line says so
+    assert set(peaks["int8"]["by_method"]) == {"onnxruntime"} and "--torch-int8-peak" in proc.stdout
     assert "in the row's own precision" in proc.stdout
 
 
@@ -116,6 +125,50 @@ def test_table_marks_the_fastest_per_batch_size(short_run):
         assert line[7:].startswith(label), (line, label)
 
 
+def test_progress_says_what_is_measured_as_it_goes(short_run):
+    """The announcement first, then a line as each step starts (the peaks, each option) before its rows."""
+    lines = short_run[0].stderr.splitlines()
+    assert lines[0].startswith("bench ") and "batch sizes 1, 64" in lines[0], lines
+    at = {line: i for i, line in enumerate(lines)}
+    first_row = min(i for i, line in enumerate(lines) if line.startswith("  onnxruntime cpu fp32 batch"))
+    assert at["measuring the cpu fp32 matrix-product peak"] < at["measuring the cpu int8 matrix-product peak"] \
+        < at["measuring onnxruntime cpu fp32 at batch 1, 64"] < first_row
+    for option in ("onnxruntime cpu int8", "torch cpu fp32"):
+        row = next(i for i, line in enumerate(lines) if line.startswith(f"  {option} batch 1:"))
+        assert at[f"measuring {option} at batch 1, 64"] < row
+    assert at["quantizing model.onnx to int8 (no model.int8.onnx beside it)"] < first_row
+
+
+def test_first_line_comes_before_onnxruntime_is_imported(onnx_model):
+    """Progress at once: the announcement is written before the heavy imports (here onnxruntime cannot be
+    imported at all, and the line is there before its error)."""
+    code = ("import sys; sys.modules['onnxruntime'] = None; from fmnist_onnx.cli import main; "
+            "sys.argv = ['fmnist-onnx'] + sys.argv[1:]; main()")
+    proc = subprocess.run([sys.executable, "-c", code, "bench", "--model", str(onnx_model), "--no-torch"],
+                          capture_output=True, text=True)
+    assert_one_line_error(proc, 2, "onnxruntime is not installed")
+    assert proc.stderr.splitlines()[0].startswith(f"bench {onnx_model}: batch sizes 1, 64, 1024, 1 s each")
+
+
+@pytest.mark.parametrize("args, sizes, peak_sizes", [
+    ([], [1, 64, 1024], [512, 1024]),
+    (["--full"], [1, 8, 64, 256, 1024], [512, 1024, 2048]),
+])
+def test_default_is_short_and_full_is_the_sweep(onnx_model, weights, tmp_path, args, sizes, peak_sizes):
+    """The default batch sizes and peak sizes, and --full's; --no-int8 and --no-torch leave out those options
+    (a model.pth beside the model included) and the peaks that only they need (no torch in the fp32 peak)."""
+    shutil.copyfile(onnx_model, tmp_path / "model.onnx")
+    shutil.copyfile(weights, tmp_path / "model.pth")
+    run_cli("bench", "-m", tmp_path / "model.onnx", *args, "--duration", "0.05", "--no-int8", "--no-torch",
+            "--provider", "cpu", "--json", tmp_path / "b.json", "-q", check=True)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["settings"]["batch_sizes"] == sizes and data["settings"]["peak_sizes"] == peak_sizes
+    assert [(r["backend"], r["precision"], r["batch_size"]) for r in data["results"]] == [
+        ("onnxruntime", "fp32", bs) for bs in sizes]
+    assert "peak_int8" not in data["machine"] and "torch" not in data["machine"]["peak"]["cpu"]["by_method"]
+    assert data["machine"]["peak"]["cpu"]["size"] in peak_sizes
+
+
 def test_int8_quantized_on_the_fly_when_none_beside(short_run):
     proc, data, _ = short_run
     assert [r["batch_size"] for r in data["results"] if r["precision"] == "int8"] == [*SIZES]
@@ -147,8 +200,9 @@ def test_int8_beside_the_model_is_used(onnx_model, tmp_path):
     shutil.copyfile(onnx_model, model)
     quantize_int8(model, bench.int8_beside(model))
     proc = run_cli("bench", "--model", model, "--batch-sizes", "8", "--duration", "0.05", "--provider", "cpu",
-                   "--json", tmp_path / "b.json", check=True)
+                   "--json", tmp_path / "b.json", "--quiet", check=True)
     assert "quantized on the fly" not in proc.stderr
+    assert "measuring" not in proc.stderr and "images/s" not in proc.stderr  # --quiet: no progress
     assert any(r["precision"] == "int8" for r in json.loads((tmp_path / "b.json").read_text())["results"])
 
 

@@ -20,6 +20,18 @@ def test_matmul_peak_names_its_method(precision):
         assert "numpy" not in peak.by_method  # numpy's BLAS cannot be held to 1 thread: it must not count
     assert peak.size in (128, 256)
     assert math.isfinite(peak.roofline_images_per_s) and peak.roofline_images_per_s > 0
+    assert ("torch" in peak.by_method) == (precision == "fp32")  # torch._int_mm only when asked
+
+
+@pytest.mark.parametrize("precision, options, torch_timed", [
+    ("int8", {"torch_int8": True}, True),
+    ("fp32", {"with_torch": False}, False),
+])
+def test_torch_joins_the_peak_only_where_asked(precision, options, torch_timed):
+    """torch._int_mm (about 10 s a call at 2048 without VNNI) only with torch_int8; torch.mm not where bench runs
+    no PyTorch backend."""
+    peak = matmul_peak("cpu", precision, threads=1, duration_s=0.05, sizes=(64,), **options)
+    assert ("torch" in peak.by_method) == torch_timed and "onnxruntime" in peak.by_method
 
 
 @pytest.mark.parametrize("op, types, dtypes", [
