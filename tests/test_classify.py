@@ -327,7 +327,7 @@ def test_parquet_and_jsonl_hold_the_same_rows(clean, onnx_model, test_pngs, tmp_
 @pytest.mark.parametrize(("args", "contains"), [
     (["nowhere/"], "no such file"),
     (["{pngs}", "-m", "missing.onnx"], "model file not found"),
-    (["{pngs}", "-m", "bad.onnx"], "not a loadable ONNX model"),
+    (["{pngs}", "-m", "bad.onnx"], "not an ONNX model"),
     pytest.param(["{pngs}", "--provider", "cuda"], "CUDAExecutionProvider",
                  marks=pytest.mark.skipif(CUDA, reason="onnxruntime has CUDA here: see test_provider_cuda_...")),
     (["{pngs}", "-o", "out.txt"], "cannot tell the format"),
