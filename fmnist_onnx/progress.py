@@ -1,4 +1,5 @@
-"""Progress on stderr, wherever stderr goes: one policy for train, classify, data export-png and bench.
+"""Progress on stderr, wherever stderr goes: one policy for train, classify, export, verify, data export-png and
+bench.
 
 On a terminal, a tqdm bar. Anywhere else (a file, a pipe: CI, nohup, a job scheduler) a bar's carriage returns
 make an unreadable log, and no output at all looks like a hung job: there, plain lines, one every few seconds
@@ -104,3 +105,14 @@ def note(line: str, stream: TextIO | None = None) -> None:
         tqdm.write(line, file=stream)
     else:
         print(line, file=stream, flush=True)
+
+
+def stages(desc: str, enabled: bool = True, stream: TextIO | None = None) -> Callable[[str], None]:
+    """``say(what)`` writes ``desc: what`` as a line of its own (``note``): for a command whose work is a few
+    stages of seconds each (export, verify), not a count to show in a bar. Said before each stage starts, so the
+    first line comes at once, before the heavy imports. Not ``enabled`` (--quiet): nothing."""
+    def say(what: str) -> None:
+        if enabled:
+            note(f"{desc}: {what}", stream)
+
+    return say
