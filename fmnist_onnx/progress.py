@@ -33,7 +33,7 @@ class Silent:
 
 
 class Lines:
-    """Progress as plain lines for a log: ``classify: 12,345 files, 1,234 files/s, 10 s`` every ``every`` seconds
+    """Progress as plain lines for a log: ``classify: 12,345 images, 1,234 images/s, 10 s`` every ``every`` seconds
     (at the first update after them) and once at ``close``. The rate counts this run's work, not ``initial``
     (files a resumed run had already done). ``clock`` is injectable: tests drive time, never wait for it.
     Not ``rate_at_close``: the line at ``close`` gives no rate, where the command's summary gives the run's
