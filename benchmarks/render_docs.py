@@ -270,8 +270,10 @@ def setup_section() -> list[str]:
     steps = ", ".join(f"{name(s['command'])} {s['seconds']:.0f} s" for s in j["steps"])
     m, tm = d["machine"], t["machine"]
     where = lambda m: f"{m['cpu']} ({', '.join(m['cpu_flags'])}), {m.get('usable_cores', m['cores'])} cores"  # noqa: E731
-    return [f"The set-up's virtual environment (extras `[{v['extras']}]`) takes **{gb(v['total_bytes'])}** on disk: "
-            f"{parts}. The first command's `fmnist-onnx` steps took **{j['total_s'] / 60:.0f} minutes** after the "
+    return [f"The test command's virtual environment (extras `[{v['extras']}]`: the first command's `[train,cpu,"
+            f"parquet]`, plus the test tools and Ray) takes **{gb(v['total_bytes'])}** on disk: {parts}; the first "
+            f"command's alone is smaller by the test tools and Ray, not measured here. The first command's "
+            f"`fmnist-onnx` steps took **{j['total_s'] / 60:.0f} minutes** after the "
             f"install ({steps}) on {where(m)}, shared with other work (load average {m['load_average'][0]} at the "
             f"start, {j['load_average_after'][0]} at the end; {m['measured_at'][:10]}). On a quieter {where(tm)} "
             f"(load average {tm['load_average'][0]}, {tm['measured_at'][:10]}) the same training took "

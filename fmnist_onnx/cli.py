@@ -117,11 +117,12 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
     Checkpoints after every epoch; Ctrl-C saves a checkpoint and exits 130, and --resume continues
     it to the same weights an uninterrupted run gives.
     """
-    require_train_extra("train", "torch", "torchvision", "matplotlib")
-    from fmnist_onnx import train as tr
-
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
+    require_train_extra("train", "torch", "torchvision", "matplotlib")
+    _check_train(out_dir, data_dir, download, resume, overwrite)
+    from fmnist_onnx import train as tr
+
     dev = tr.resolve_device(device)
     if not quiet:
         why = " (auto)" if device == "auto" else ""
@@ -132,6 +133,41 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
     click.echo(f"{out_dir / 'model.pth'}: test accuracy {result.test_accuracy:.2f}% after "
                f"{len(result.history)} epochs in {result.seconds:.1f} s "
                f"(recipe {result.config.recipe}, {result.config.device})")
+
+
+def _check_train(out_dir: Path, data_dir, download: bool, resume: bool, overwrite: bool) -> None:
+    """train's usage errors before torch is imported (seconds) and before --out-dir is made: the checkpoint
+    --resume continues, outputs (or an interrupted run) in the way, the dataset. train.py checks them again under
+    its lock."""
+    from fmnist_onnx.files import check_output
+    from fmnist_onnx.spec import TRAIN_CHECKPOINT, TRAIN_OUTPUTS
+
+    ckpt = out_dir / TRAIN_CHECKPOINT
+    if resume and not os.path.lexists(ckpt):
+        raise UserError(f"--resume: no checkpoint at {ckpt} (nothing was interrupted there)")
+    if not resume and os.path.lexists(ckpt) and not overwrite:
+        raise UserError(f"{ckpt} holds an interrupted run: pass --resume to continue it, or --overwrite to discard it")
+    if not resume and out_dir.is_dir():
+        for name in TRAIN_OUTPUTS:
+            check_output(out_dir / name, overwrite)
+    _check_dataset(data_dir, download)
+
+
+def _check_dataset(data_dir, download: bool = False) -> None:
+    """UserError, before torch is imported, where Fashion-MNIST is not found (unless --download may fetch it)."""
+    if not download:
+        from fmnist_onnx.data import find_root
+
+        find_root(data_dir)
+
+
+def _check_inputs(**named: Path) -> None:
+    """UserError for an input file that does not exist, before the libraries that would read it are imported."""
+    hints = {"weights": " (train one with `fmnist-onnx train`, or pass --weights)",
+             "model": " (make one with `fmnist-onnx export`, or pass --model)"}
+    for what, p in named.items():
+        if not p.is_file():
+            raise UserError(f"{what} file not found: {p}{hints.get(what, '')}")
 
 
 # ---------------------------------------------------------------------------------------- export, verify, info
@@ -159,6 +195,7 @@ def _outputs(overwrite: bool, inputs: tuple, **named: Path | None) -> list[Path]
 
 
 _OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace output files that exist (never an input).")
+_QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 
 
 _PROVIDER = click.option("--provider", "providers", type=click.Choice(PROVIDER_CHOICES), multiple=True,
@@ -198,8 +235,9 @@ Examples:
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write what was done and measured as JSON.")
 @_OVERWRITE
+@_QUIET
 def export(weights, output, opset, quantize, int8_method, no_verify, atol, rtol, providers, data_dir, json_path,
-           overwrite):
+           overwrite, quiet):
     """Export model.pth to ONNX and prove it computes the same logits as PyTorch.
 
     The model takes [batch, 1, 28, 28] float32 in [0, 1] and gives [batch, 10] logits, with a symbolic batch
@@ -208,15 +246,22 @@ def export(weights, output, opset, quantize, int8_method, no_verify, atol, rtol,
     parity does not hold.
     """
     require_train_extra("export", "torch", "torchvision", "onnx", "onnxscript")
+    _check_inputs(weights=weights)
+    if quantize or not no_verify:
+        _check_dataset(data_dir)  # the test images (verify), the calibration images (int8)
     from fmnist_onnx import export as ex
     from fmnist_onnx.files import locked
+    from fmnist_onnx.progress import stages
     from fmnist_onnx.verify import format_report
 
     int8 = ex.int8_path(output) if quantize else None
     ex.check_outputs(weights, output, quantize, overwrite, also=(json_path,))
+    say = stages("export", show_progress(quiet))
+    say(f"loading torch and {weights} ...")  # at once: the imports alone take seconds
     with locked(output, int8, json_path):
         result = ex.export(weights, output, opset, verify=not no_verify, quantize=quantize, int8_method=int8_method,
-                           atol=atol, rtol=rtol, providers=providers, data_dir=data_dir, overwrite=overwrite)
+                           atol=atol, rtol=rtol, providers=providers, data_dir=data_dir, overwrite=overwrite,
+                           on_stage=say)
         if json_path:
             _write_json(result.to_dict(), json_path, overwrite)
     if result.verify is not None:
@@ -253,7 +298,8 @@ Examples:
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the report as JSON (also when it fails).")
 @_OVERWRITE
-def verify(weights, model, atol, rtol, providers, samples, data_dir, json_path, overwrite):
+@_QUIET
+def verify(weights, model, atol, rtol, providers, samples, data_dir, json_path, overwrite, quiet):
     """Check that an ONNX model computes what model.pth computes, on the real test images.
 
     \b
@@ -263,12 +309,17 @@ def verify(weights, model, atol, rtol, providers, samples, data_dir, json_path, 
     Exit 0 when parity holds on every provider, 1 when it does not.
     """
     require_train_extra("verify", "torch", "torchvision", "onnx")
+    _check_inputs(model=model, weights=weights)
+    _check_dataset(data_dir)
     from fmnist_onnx import verify as vf
     from fmnist_onnx.files import locked
+    from fmnist_onnx.progress import stages
 
     _outputs(overwrite, (weights, model), json=json_path)
+    say = stages("verify", show_progress(quiet))
+    say(f"loading onnxruntime, torch and {weights} ...")  # at once: the imports alone take seconds
     with locked(json_path):
-        report = vf.verify(model, weights, providers, atol, rtol, samples, data_dir)
+        report = vf.verify(model, weights, providers, atol, rtol, samples, data_dir, on_stage=say)
         if json_path:
             _write_json(report.to_dict(), json_path, overwrite)
     click.echo(vf.format_report(report))
@@ -743,6 +794,16 @@ def export_png(split, out, fmt, shard_size, limit, data_dir, overwrite, quiet):
         raise UserError("--shard-size applies to --format tar only")
     out = _export_folder(out)
     require_train_extra("data export-png", "torch", "torchvision")  # the dataset is read through torchvision
+    from importlib.util import find_spec
+
+    if fmt == "parquet" and find_spec("pyarrow") is None:  # said before torch is imported and the split read
+        raise UserError('--format parquet needs pyarrow: pip install pyarrow (or "fmnist-onnx[parquet]")')
+    if fmt == "png" and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} is not empty; choose another --out, or --overwrite to write into it")
+    _check_dataset(data_dir)
+    from fmnist_onnx.progress import stages
+
+    stages("data export-png", show_progress(quiet))(f"loading torch and the {split} split ...")  # at once
     from fmnist_onnx.data import load_split
     from fmnist_onnx.files import locked
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,12 +343,14 @@ def check_outputs(weights: Path, output: Path, quantize: str | None, overwrite: 
 
 def export(weights: Path, output: Path, opset: int | None = None, verify: bool = True, quantize: str | None = None,
            int8_method: str = DEFAULT_INT8_METHOD, atol: float | None = None, rtol: float | None = None,
-           providers: tuple[str, ...] = ("auto",), data_dir=None, overwrite: bool = False) -> ExportResult:
+           providers: tuple[str, ...] = ("auto",), data_dir=None, overwrite: bool = False,
+           on_stage: Callable[[str], None] | None = None) -> ExportResult:
     """Export, check parity (unless ``verify`` is False) and optionally write an int8 copy beside the output.
 
     A model that fails the parity check is never written under ``output`` (an older file there is left as it
     was); neither is an int8 model that fails its accuracy check. An existing output is replaced only with
-    ``overwrite`` (the caller holds the lock: ``files.locked``). UserError for bad input.
+    ``overwrite`` (the caller holds the lock: ``files.locked``). UserError for bad input. ``on_stage(what)`` is
+    told each stage as it starts (the CLI's progress lines).
     """
     import time
 
@@ -358,20 +361,24 @@ def export(weights: Path, output: Path, opset: int | None = None, verify: bool =
     if not weights.is_file():
         raise UserError(f"weights file not found: {weights} (train one with `fmnist-onnx train`, or pass --weights)")
     check_outputs(weights, output, quantize, overwrite)
+    say = on_stage or (lambda what: None)
     model = build_onnx(weights, opset)
     sha = next(p.value for p in model.metadata_props if p.key == "weights_sha256")
     result = ExportResult(str(output), False, model_opset(model), sha, 0.0)
-    if not _write_verified(model, weights, output, result, verify, atol, rtol, providers, data_dir, overwrite):
+    if verify:
+        say(f"exported (opset {result.opset}); checking it against PyTorch ...")
+    if not _write_verified(model, weights, output, result, verify, atol, rtol, providers, data_dir, overwrite, say):
         result.seconds = time.perf_counter() - t0
         return result
     if quantize == "int8":
-        result.int8 = write_int8(output, weights, int8_method, providers, data_dir, overwrite)
+        say(f"quantizing to int8 ({int8_method}) and measuring it ...")
+        result.int8 = write_int8(output, weights, int8_method, providers, data_dir, overwrite, say)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _write_verified(model, weights: Path, output: Path, result: ExportResult, verify: bool, atol, rtol,
-                    providers, data_dir, overwrite: bool) -> bool:
+                    providers, data_dir, overwrite: bool, say: Callable[[str], None] | None = None) -> bool:
     """Write ``model`` to a temporary file, check it there as `fmnist-onnx verify` does, then give it its name:
     a model that fails parity never gets it. Whether it was written."""
     from fmnist_onnx import verify as vf
@@ -383,7 +390,7 @@ def _write_verified(model, weights: Path, output: Path, result: ExportResult, ve
             f.write(model.SerializeToString())
             f.flush()
             if verify:
-                result.verify = vf.verify(tmp, weights, providers, atol, rtol, data_dir=data_dir)
+                result.verify = vf.verify(tmp, weights, providers, atol, rtol, data_dir=data_dir, on_stage=say)
                 result.verify.model = str(output)
                 if not result.verify.passed:
                     return False
@@ -396,7 +403,7 @@ def _write_verified(model, weights: Path, output: Path, result: ExportResult, ve
 
 
 def write_int8(fp32_path: Path, weights: Path, method: str = DEFAULT_INT8_METHOD, providers=("auto",),
-               data_dir=None, overwrite: bool = False) -> Int8Result:
+               data_dir=None, overwrite: bool = False, say: Callable[[str], None] | None = None) -> Int8Result:
     """Quantize, measure against PyTorch on the test set, and give it its name only if it keeps accuracy."""
     import onnx
 
@@ -406,7 +413,7 @@ def write_int8(fp32_path: Path, weights: Path, method: str = DEFAULT_INT8_METHOD
     with tempfile.TemporaryDirectory(prefix="fmnist-onnx-int8-") as private:  # ours alone (mode 0700)
         tmp = Path(private) / "int8.onnx"
         quantize_int8(fp32_path, tmp, method, data_dir=data_dir)
-        report = vf.verify(tmp, weights, providers, data_dir=data_dir)
+        report = vf.verify(tmp, weights, providers, data_dir=data_dir, on_stage=say)
         worst = min(report.results, key=lambda r: r.onnx_accuracy_pct)
         failures = [f for r in report.results for f in r.failures]
         model = onnx.load(str(tmp))

@@ -713,7 +713,7 @@ def _glance(c: Collected, model: str | Path | None, run: dict | None) -> list[di
     if c.labelled:
         items.append(("accuracy", f"{acc:.2f}%"))
     if run and not run.get("already_complete"):
-        items += [("skipped", _num(run["skipped"])), ("speed", f"{run['images_per_s']:,.0f}/s"),
+        items += [("skipped", _num(run["skipped"])), ("speed", f"{run['images_per_s']:,.0f} images/s"),
                   ("provider", visible(run["provider"]))]
     glance = [{"key": k, "value": v, "small": False} for k, v in items]
     if model is not None:

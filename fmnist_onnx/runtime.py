@@ -354,6 +354,24 @@ def session_options(ort, threads: int | None = None, spin: bool | None = None):
     return opts
 
 
+# onnxruntime's own framing of a load error: "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from PATH
+# failed:Protobuf parsing failed." The user needs the last part alone.
+_ORT_ERROR = re.compile(r"^\[ONNXRuntimeError\] : \d+ : (\w+) : (?:Load model from .* failed:)?\s*")
+
+
+def load_error(path: Path, e: Exception) -> str:
+    """One line for a model onnxruntime cannot load, without onnxruntime's framing (its error code, the path
+    again): a file that is no ONNX protobuf at all (a README, an image) is "not an ONNX model"."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    m = _ORT_ERROR.match(first)
+    reason = first[m.end():] if m else first
+    reason = reason.strip().rstrip(".") or type(e).__name__
+    reason = reason[:1].lower() + reason[1:]
+    if m and m.group(1) == "INVALID_PROTOBUF":
+        return f"{path}: not an ONNX model ({reason[:200]})"
+    return f"{path}: not a loadable ONNX model ({reason[:200]})"
+
+
 def open_session(
     model: str | Path,
     provider: str = "auto",
@@ -374,8 +392,7 @@ def open_session(
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/... types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path}: not a loadable ONNX model ({first[:200]})") from None
+        raise UserError(load_error(path, e)) from None
     used = sess.get_providers()
     if used[0] != PROVIDERS[name]:
         raise UserError(f"{path}: onnxruntime could not run it on {PROVIDERS[name]} (it fell back to {used[0]})")

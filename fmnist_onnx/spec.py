@@ -31,6 +31,10 @@ PREPROCESSING = (
     "light garment on dark background (Fashion-MNIST polarity)"
 )
 
+# train's files in its --out-dir: written by train.py, checked by the CLI before torch is imported (seconds)
+TRAIN_OUTPUTS = ("model.pth", "metrics.json", "training_curves.png")
+TRAIN_CHECKPOINT = "checkpoint.pt"
+
 # Multiply-adds of one forward pass, counted as 2 FLOP each: 784*512 + 512*512 + 512*10.
 FLOPS_PER_IMAGE = 2 * (784 * 512 + 512 * 512 + 512 * 10)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fmnist_onnx import spec
 from fmnist_onnx.data import load_dataset, load_split
 from fmnist_onnx.errors import Interrupted, UserError
 from fmnist_onnx.files import OutputLock, atomic_write, atomic_write_text, check_output, open_existing
@@ -30,7 +31,7 @@ from fmnist_onnx.testing import TRAIN_AFTER_STEP, pause_point
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = spec.TRAIN_CHECKPOINT
 CHECKPOINT_FORMAT = 1
 
 
@@ -204,7 +205,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss_sum / len(y), 100.0 * correct / len(y)
 
 
-OUTPUTS = ("model.pth", "metrics.json", "training_curves.png")
+OUTPUTS = spec.TRAIN_OUTPUTS
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:

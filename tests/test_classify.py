@@ -292,9 +292,12 @@ def _classify_logged(folder, model, out, *args) -> str:
 
 def test_stderr_to_a_file_gets_progress_lines(onnx_model, test_pngs, tmp_path):
     lines = _classify_logged(test_pngs / "Bag", onnx_model, tmp_path / "p.csv").splitlines()
-    end = next(i for i, x in enumerate(lines) if x.startswith("classify: 1,000 files, "))  # whatever the speed
+    end = next(i for i, x in enumerate(lines) if x.startswith("classify: 1,000 images, "))  # whatever the time
     assert lines[end + 1] == "1000 of 1000 files classified, 0 failed.", lines  # then the summary (stderr too)
     assert not any("\r" in x for x in lines)  # no bar in a log
+    # one speed figure per run: the summary's images/s; the progress lines before it name theirs the same
+    assert "/s" not in lines[end] and re.findall(r"/s\b", "\n".join(lines[end:])) == ["/s"], lines
+    assert all(re.findall(r"[\d,.]+ (\w+)/s", x) in ([], ["images"]) for x in lines), lines
 
 
 def test_quiet_writes_no_progress(onnx_model, test_pngs, tmp_path):
@@ -327,7 +330,7 @@ def test_parquet_and_jsonl_hold_the_same_rows(clean, onnx_model, test_pngs, tmp_
 @pytest.mark.parametrize(("args", "contains"), [
     (["nowhere/"], "no such file"),
     (["{pngs}", "-m", "missing.onnx"], "model file not found"),
-    (["{pngs}", "-m", "bad.onnx"], "not a loadable ONNX model"),
+    (["{pngs}", "-m", "bad.onnx"], "not an ONNX model"),
     pytest.param(["{pngs}", "--provider", "cuda"], "CUDAExecutionProvider",
                  marks=pytest.mark.skipif(CUDA, reason="onnxruntime has CUDA here: see test_provider_cuda_...")),
     (["{pngs}", "-o", "out.txt"], "cannot tell the format"),

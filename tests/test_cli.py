@@ -4,14 +4,16 @@ nothing written outside the outputs asked for (the home folder, onnxruntime's te
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
 
 import click
+import pytest
 
 from fmnist_onnx.runtime import PROVIDER_CHOICES, PROVIDER_TABLE
-from harness import REPO, run_cli
+from harness import REPO, assert_one_line_error, run_cli
 
 
 def _commands(group: click.Group, prefix: list[str]):
@@ -154,3 +156,61 @@ def test_importing_onnxruntime_after_the_package_starts_no_telemetry_unless_the_
         counts[user].append(len(list(home.rglob("*"))))
     assert counts[None][0] == counts[None][1] and counts[None][2] == 0, counts
     assert counts["0"][1] > counts["0"][0] and counts["0"][2] > 0, counts
+
+
+# Runs the CLI as fmnist-onnx does, hiding the modules named in $HIDE (as if not installed), and says at exit
+# which heavy libraries were imported: a usage error must come before them (seconds of imports, then a refusal).
+HEAVY = ("torch", "torchvision", "onnxruntime", "onnx", "pyarrow")
+TRACED = ("import atexit, os, sys\n"
+          "for m in os.environ.get('HIDE', '').split(): sys.modules[m] = None\n"
+          f"atexit.register(lambda: print('imported:', [m for m in {HEAVY!r} if sys.modules.get(m)],\n"
+          "                               file=sys.stderr))\n"
+          "from fmnist_onnx.cli import main; sys.argv[0] = 'fmnist-onnx'; main()")
+
+
+@pytest.mark.parametrize(("args", "says", "hide"), [
+    (["train", "--data-dir", "nowhere", "--out-dir", "out"], "Fashion-MNIST not found", ""),
+    (["train", "--resume", "--out-dir", "out"], "--resume: no checkpoint at out/checkpoint.pt", ""),
+    (["verify", "--model", "nope.onnx", "--json", "out/v.json"], "model file not found: nope.onnx", ""),
+    (["verify", "--model", "m.onnx", "--weights", "nope.pth"], "weights file not found: nope.pth", ""),
+    (["verify", "--model", "m.onnx", "--weights", "m.pth", "--data-dir", "nowhere"], "not found", ""),
+    (["export", "--weights", "nope.pth", "--output", "out/model.onnx"], "weights file not found", ""),
+    (["export", "--weights", "m.pth", "--output", "out/model.onnx", "--data-dir", "nowhere"], "not found", ""),
+    (["data", "export-png", "--out", "out", "--data-dir", "nowhere"], "Fashion-MNIST not found", ""),
+    (["data", "export-png", "--out", "out", "--format", "parquet"], "--format parquet needs pyarrow", "pyarrow"),
+    (["data", "export-png", "--out", "full"], "full is not empty", ""),
+])
+def test_usage_errors_come_before_the_heavy_imports_and_any_folder(args, says, hide, tmp_path):
+    """One line, exit 2, nothing imported that takes seconds, no --out-dir/--output folder left behind."""
+    (tmp_path / "m.onnx").write_bytes(b"")  # inputs that exist (they are never read: the error comes first)
+    (tmp_path / "m.pth").write_bytes(b"")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.png").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-c", TRACED, *args], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "HIDE": hide})
+    assert_one_line_error(proc, 2, says)
+    assert "imported: []" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "verify", "data export-png"])
+def test_long_commands_say_what_they_do_before_the_heavy_imports(command, weights, onnx_model, tmp_path):
+    """A first line on stderr before torch is imported (its import alone takes seconds), stage lines after it;
+    --quiet: none. The order is read from the same stream: -X importtime writes each import as it ends (a
+    module of torch's before torch itself)."""
+    args = {"export": ["export", "--weights", weights, "--output", tmp_path / "m.onnx", "--overwrite"],
+            "verify": ["verify", "--weights", weights, "-m", onnx_model, "--samples", "100", "--provider", "cpu"],
+            "data export-png": ["data", "export-png", "--out", tmp_path / "png", "--limit", "10", "--overwrite"],
+            }[command]
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "fmnist_onnx", *map(str, args)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    said = [i for i, line in enumerate(lines) if line.startswith(f"{command}: ")]
+    heavy = next(i for i, line in enumerate(lines) if re.search(r"\|\s+(torch|torchvision|onnx|onnxruntime)(\.|$)",
+                                                                 line))
+    assert said and said[0] < heavy, (lines[heavy], [lines[i] for i in said])
+    if command != "data export-png":  # and lines for its stages (export-png's: the bar's lines)
+        assert len(said) >= 2, [lines[i] for i in said]
+    quiet = run_cli(*args, "--quiet")
+    assert quiet.returncode == 0 and f"{command}: " not in quiet.stderr, quiet.stderr

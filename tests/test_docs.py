@@ -1,11 +1,15 @@
-"""The pages: every shell example in README.md and docs/*.md runs, in order per page, in a temporary copy of the
-repository; the README stays a front door (at most 12,000 bytes); every figure agrees with its results file.
+"""The pages: every shell example in README.md and docs/*.md runs, as a reader meets them (the README, then each
+page in the order of the README's Documentation list), in ONE temporary copy of the repository: a page's examples
+run on the files the pages before it wrote, never in a fresh folder of their own; the README stays a front door
+(at most 12,000 bytes); every figure agrees with its results file.
 
 Examples are found by Sybil (markdown fences and `<!-- skip: next "reason" -->` comments): ```bash and ```sh
 blocks run as one script each; ```console blocks hold `$ command` lines, each followed by the output it shows,
 which is compared with its stdout (doctest's ELLIPSIS: `...` matches anything; nothing shown, nothing compared).
-A new page in docs/ is picked up as it is. Each page starts from the state the README's set-up leaves: its first
-command's `fmnist-onnx` steps, run once here, in a copy of the repository whose `.venv` is this interpreter's.
+A new page in docs/ is picked up as it is (after the listed ones). The folder starts from the state the README's
+set-up leaves: its first command's `fmnist-onnx` steps, run once here, in a copy of the repository whose `.venv`
+is this interpreter's. An example selected alone (-k) first runs the examples before it, on its page and the pages
+before it: each example runs once per session, whichever test asks first.
 """
 
 from __future__ import annotations
@@ -24,7 +28,17 @@ from sybil import Document, Example, Sybil
 from sybil.parsers.markdown import CodeBlockParser, SkipParser
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def reader_order() -> list[Path]:
+    """README.md, then docs/ in the order of the README's Documentation list, then any page it does not list."""
+    listed = re.findall(r"^- \[docs/([\w-]+\.md)\]", (REPO / "README.md").read_text().split("## Documentation")[-1],
+                        re.M)
+    pages = [REPO / "docs" / name for name in dict.fromkeys(listed) if (REPO / "docs" / name).is_file()]
+    return [REPO / "README.md", *pages, *(p for p in sorted((REPO / "docs").glob("*.md")) if p not in pages)]
+
+
+PAGES = reader_order()
 README_LIMIT = 12_000
 SETUP = re.findall(r"```bash\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)[:2]  # the job, the tests
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".venv-*", "artifacts", "__pycache__", ".pytest_cache",
@@ -153,26 +167,26 @@ def ray_tmpdir():
     shutil.rmtree(short, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def workspaces(main_job, tmp_path_factory, ray_tmpdir):
-    """One copy of main_job per page, made when the page's first example runs: hard links, as every command
-    replaces a file by renaming a new one over it and no example writes into a file in place."""
-    made: dict[Path, Path] = {}
-
-    def workspace(page: Path) -> Path:
-        if page not in made:
-            made[page] = tmp_path_factory.mktemp("page") / "repo"
-            shutil.copytree(main_job, made[page], symlinks=True, copy_function=os.link)
-        return made[page]
-
-    return workspace
+def run_pages_before(page: Path, workspace: Path) -> None:
+    """Every example of the pages before ``page``, where not run yet (an example selected alone with -k): the
+    folder as a reader has it. Their failures are their own tests' to report."""
+    for before in PAGES[:PAGES.index(page)]:
+        run = RUNS[before]
+        for i, _ in enumerate(run.examples):
+            try:
+                run.run_through(i, workspace)
+            except BaseException as e:  # noqa: BLE001 - pytest's fail and skip are BaseExceptions
+                if isinstance(e, KeyboardInterrupt):
+                    raise
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("page", "index"), CASES)
-def test_docs_example(page, index, workspaces):
-    """Each shell example of each page, in order: it exits 0 and prints what the page shows."""
-    RUNS[page].run_through(index, workspaces(page))
+def test_docs_example(page, index, main_job, ray_tmpdir):
+    """Each shell example of each page, in reader order, all in main_job's folder: it exits 0 and prints what the
+    page shows."""
+    run_pages_before(page, main_job)
+    RUNS[page].run_through(index, main_job)
 
 
 def test_docs_readme_is_a_front_door():

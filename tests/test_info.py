@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from fmnist_onnx import spec
-from harness import assert_one_line_error, run_cli
+from harness import REPO, assert_one_line_error, run_cli
 
 # Runs the CLI where importing torch (or torchvision) fails, as on a machine with only the inference packages.
 NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
@@ -57,6 +57,14 @@ def test_not_onnx(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"\x00\x01 not a protobuf model")
     assert_one_line_error(run_cli("info", bad), 2, str(bad))
+
+
+def test_a_text_file_is_not_an_onnx_model_in_one_line_of_ours():
+    """onnxruntime's framing ("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from ...") stays out."""
+    proc = run_cli("info", REPO / "README.md")
+    assert_one_line_error(proc, 2, "README.md: not an ONNX model (protobuf parsing failed)")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "ONNXRuntime" not in proc.stderr and "INVALID_PROTOBUF" not in proc.stderr, proc.stderr
 
 
 def test_missing(tmp_path):

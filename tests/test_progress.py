@@ -59,3 +59,14 @@ def test_a_file_gets_lines_a_terminal_a_bar_and_quiet_nothing(tmp_path):
         assert type(b).__name__ == "tqdm" and not b.disable
         b.close()
     os.close(main)
+
+
+def test_no_rate_at_close_where_the_summary_gives_the_runs():
+    """classify: the summary's images/s is the run's one speed figure; the last line gives count and time only."""
+    clock = FakeClock()
+    p, out = _lines(clock, rate_at_close=False)
+    for _ in range(6):
+        clock.advance(1.0)
+        p.update(100)
+    p.close()
+    assert out.getvalue().splitlines() == ["classify: 500 files, 100 files/s, 5 s", "classify: 600 files, 6 s"]

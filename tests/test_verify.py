@@ -152,7 +152,8 @@ def test_missing_weights(onnx_model, tmp_path):
 def test_model_with_another_signature(what, says, foreign_onnx, weights):
     proc = run_cli("verify", "--weights", weights, "--model", foreign_onnx[what])
     assert_one_line_error(proc, 2, says)
-    assert len(proc.stderr.strip().splitlines()) == 1
+    said = [line for line in proc.stderr.strip().splitlines() if not line.startswith("verify: ")]  # progress
+    assert len(said) == 1, proc.stderr
 
 
 def test_explicit_cuda_without_cuda_is_an_error(onnx_model, weights):
@@ -160,3 +161,31 @@ def test_explicit_cuda_without_cuda_is_an_error(onnx_model, weights):
         pytest.skip("this machine has CUDA")
     proc = run_cli("verify", "--weights", weights, "--model", onnx_model, "--provider", "cuda")
     assert_one_line_error(proc, 2, "CUDAExecutionProvider")
+
+
+def _report(mode: str, passed: bool):
+    from fmnist_onnx.verify import ProviderResult, VerifyReport
+
+    report = VerifyReport("m.onnx", "m.pth", mode, 1e-4, 1e-3, 0.5, 98.0, 10_000, "a", "a")
+    report.results.append(ProviderResult("cpu", passed, [] if passed else ["top-1 differs on 1 of 10000 images"],
+                                         10_000, 100.0, 0, 88.0, 88.0, 0.0, 0, 2e-5, 1e-6, 0.128, 1e-4, 0.0, 1.0))
+    return report
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_the_pass_line_says_what_it_checked(passed):
+    """A max rel of 0.128 beside PASS is explained on the line itself: each logit within atol OR rtol."""
+    from fmnist_onnx.verify import format_report
+
+    lines = format_report(_report("fp32", passed)).splitlines()
+    verdict = next(line for line in lines if line.strip().startswith("cpu:"))
+    assert ("PASS" if passed else "FAIL") in verdict
+    assert "atol 0.0001 or within rtol 0.001" in verdict and "top-1" in verdict, verdict
+    assert "max rel 0.128" in lines[2] and "near 0" in lines[2], lines
+
+
+def test_the_int8_pass_line_names_its_own_checks():
+    from fmnist_onnx.verify import format_report
+
+    verdict = format_report(_report("int8", True)).splitlines()[1]
+    assert "PASS" in verdict and ">= 98%" in verdict and "0.5 points" in verdict and "atol" not in verdict, verdict

@@ -262,9 +262,11 @@ def close_on_error(sink, e: BaseException) -> None:
 
 
 def progress_bar(progress: bool, initial: int):
-    """A bar on a terminal, a line every few seconds elsewhere (progress.py); None with --quiet."""
+    """A bar on a terminal, a line every few seconds elsewhere (progress.py); None with --quiet. Its speed is
+    named as the summary's (images/s, timm's word; failed files count, as in the summary), and it leaves none at
+    the end: the summary's figure (this run's rows over its whole time) is the run's one speed figure."""
     if not progress:
         return None
     from fmnist_onnx.progress import bar
 
-    return bar("classify", initial=initial, unit="img", noun="files", dynamic_ncols=True, smoothing=0.1)
+    return bar("classify", initial=initial, unit="images", dynamic_ncols=True, smoothing=0.1, rate_at_close=False)
