@@ -13,7 +13,7 @@ import torch
 
 from fmnist_onnx.testing import TRAIN_AFTER_STEP
 from fmnist_onnx.train import _Batches, lr_at, make_config, train
-from harness import Held, assert_one_line_error, run_cli
+from harness import Held, assert_one_line_error, cli_run, run_cli
 
 # Where the size of the training set is not what a test checks, it trains on the first LIMIT images (--limit):
 # 10 steps of the fast recipe an epoch instead of 118, the test split still evaluated whole.
@@ -60,8 +60,7 @@ def test_limit_trains_on_the_first_images_with_either_loader(tmp_path):
     batches = _Batches(tutorial, "cpu", None, False)
     assert batches.steps_per_epoch() == 2 and [len(y) for _, y in batches(0, 0)] == [64, 36]
     assert _Batches(make_config("fast", limit=10**9), "cpu", None, False).steps_per_epoch() == 118  # all 60,000
-    proc = run_cli("train", "--limit", "0", "-q", "--out-dir", tmp_path)
-    assert_one_line_error(proc, 2, "--limit")
+    assert_one_line_error(cli_run("train", "--limit", "0", "-q", "--out-dir", tmp_path), 2, "--limit")
 
 
 def test_tutorial_recipe_first_epoch(tmp_path):
