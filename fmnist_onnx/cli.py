@@ -99,6 +99,9 @@ Examples:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="auto picks cuda, then mps, then cpu. An explicit device that is missing is an error.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same metrics (on the CPU).")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Train on the first N training images only (a quick try of a recipe or a set-up); the "
+                   "test split is still evaluated whole.")
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="Fashion-MNIST folder (idx files, gzipped or not, or a torchvision root). "
                    "Default: $FMNIST_DATA, then /usr/share/datasets/fashion-mnist.")
@@ -111,7 +114,8 @@ Examples:
               help="Replace model.pth, metrics.json and training_curves.png in --out-dir, and discard an "
                    "interrupted run's checkpoint there (--restart: the same).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_dir, resume, overwrite, quiet):
+def train(recipe, epochs, batch_size, lr, device, seed, limit, data_dir, download, out_dir, resume, overwrite,
+          quiet):
     """Train the quickstart MLP on Fashion-MNIST and write model.pth.
 
     Checkpoints after every epoch; Ctrl-C saves a checkpoint and exits 130, and --resume continues
@@ -127,7 +131,7 @@ def train(recipe, epochs, batch_size, lr, device, seed, data_dir, download, out_
     if not quiet:
         why = " (auto)" if device == "auto" else ""
         click.echo(f"device: {dev}{why}", err=True)
-    cfg = tr.make_config(recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=dev)
+    cfg = tr.make_config(recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=dev, limit=limit)
     result = tr.train(cfg, out_dir, data_dir=data_dir, download=download, resume=resume, overwrite=overwrite,
                       progress=show_progress(quiet), device=dev if resume else None)  # Interrupted: exit 128+N
     click.echo(f"{out_dir / 'model.pth'}: test accuracy {result.test_accuracy:.2f}% after "

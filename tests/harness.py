@@ -1,4 +1,4 @@
-"""What the tests share that is not a fixture: running the CLI as a real process, the one-line error contract,
+"""What the tests share that is not a fixture: running the CLI as a real process (or in this one, for refusals),
 processes held at a pause point (fmnist_onnx/testing.py), waiting for processes to exit, running as an
 unprivileged user, and hand-made ONNX models. The fixtures are in conftest.py."""
 
@@ -29,6 +29,23 @@ def run_cli(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedPr
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def cli_run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """The same command run in this process (click's CliRunner), with run_cli's result: for what a command checks
+    and refuses before its work, where a process of its own adds nothing but seconds of imports. Signals, kills,
+    the entry point's exit codes and a clean environment need run_cli's real process."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from fmnist_onnx.cli import cli
+
+    logging.root.handlers.clear()  # the command's basicConfig then logs to this run's stderr, not a closed one
+    res = CliRunner().invoke(cli, [str(a) for a in args], prog_name="fmnist-onnx", catch_exceptions=False)
+    if check and res.exit_code != 0:
+        raise AssertionError(f"exit {res.exit_code}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
+    return subprocess.CompletedProcess(["fmnist-onnx", *map(str, args)], res.exit_code, res.stdout, res.stderr)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int = 2, contains: str = "") -> None:

@@ -14,7 +14,10 @@ from PIL import Image
 
 from fmnist_onnx.data import DEBIAN_DIR
 from fmnist_onnx.spec import CLASSES, class_folder_name
-from harness import assert_one_line_error, run_cli
+from harness import assert_one_line_error, cli_run, run_cli
+
+# What the command writes and refuses is checked in this process (cli_run); what needs a process of its own (a
+# current folder, a full disk's exit 4 and clean-up) runs it as one (run_cli).
 
 
 def idx(name: str, offset: int) -> np.ndarray:
@@ -23,7 +26,7 @@ def idx(name: str, offset: int) -> np.ndarray:
 
 def test_export_png_writes_the_split_by_class(tmp_path):
     out = tmp_path / "train"
-    proc = run_cli("data", "export-png", "--split", "train", "--out", out, "--limit", "40")
+    proc = cli_run("data", "export-png", "--split", "train", "--out", out, "--limit", "40")
     assert proc.returncode == 0, proc.stderr
     assert "wrote 40 PNG files" in proc.stdout
     pixels = idx("train-images-idx3-ubyte", 16).reshape(-1, 28, 28)
@@ -39,14 +42,14 @@ def test_export_png_writes_the_split_by_class(tmp_path):
 
 def test_export_png_refuses_a_folder_that_is_not_empty(tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
-    proc = run_cli("data", "export-png", "--out", tmp_path, "--limit", "3")
+    proc = cli_run("data", "export-png", "--out", tmp_path, "--limit", "3")
     assert_one_line_error(proc, 2, "not empty")
-    proc = run_cli("data", "export-png", "--out", tmp_path, "--limit", "3", "--overwrite", check=True)
+    proc = cli_run("data", "export-png", "--out", tmp_path, "--limit", "3", "--overwrite", check=True)
     assert len(list(tmp_path.rglob("*.png"))) == 3 and (tmp_path / "mine.txt").read_text() == "keep"
 
 
 def test_export_png_format_tar_writes_shards_of_the_split(tmp_path):
-    proc = run_cli("data", "export-png", "--format", "tar", "--shard-size", "10", "--limit", "25", "--out", tmp_path)
+    proc = cli_run("data", "export-png", "--format", "tar", "--shard-size", "10", "--limit", "25", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "wrote 3 tar shards, 25 images" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test-000000.tar", "test-000001.tar", "test-000002.tar",
@@ -60,7 +63,7 @@ def test_export_png_format_tar_writes_shards_of_the_split(tmp_path):
 def test_export_png_format_parquet_writes_the_hugging_face_file(tmp_path):
     import pyarrow.parquet as pq
 
-    proc = run_cli("data", "export-png", "--split", "train", "--format", "parquet", "--limit", "30", "--out", tmp_path)
+    proc = cli_run("data", "export-png", "--split", "train", "--format", "parquet", "--limit", "30", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     table = pq.read_table(tmp_path / "train-00000-of-00001.parquet")
     assert table.column("label").to_pylist() == idx("train-labels-idx1-ubyte", 8)[:30].tolist()
@@ -70,24 +73,24 @@ def test_export_png_format_parquet_writes_the_hugging_face_file(tmp_path):
 
 
 def test_export_png_format_tar_refuses_existing_shards(tmp_path):
-    run_cli("data", "export-png", "--format", "tar", "--limit", "3", "--out", tmp_path, check=True)
-    proc = run_cli("data", "export-png", "--format", "tar", "--limit", "3", "--out", tmp_path)
+    cli_run("data", "export-png", "--format", "tar", "--limit", "3", "--out", tmp_path, check=True)
+    proc = cli_run("data", "export-png", "--format", "tar", "--limit", "3", "--out", tmp_path)
     assert_one_line_error(proc, 2, "test-000000.tar exists; use --overwrite")
-    run_cli("data", "export-png", "--format", "tar", "--limit", "3", "--out", tmp_path, "--overwrite", check=True)
+    cli_run("data", "export-png", "--format", "tar", "--limit", "3", "--out", tmp_path, "--overwrite", check=True)
 
 
 def test_export_png_shard_size_needs_format_tar(tmp_path):
-    proc = run_cli("data", "export-png", "--shard-size", "10", "--out", tmp_path / "out")
+    proc = cli_run("data", "export-png", "--shard-size", "10", "--out", tmp_path / "out")
     assert_one_line_error(proc, 2, "--shard-size applies to --format tar only")
     assert not (tmp_path / "out").exists()
 
 
 def test_export_png_format_tar_overwrite_removes_only_what_an_export_wrote(tmp_path):
-    run_cli("data", "export-png", "--format", "tar", "--shard-size", "10", "--limit", "30", "--out", tmp_path,
+    cli_run("data", "export-png", "--format", "tar", "--shard-size", "10", "--limit", "30", "--out", tmp_path,
             check=True)
     (tmp_path / "test-000005.tar").write_bytes(b"mine")
     os.mkfifo(tmp_path / "test-000006.tar")
-    proc = run_cli("data", "export-png", "--format", "tar", "--limit", "10", "--out", tmp_path, "--overwrite",
+    proc = cli_run("data", "export-png", "--format", "tar", "--limit", "10", "--out", tmp_path, "--overwrite",
                    check=True)
     assert "removed test-000001.tar" in proc.stderr and "removed test-000002.tar" in proc.stderr
     assert "kept test-000005.tar: no earlier export of this tool wrote it" in proc.stderr
@@ -105,7 +108,7 @@ def test_export_png_out_dot_writes_into_the_current_folder(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["png", "tar", "parquet"])
 def test_export_png_out_root_is_refused(fmt):
-    assert_one_line_error(run_cli("data", "export-png", "--format", fmt, "--out", "/"), 2, "--out /: the root folder")
+    assert_one_line_error(cli_run("data", "export-png", "--format", fmt, "--out", "/"), 2, "--out /: the root folder")
 
 
 @pytest.mark.parametrize("fmt", ["png", "tar", "parquet"])

@@ -21,7 +21,7 @@ from fmnist_onnx.classify.outputs import record_path
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.sinks import journal_path, read_rows
 from fmnist_onnx.spec import CLASSES
-from harness import assert_one_line_error, run_cli
+from harness import assert_one_line_error, cli_run, run_cli
 
 PER_CLASS = 12
 
@@ -152,7 +152,7 @@ def test_a_brace_pattern_reads_the_shards_it_names_and_resumes_as_named(pngs, pn
 def test_a_missing_name_of_a_pattern_is_one_line(pngs, onnx_model, tmp_path):
     write_tarfile(tmp_path / "shards", pngs, 40)  # train-000000 to 000002
     pattern = f"{tmp_path}/shards/train-{{000000..000004}}.tar"
-    proc = run_cli("classify", pattern, "-m", onnx_model, "-o", tmp_path / "p.csv")
+    proc = cli_run("classify", pattern, "-m", onnx_model, "-o", tmp_path / "p.csv")  # a refusal: in this process
     assert_one_line_error(proc, 2, f"{tmp_path}/shards/train-000003.tar: no such file or folder (the pattern "
                                    f"{pattern}: 2 of its 5 names missing)")
     assert not list(tmp_path.glob("p.csv*"))

@@ -71,10 +71,14 @@ def test_a_tar_in_the_imagefolder_layout_classifies_as_the_folder_does(pngs, tes
     assert summary["accuracy_pct"] == s_dir["accuracy_pct"] is not None
 
 
-def test_webdataset_shards_from_export_png_give_the_labels_of_the_sidecars(onnx_model, tmp_path):
+def test_webdataset_shards_from_export_png_give_the_labels_of_the_sidecars(onnx_model, test_pngs, tmp_path):
     run_cli("data", "export-png", "--format", "tar", "--shard-size", "100", "--limit", "250", "--out",
             tmp_path / "shards", "--quiet", check=True)
-    run_cli("data", "export-png", "--limit", "250", "--out", tmp_path / "pngs", "--quiet", check=True)
+    # the same 250 images as PNG files in their class folders: test_pngs's (data export-png's) 00000-00249
+    for png in test_pngs.glob("*/*.png"):
+        if int(png.stem) < 250:
+            (tmp_path / "pngs" / png.parent.name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "pngs" / png.parent.name / png.name).write_bytes(png.read_bytes())
     shards = sorted((tmp_path / "shards").glob("*.tar"))
     summary, rows = _classify(*shards, "-m", onnx_model, "-o", tmp_path / "s.jsonl")
     _, rows_png = _classify(tmp_path / "pngs", "-m", onnx_model, "-o", tmp_path / "p.jsonl")

@@ -12,8 +12,12 @@ import pytest
 import torch
 
 from fmnist_onnx.testing import TRAIN_AFTER_STEP
-from fmnist_onnx.train import lr_at, make_config, train
-from harness import Held, assert_one_line_error, run_cli
+from fmnist_onnx.train import _Batches, lr_at, make_config, train
+from harness import Held, assert_one_line_error, cli_run, run_cli
+
+# Where the size of the training set is not what a test checks, it trains on the first LIMIT images (--limit):
+# 10 steps of the fast recipe an epoch instead of 118, the test split still evaluated whole.
+LIMIT = 5120
 
 
 def test_short_run_learns(trained_dir):
@@ -28,7 +32,7 @@ def test_short_run_learns(trained_dir):
 
 
 def test_same_seed_same_metrics(tmp_path):
-    cfg = dict(epochs=1, seed=7)
+    cfg = dict(epochs=1, seed=7, limit=LIMIT)
     a = train(make_config("fast", **cfg), tmp_path / "a")
     b = train(make_config("fast", **cfg), tmp_path / "b")
     assert [(h.train_loss, h.test_loss, h.test_accuracy) for h in a.history] == [
@@ -39,8 +43,8 @@ def test_same_seed_same_metrics(tmp_path):
 
 
 def test_other_seed_other_weights(tmp_path):
-    a = train(make_config("fast", epochs=1, seed=1), tmp_path / "a")
-    b = train(make_config("fast", epochs=1, seed=2), tmp_path / "b")
+    a = train(make_config("fast", epochs=1, seed=1, limit=LIMIT), tmp_path / "a")
+    b = train(make_config("fast", epochs=1, seed=2, limit=LIMIT), tmp_path / "b")
     assert a.history[0].train_loss != b.history[0].train_loss
 
 
@@ -48,6 +52,15 @@ def test_tutorial_recipe_is_the_tutorials():
     cfg = make_config("tutorial")
     assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.loader, cfg.shuffle) == (
         "sgd", 1e-3, 64, 10, "dataloader", False)
+
+
+def test_limit_trains_on_the_first_images_with_either_loader(tmp_path):
+    fast, tutorial = make_config("fast", limit=1000), make_config("tutorial", limit=100)
+    assert _Batches(fast, "cpu", None, False).steps_per_epoch() == 2  # 512 + 488
+    batches = _Batches(tutorial, "cpu", None, False)
+    assert batches.steps_per_epoch() == 2 and [len(y) for _, y in batches(0, 0)] == [64, 36]
+    assert _Batches(make_config("fast", limit=10**9), "cpu", None, False).steps_per_epoch() == 118  # all 60,000
+    assert_one_line_error(cli_run("train", "--limit", "0", "-q", "--out-dir", tmp_path), 2, "--limit")
 
 
 def test_tutorial_recipe_first_epoch(tmp_path):
@@ -66,16 +79,16 @@ def test_onecycle_schedule_warms_up_then_decays():
 
 def _train_cmd(out) -> list[str]:
     return [sys.executable, "-m", "fmnist_onnx", "train", "--epochs", "3", "--seed", "3", "--device", "cpu", "-q",
-            "--out-dir", str(out)]
+            "--limit", str(LIMIT), "--out-dir", str(out)]
 
 
 def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path):
     full = run_cli(*_train_cmd(tmp_path / "full")[3:])
     assert full.returncode == 0, full.stderr
 
-    steps = math.ceil(60_000 / make_config("fast").batch_size)  # an epoch of the training set
-    # held (fmnist_onnx/testing.py) 30 steps into epoch 2; Ctrl-C then, and the loop sees it once released
-    with Held(_train_cmd(tmp_path / "cut"), f"{TRAIN_AFTER_STEP}:{steps + 30}", stdout=subprocess.PIPE,
+    steps = math.ceil(LIMIT / make_config("fast").batch_size)  # an epoch of the (limited) training set
+    # held (fmnist_onnx/testing.py) 4 steps into epoch 2; Ctrl-C then, and the loop sees it once released
+    with Held(_train_cmd(tmp_path / "cut"), f"{TRAIN_AFTER_STEP}:{steps + 4}", stdout=subprocess.PIPE,
               stderr=subprocess.PIPE, text=True) as held:
         held.wait()
         held.proc.send_signal(signal.SIGINT)
@@ -86,8 +99,9 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path):
     ckpt = tmp_path / "cut" / "checkpoint.pt"
     assert ckpt.exists() and not (tmp_path / "cut" / "model.pth").exists()
     state = torch.load(ckpt, weights_only=True)
-    # mid-epoch: epoch 2 (index 1) in progress, its first 30 steps done (31 if the handler ran after the release)
-    assert state["epoch"] == 1 and 30 <= state["step"] <= 31 < steps, (state["epoch"], state["step"])
+    # mid-epoch: epoch 2 (index 1) in progress, its first 4 steps done (5 if the handler ran after the release)
+    assert state["epoch"] == 1 and 4 <= state["step"] <= 5 < steps, (state["epoch"], state["step"])
+    assert state["config"]["limit"] == LIMIT  # --resume goes on with the run's own training set
 
     resumed = run_cli("train", "--resume", "-q", "--out-dir", tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr
@@ -133,7 +147,7 @@ def _train_logged(tmp_path, *args: str) -> str:
 
 
 def test_stderr_to_a_file_gets_a_line_per_epoch(tmp_path):
-    text = _train_logged(tmp_path, "--epochs", "2")
+    text = _train_logged(tmp_path, "--epochs", "2", "--limit", str(LIMIT))
     epochs = [line for line in text.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epochs] == ["1/2", "2/2"], text
     assert all("test accuracy" in line and line.endswith(" s") for line in epochs), text
@@ -141,7 +155,7 @@ def test_stderr_to_a_file_gets_a_line_per_epoch(tmp_path):
 
 
 def test_quiet_writes_nothing_on_stderr(tmp_path):
-    assert _train_logged(tmp_path, "--epochs", "1", "--quiet") == ""
+    assert _train_logged(tmp_path, "--epochs", "1", "--limit", str(LIMIT), "--quiet") == ""
 
 
 def test_existing_outputs_are_refused_before_the_first_step(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from onnx import numpy_helper
 
 from fmnist_onnx.verify import compare_logits, top1_ties, verify
-from harness import assert_one_line_error, run_cli
+from harness import assert_one_line_error, cli_run, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -131,20 +131,21 @@ def test_any_batch_size_gives_the_same_logits(onnx_model):
 
 
 # --------------------------------------------------------------------------------------------- bad input
+# Refusals run in this process (cli_run), but where the whole stderr of a process is what is checked.
 
 
 def test_model_that_is_not_onnx(weights, tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_text("not a model\n")
-    assert_one_line_error(run_cli("verify", "--weights", weights, "--model", bad), 2, str(bad))
+    assert_one_line_error(cli_run("verify", "--weights", weights, "--model", bad), 2, str(bad))
 
 
 def test_missing_model(weights, tmp_path):
-    assert_one_line_error(run_cli("verify", "--weights", weights, "--model", tmp_path / "nope.onnx"), 2, "not found")
+    assert_one_line_error(cli_run("verify", "--weights", weights, "--model", tmp_path / "nope.onnx"), 2, "not found")
 
 
 def test_missing_weights(onnx_model, tmp_path):
-    assert_one_line_error(run_cli("verify", "--weights", tmp_path / "nope.pth", "--model", onnx_model), 2,
+    assert_one_line_error(cli_run("verify", "--weights", tmp_path / "nope.pth", "--model", onnx_model), 2,
                           "not found")
 
 
@@ -159,7 +160,7 @@ def test_model_with_another_signature(what, says, foreign_onnx, weights):
 def test_explicit_cuda_without_cuda_is_an_error(onnx_model, weights):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has CUDA")
-    proc = run_cli("verify", "--weights", weights, "--model", onnx_model, "--provider", "cuda")
+    proc = cli_run("verify", "--weights", weights, "--model", onnx_model, "--provider", "cuda")
     assert_one_line_error(proc, 2, "CUDAExecutionProvider")
 
 
