@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from fmnist_onnx.classify import identity_path
+from fmnist_onnx.journal import journal_path
 from fmnist_onnx.runtime import MODEL_FAILED, machine_memory
-from fmnist_onnx.sinks import JournalScan, journal_path
+from fmnist_onnx.table import JournalScan
 from harness import assert_one_line_error, run_cli, save_classifier
 
 HUGE = 2**40
