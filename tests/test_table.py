@@ -1,5 +1,5 @@
 """table.py's one digest of paths (--resume and report share it): the two ways it reads a name that is not UTF-8.
-(The formats, the escaping and the row checks, through the journal: test_sinks.py.)"""
+(The formats, the escaping and the row checks, through the journal: test_journal.py.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """table.py and journal.py: the three formats round-trip, the journal survives a torn tail, nothing is clobbered.
-(Full disks and read-only folders, which need a tmpfs: test_sinks_failures.py.)"""
+(Full disks and read-only folders, which need a tmpfs: test_journal_failures.py.)"""
 
 from __future__ import annotations
 
