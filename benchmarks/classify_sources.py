@@ -72,7 +72,7 @@ def unpack_and_classify(shards: list[Path], model: Path, work: Path) -> float:
 
 def labels_by_index(table: Path) -> dict[int, str]:
     """{image index: predicted label}: the index is the file's or member's number, or the Parquet row."""
-    from fmnist_onnx.sinks import read_rows
+    from fmnist_onnx.table import read_rows
 
     out = {}
     for r in read_rows(table):

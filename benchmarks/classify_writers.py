@@ -108,7 +108,7 @@ def first_shard(folder: Path, name: str, paths: list[Path], work: Path, size: in
 def rows_by_image(table: Path, names: list[str], size: int) -> dict[str, tuple]:
     """{image path inside the folder: (label, true label, error)}; a Parquet row N of shard K is the name at
     K * size + N (shards are written in name order), of a single file the name at N."""
-    from fmnist_onnx.sinks import read_rows
+    from fmnist_onnx.table import read_rows
 
     out = {}
     for r in read_rows(table):

@@ -96,7 +96,7 @@ for p in "$GPU" cpu; do
 done
 "$PY" - "$RUN/$GPU.csv" "$RUN/cpu.csv" "$GPU" <<'EOF'
 import sys
-from fmnist_onnx.sinks import read_rows
+from fmnist_onnx.table import read_rows
 a, b = ({r["path"]: r["index"] for r in read_rows(p)} for p in sys.argv[1:3])
 same = sum(a[k] == b.get(k) for k in a)
 print(f"labels: {same} of {len(a)} the same on {sys.argv[3]} and cpu ({len(a) - same} differ)")

@@ -23,8 +23,8 @@ from fmnist_onnx.classify.engines import ENGINE_NAMES  # the registry: no engine
 from fmnist_onnx.classify.engines import summary as engine_summary
 from fmnist_onnx.errors import CheckFailed, CommandExit, Interrupted, UserError
 from fmnist_onnx.runtime import PROVIDER_CHOICES  # the provider table: no onnxruntime import
-from fmnist_onnx.sinks import FORMATS
 from fmnist_onnx.spec import INVERT_MODES
+from fmnist_onnx.table import FORMATS
 
 DEFAULT_DIR = Path("artifacts")
 
@@ -842,7 +842,7 @@ def _export(fmt, pixels, labels, out: Path, split: str, shard_size, overwrite: b
         except ImageError as e:
             raise UserError(str(e)) from None
         except OSError as e:  # a full disk, an I/O error: exit 4, as classify's
-            from fmnist_onnx.sinks import OutputError
+            from fmnist_onnx.files import OutputError
 
             raise OutputError(f"cannot write into {out}: {e.strerror or e}; the PNG files written before it "
                               "are complete, and kept") from None

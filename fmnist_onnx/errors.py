@@ -7,7 +7,7 @@ a number. The codes:
   1      CheckFailed            a check the command exists to make did not pass (verify; export's parity, int8)
   2      UserError              a mistake the user can fix (missing file, wrong model, bad option value)
   3      -                      classify finished, but some files failed (rows with an error): not an exception
-  4      sinks.OutputError      classify's output could not be written mid-run (the journal keeps the rows)
+  4      files.OutputError      classify's output could not be written mid-run (the journal keeps the rows)
   5      runtime.ModelRunError  the model failed mid-run (onnxruntime out of memory; the journal keeps the rows)
   128+N  Interrupted            stopped by signal N after saving what can be resumed (130: Ctrl-C, 143: SIGTERM)
 

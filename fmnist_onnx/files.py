@@ -31,6 +31,7 @@ from typing import BinaryIO, NoReturn
 from fmnist_onnx.errors import UserError
 
 LOCK_SUFFIX = ".lock"
+OUTPUT_FAILED = 4  # the exit code of an OutputError
 _HELD: dict[tuple[int, int], OutputLock] = {}  # the locks this process holds, by their file's (device, inode):
 # POSIX locks do not conflict within one process, so a second holder here is refused from this table
 
@@ -69,6 +70,44 @@ def check_folder(path: Path, name: str) -> None:
         read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
         raise UserError(f"{name}: folder {folder} cannot be written "
                         f"({'read-only file system' if read_only else 'permission denied'})")
+
+
+_KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
+          stat.S_IFSOCK: "a socket"}
+
+
+def check_place(output: Path, beside: Iterable[Path] = ()) -> None:
+    """UserError unless ``output`` (and the files a run keeps ``beside`` it: its journal) can be written there:
+    a file name in a folder that exists and is writable, and no device, FIFO or socket by that name (only
+    regular files are replaced; a symbolic link is replaced itself, never followed)."""
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name")
+    for path in (output, *beside):
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:  # not there
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise UserError(f"--output {output}: {path} is {kind}; only regular files are written or replaced "
+                            "(for stdout, use -o -)")
+    check_folder(output, f"--output {output}")  # exists, and can be written
+
+
+def remove_own(path: Path) -> None:
+    """Remove a run's own file (a journal, a run record): a symbolic link there is removed itself, never its
+    target (unlink(2) does not follow links)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise UserError(f"cannot remove {path}: {why(e)}") from None
+
+
+def why(e: OSError) -> str:
+    """The OS's words for an error ("No space left on device"), also for pyarrow's wordier OSErrors."""
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def check_distinct(paths: Iterable[str | Path]) -> None:
@@ -202,6 +241,13 @@ def open_existing(path: str | Path, flags: int = os.O_RDONLY) -> int:
         raise UserError(f"{path} is not a regular file; remove it, or use --overwrite to start over")
     os.set_blocking(fd, True)
     return fd
+
+
+class OutputError(UserError):
+    """The output could not be written mid-run (a full disk, an I/O error): exit 4. The journal keeps the
+    rows written so far; the same command with --resume finishes once the cause is fixed."""
+
+    exit_code = OUTPUT_FAILED
 
 
 def lock_path(output: str | Path) -> Path:

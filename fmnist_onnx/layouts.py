@@ -11,7 +11,7 @@
 
 Every file is written whole under a temporary name and then given its own (files.atomic_write): a killed
 export leaves no half shard under a final name. Existing outputs are refused without ``overwrite``. A file that
-cannot be written (a full disk, an I/O error) ends the export with one line, exit 4 (sinks.OutputError), and
+cannot be written (a full disk, an I/O error) ends the export with one line, exit 4 (files.OutputError), and
 nothing of it left: no temporary file, no shard of this export.
 
 The tar shards an export wrote are listed in ``<out>/<split>.manifest.json`` (name, size and SHA-256 of each,
@@ -39,9 +39,8 @@ from typing import BinaryIO
 import numpy as np
 
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.files import atomic_write, atomic_write_text, check_output, open_existing
+from fmnist_onnx.files import OutputError, atomic_write, atomic_write_text, check_output, open_existing
 from fmnist_onnx.images import encode_png, png_name
-from fmnist_onnx.sinks import OutputError
 from fmnist_onnx.spec import CLASSES
 from fmnist_onnx.text import visible
 

@@ -1,6 +1,6 @@
 """report: one classify run as a self-contained HTML page (images embedded, no network, no server).
 
-Made from the output table (any format, read streaming with sinks.read_rows) plus, when there is one, what
+Made from the output table (any format, read streaming with table.read_rows) plus, when there is one, what
 the run's summary knows that the table does not (provider, speed, skipped files). One pass over the rows
 keeps counts, the confusion matrix and bounded samples:
 - per matrix cell, the CELL_IMAGES files of largest path hash: a uniform sample that does not depend on the
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import heapq
 import io
 import json
@@ -50,8 +49,9 @@ from fmnist_onnx.classify import Tally, confusion_png_path, identity_path
 from fmnist_onnx.classify.predict import row_truth
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import atomic_write_bytes, check_distinct, check_output
-from fmnist_onnx.sinks import JOURNAL_SUFFIX, journal_path, read_rows
+from fmnist_onnx.journal import JOURNAL_SUFFIX, journal_path
 from fmnist_onnx.spec import CLASSES, IMAGE_SIZE, INVERT_MODES, NUM_CLASSES
+from fmnist_onnx.table import path_digest, read_rows
 from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)
@@ -108,50 +108,9 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_score(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1  # NaN fails the comparison
-
-
-def _row_problem(row: object) -> str | None:
-    """What is wrong with one row of a classify output, or None: an index 0..9 whose class the label names, a
-    score in [0, 1], a path as text; a failed file's row has its error as text and no label, index or score."""
-    if not isinstance(row, dict):
-        return f"is {_kind(row)}, not a row of columns"
-    missing = [k for k in _REQUIRED if k not in row]
-    if missing:
-        return f"has no {', '.join(missing)}"
-    path, error = row["path"], row["error"]
-    if not isinstance(path, str) or not path:
-        return f"path must be a file name as text, not {_shown_value(path)}"
-    if error is not None and not isinstance(error, str):
-        return f"error must be text or empty, not {_shown_value(error)}"
-    if row.get("true_label") is not None and row["true_label"] not in CLASSES:
-        return f"true_label must be a class name or empty, not {_shown_value(row['true_label'])}"
-    if error:
-        given = [k for k, v in row.items() if k.startswith(("label", "index", "score")) and v is not None]
-        return f"is a failed file's row but has a {given[0]}" if given else None
-    index, label = row["index"], row["label"]
-    if not _is_int(index) or not 0 <= index < NUM_CLASSES:
-        return f"index must be a class number 0 to {NUM_CLASSES - 1}, not {_shown_value(index)}"
-    if label != CLASSES[index]:
-        return f"label {_shown_value(label)} is not class {index} ({CLASSES[index]})"
-    if not _is_score(row["score"]):
-        return f"score must be a number from 0 to 1, not {_shown_value(row['score'])}"
-    return _top_k_problem(row)
-
-
-def _top_k_problem(row: dict) -> str | None:
-    for k, v in row.items():
-        if k.startswith("label_") and v is not None and v not in CLASSES:
-            return f"{k} must be a class name, not {_shown_value(v)}"
-        if k.startswith("score_") and v is not None and not _is_score(v):
-            return f"{k} must be a number from 0 to 1, not {_shown_value(v)}"
-    return None
-
-
 # What read_rows may raise on a file that is not what classify wrote: json and csv parse errors, int() and
 # float() on text, a row that is a list (TypeError), JSON nested deeper than the parser's recursion, pyarrow's
-# errors (subclasses of these). UserError (sinks' own "damaged" message) passes through as it is.
+# errors (subclasses of these). UserError (table's own "damaged" message) passes through as it is.
 _READ_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError, OverflowError,
                 NotImplementedError, OSError)
 
@@ -168,8 +127,9 @@ def _read_error(e: BaseException) -> str:
 
 
 def checked_rows(path: str, rows: Iterator[dict]) -> Iterator[dict]:
-    """``rows`` (from sinks.read_rows of ``path``), each checked by type and range: UserError naming the file
-    and the row (counted from 1, after a CSV's header) for the first that is not as classify writes it."""
+    """``rows`` (from table.read_rows of ``path``, which checks each by type and range: ``table.row_problem``,
+    the one row checker), with what else reading may raise as a UserError naming the file and the row (counted
+    from 1, after a CSV's header)."""
     name, n = visible(path), 0
     while True:
         try:
@@ -181,9 +141,6 @@ def checked_rows(path: str, rows: Iterator[dict]) -> Iterator[dict]:
         except _READ_ERRORS as e:
             raise UserError(f"{name}: row {n + 1} cannot be read: {_read_error(e)}") from None
         n += 1
-        problem = _row_problem(row)
-        if problem:
-            raise UserError(f"{name}: row {n} {problem}")
         yield row
 
 
@@ -294,12 +251,8 @@ def load_summary(path: str | Path) -> dict:
 
 def _key(path: str) -> bytes:
     """A 64-bit hash of the path (bytes compare as big-endian numbers): the sampling order, the same whatever
-    the row order."""
-    try:
-        raw = path.encode("utf-8", "surrogateescape")  # a name that is not UTF-8, as os.fsdecode keeps it
-    except UnicodeEncodeError:  # another lone surrogate (JSON's "\ud800"): its code point, as UTF-8 would
-        raw = path.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(raw, digest_size=8).digest()
+    the row order. A name that is not UTF-8 is hashed as os.fsdecode keeps it (its bytes)."""
+    return path_digest(path, as_named=True)
 
 
 class Largest:

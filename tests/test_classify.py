@@ -17,7 +17,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.journal import journal_path
+from fmnist_onnx.table import read_rows
 from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK
 from harness import Held, assert_one_line_error, run_cli, wait_for_exit
 
@@ -459,12 +460,12 @@ def test_workers_die_with_a_parent_killed_alone(inference, test_pngs, onnx_model
 
 @pytest.mark.parametrize("odd", [None, "a,b.png", "bad"])
 def test_csv_top1_from_arrays_equals_the_row_by_row_encoding(odd, onnx_model, test_pngs):
-    """make_rows' fast path (CSV, top-1, no Row per file) writes the bytes sinks.encode writes; a chunk with a
+    """make_rows' fast path (CSV, top-1, no Row per file) writes the bytes table.encode writes; a chunk with a
     path to quote or a failed file goes the row-by-row way, with the same result."""
     from fmnist_onnx import images
     from fmnist_onnx.classify import make_rows, predict_rows
     from fmnist_onnx.runtime import open_session
-    from fmnist_onnx.sinks import encode
+    from fmnist_onnx.table import encode
 
     paths = sorted(str(p) for p in Path(test_pngs).rglob("*.png"))[:300]
     imgs, errors = images.preprocess_batch(paths)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.journal import journal_path
+from fmnist_onnx.table import read_rows
 from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, CLASSIFY_BEFORE_ENGINE, CLASSIFY_ENGINE_READY, MAIN_STARTED
 from harness import assert_one_line_error, run_cli, save_classifier
 

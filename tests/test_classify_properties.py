@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fmnist_onnx.classify import RunIdentity, identity_path
-from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.journal import journal_path
 from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.table import read_rows
 from harness import assert_one_line_error, run_cli
 
 N = 20

@@ -18,7 +18,8 @@ import pytest
 
 from fmnist_onnx.classify import RunIdentity, confusion_png_path, identity_path, record_path
 from fmnist_onnx.files import OutputLock, lock_path
-from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.journal import journal_path
+from fmnist_onnx.table import read_rows
 from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, CLASSIFY_ENGINE_READY
 from harness import Held, assert_one_line_error, run_cli
 

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from fmnist_onnx.classify.contract import CRASHED
-from fmnist_onnx.sinks import read_rows
+from fmnist_onnx.table import read_rows
 from fmnist_onnx.testing import DIE_ON_ENV
 from harness import run_cli
 

@@ -25,7 +25,7 @@ from harness import Held, assert_one_line_error, run_cli, wait_for_exit
 
 pytest.importorskip("ray", reason='the Ray engine needs the [ray] extra: pip install -e ".[ray]"')
 
-from fmnist_onnx.sinks import read_rows  # noqa: E402
+from fmnist_onnx.table import read_rows  # noqa: E402
 
 CUDA = "CUDAExecutionProvider" in pytest.importorskip("onnxruntime").get_available_providers()
 
@@ -330,7 +330,7 @@ def test_cluster_parquet_rows_match_and_cluster_keeps_running(cluster, folder, m
     assert proc.returncode == 3, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["workers"] == 3 and summary["failed"] == 4
-    assert_same_rows(by_path(read_rows(out)), local_rows)  # names that are not UTF-8 too (sinks.py)
+    assert_same_rows(by_path(read_rows(out)), local_rows)  # names that are not UTF-8 too (table.py)
     assert ray_processes(marker), "the CLI stopped a cluster it only joined"
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from fmnist_onnx.errors import CheckFailed, Interrupted, UserError
+from fmnist_onnx.files import OutputError
 from fmnist_onnx.runtime import ModelRunError
-from fmnist_onnx.sinks import OutputError
 from fmnist_onnx.testing import TRAIN_AFTER_STEP
 from harness import Held, assert_one_line_error, run_cli
 

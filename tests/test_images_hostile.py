@@ -20,7 +20,7 @@ from PIL import Image
 from test_images import chunk, damaged_tiff, gray_png, hostile_pngs, jpeg_bytes
 
 from fmnist_onnx import images
-from fmnist_onnx.sinks import read_rows
+from fmnist_onnx.table import read_rows
 
 # The whole process tree (classify and its workers) must stay under this, whatever a file claims. Measured on
 # what landed: about 0.3 GB with a 64 Mpx file in the folder (one worker's decode + preprocess, 0.2 GB of it).

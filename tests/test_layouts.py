@@ -20,7 +20,7 @@ from PIL import Image
 from fmnist_onnx import images, layouts
 from fmnist_onnx.data import DEBIAN_DIR
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import OutputError
+from fmnist_onnx.files import OutputError
 from fmnist_onnx.spec import CLASSES, class_folder_name
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_onnx import __version__
-from fmnist_onnx.sinks import read_rows
+from fmnist_onnx.table import read_rows
 from harness import REPO, assert_one_line_error
 
 # The same releases as the main environment: pip takes them from its cache, and the labels can be compared.

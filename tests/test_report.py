@@ -24,8 +24,8 @@ from PIL import Image
 
 from fmnist_onnx import images
 from fmnist_onnx.report import CELL_IMAGES, FAILED_LISTED, GALLERY_IMAGES, MAX_BYTES, THUMB_SIDE, draw
-from fmnist_onnx.sinks import read_rows
 from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.table import read_rows
 from harness import assert_one_line_error, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")

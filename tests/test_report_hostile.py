@@ -62,8 +62,8 @@ def row(path="Bag/0.png", label="Bag", index=8, score=0.9, error=None) -> str:
 
 # ---------------------------------------------------------------------------------------------- tables
 
-# (lines, row, what the message quotes). The row is named as "row N" or "line N" (the reader of sinks checks
-# rows too, and names lines; the report checks them again): either way one line naming the file and the row.
+# (lines, row, what the message quotes). The row is named as "row N" or "line N" (table.py's reader checks
+# rows for classify and report alike, and names lines): either way one line naming the file and the row.
 JSONL_CASES = {
     "a row that is a list": ([row(), '["Bag/1.png", "Bag", 8, 0.5, null]'], 2, None),
     "a numeric path": ([row(path=12345)], 1, None),

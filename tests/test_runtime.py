@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fmnist_onnx.classify import identity_path
+from fmnist_onnx.journal import journal_path
 from fmnist_onnx.runtime import (
     MODEL_FAILED,
     ORT_SPIN_ENV,
@@ -21,7 +22,7 @@ from fmnist_onnx.runtime import (
     open_session,
     usable_cores,
 )
-from fmnist_onnx.sinks import JournalScan, journal_path
+from fmnist_onnx.table import JournalScan
 from harness import assert_one_line_error, run_cli, save_classifier
 
 HUGE = 2**40

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from fmnist_onnx.classify import sources
 from fmnist_onnx.classify.outputs import record_path
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.journal import journal_path
 from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.table import read_rows
 from harness import assert_one_line_error, cli_run, run_cli
 
 PER_CLASS = 12

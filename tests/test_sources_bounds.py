@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_onnx.images import MAX_FILE_BYTES
-from fmnist_onnx.sinks import read_rows
+from fmnist_onnx.table import read_rows
 
 pytestmark = pytest.mark.slow  # each bomb is written and classified: tens of seconds
 

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fmnist_onnx.images import ImageError
-from fmnist_onnx.sinks import read_rows
 from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.table import read_rows
 from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, CLASSIFY_BEFORE_ENGINE
 from harness import Held, assert_one_line_error, assert_report_draws, run_cli
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from test_archives import WRITERS, archive
 
-from fmnist_onnx.sinks import journal_path, read_rows
+from fmnist_onnx.journal import journal_path
 from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.table import read_rows
 from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK
 from harness import Held, assert_one_line_error, assert_report_draws, run_cli
 

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from fmnist_onnx.sinks import Row
 from fmnist_onnx.spec import NUM_CLASSES
+from fmnist_onnx.table import Row
 from fmnist_onnx.text import visible
 
 if TYPE_CHECKING:  # numpy only in annotations: the CLI reads this module's constants for its help, fast

@@ -1,8 +1,8 @@
 """What a run writes, in one place: the names of its files (the output, its journal, the run record, the lock,
 the confusion PNG), the run record (``RunIdentity`` on disk: written before the journal exists, kept beside the
 finished output, read back without following links and checked like any input; it names the confusion PNG and
-the --report page as the run's own, for later runs), and the sink that takes the rows (sinks.py: stdout, or a
-journal that becomes the output only when complete)."""
+the --report page as the run's own, for later runs), and the sink that takes the rows (stdout_sink.py, or a
+journal, journal.py, that becomes the output only when complete)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 from fmnist_onnx.classify.contract import RECORD_MAX_BYTES, RECORD_VERSION, Request, RunIdentity
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.files import lock_path, open_existing, open_new
-from fmnist_onnx.sinks import JournalSink, StdoutSink, journal_path, remove_own
+from fmnist_onnx.files import lock_path, open_existing, open_new, remove_own
+from fmnist_onnx.journal import JournalSink, journal_path
+from fmnist_onnx.stdout_sink import StdoutSink
 from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)

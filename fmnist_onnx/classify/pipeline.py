@@ -9,7 +9,7 @@ every engine and source:
    already are skipped, and the run's own files are left out wherever they lie: a run never reads its outputs;
 3. the engine (engines/, chosen by name from its registry): chunks -> ``Rows`` (encoded as the sink writes
    them, with their top-1 classes and true classes as arrays);
-4. the sink (outputs.py, sinks.py): rows appended to a journal that becomes the output only when complete;
+4. the sink (outputs.py, journal.py): rows appended to a journal that becomes the output only when complete;
 5. the summary (tally.py): counts, accuracy and the confusion matrix in the ImageFolder layout.
 
 The process that walks and writes handles arrays and bytes per chunk, not a Python object per file: that
@@ -43,10 +43,12 @@ from fmnist_onnx.classify.request import check_fresh, check_request
 from fmnist_onnx.classify.resume import Done, resume_state
 from fmnist_onnx.classify.tally import Tally, summarize
 from fmnist_onnx.errors import Interrupted, UserError
-from fmnist_onnx.files import LockLost, OutputLock, check_locks
+from fmnist_onnx.files import LockLost, OutputError, OutputLock, check_locks, remove_own
+from fmnist_onnx.journal import JournalSink, journal_path
 from fmnist_onnx.runtime import ModelRunError
 from fmnist_onnx.signals import StopSignals, signum_of
-from fmnist_onnx.sinks import JournalSink, OutputError, Row, StdoutSink, journal_path, remove_own
+from fmnist_onnx.stdout_sink import StdoutSink
+from fmnist_onnx.table import Row
 from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, CLASSIFY_BEFORE_ENGINE, CLASSIFY_ENGINE_READY, pause_point
 
 

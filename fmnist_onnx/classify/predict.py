@@ -10,8 +10,8 @@ import numpy as np
 
 from fmnist_onnx import images
 from fmnist_onnx.classify.contract import NON_FINITE, Rows
-from fmnist_onnx.sinks import Row, encode, encode_csv_top1
 from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.table import Row, encode, encode_csv_top1
 
 _truth_cache: dict[str, int] = {}
 

@@ -14,8 +14,9 @@ from fmnist_onnx.classify.outputs import confusion_png_path, recorded_writes, ru
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import same_file
 from fmnist_onnx.images import image_extensions
-from fmnist_onnx.sinks import JournalSink, format_for
+from fmnist_onnx.journal import check_free, check_writable
 from fmnist_onnx.spec import INVERT_MODES
+from fmnist_onnx.table import format_for
 from fmnist_onnx.text import visible
 
 
@@ -87,7 +88,7 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
     names.update({os.fspath(report): "--report"} if report is not None else {})
     walk_skips = _check_not_walked(own, named, recursive, recorded_writes(output), names)
     if output != "-":
-        JournalSink.check_writable(output)  # a read-only folder, a device: refused before any work
+        check_writable(output)  # a read-only folder, a device: refused before any work
     # the model's hash only where there is a journal to resume
     writes = [p for p in names if p != output]  # what the record names as this run's own, for later runs
     identity = (RunIdentity.of(model, invert, top_k, recursive, roots, image_column, writes)
@@ -101,7 +102,7 @@ def check_fresh(request: Request) -> None:
     run's journal, the confusion PNG). Under the output's lock, before any work."""
     if request.output == "-" or request.overwrite:
         return
-    JournalSink.check_free(request.output)
+    check_free(request.output)
     png = confusion_png_path(request.output)
     if os.path.lexists(png):
         raise UserError(f"{png} exists (this run would write its confusion matrix there); use --overwrite to "

@@ -1,11 +1,10 @@
 """--resume: continue only the run that wrote the journal, and only with rows that run writes. Under the
 output's lock, before any work: the run record must be this run's, and every row read back one for a file this
-run's walk yields, once, with fields of the right type and range (sinks.py checks the fields); else one line
+run's walk yields, once, with fields of the right type and range (table.py checks the fields); else one line
 naming the line, and nothing is changed. A finished output is checked the same way."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ from fmnist_onnx.classify.outputs import check_same_run, identity_path, record_p
 from fmnist_onnx.classify.tally import Tally, summary_of_finished
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import open_existing
-from fmnist_onnx.sinks import JournalSink, RowRefused, journal_path, read_rows
+from fmnist_onnx.journal import JournalSink, RowRefused, journal_path
+from fmnist_onnx.table import path_digest, read_rows
 from fmnist_onnx.text import visible
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def path_key(path: str) -> int:
     # 64-bit digests: 8 bytes a row to remember what an interrupted run did (collision odds ~1e-8 at 1e6 files)
-    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return int.from_bytes(path_digest(path), "little")
 
 
 class Done:

@@ -14,7 +14,7 @@ from fmnist_onnx.classify.contract import ClassifySummary, ClassMetrics, Rows
 from fmnist_onnx.classify.outputs import confusion_png_path
 from fmnist_onnx.classify.predict import row_truth
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import remove_own
+from fmnist_onnx.files import remove_own
 from fmnist_onnx.spec import CLASSES, NUM_CLASSES
 from fmnist_onnx.text import visible
 
@@ -47,7 +47,7 @@ class Tally:
         np.add.at(self.confusion, (truth[labelled], pred[labelled]), 1)
 
     def add_row(self, row: dict) -> None:
-        """One row of a finished output or a journal (a dict, as sinks.read_rows gives it)."""
+        """One row of a finished output or a journal (a dict, as table.read_rows gives it)."""
         if row.get("error"):
             self.failed += 1
             if len(self.failures) < 10:

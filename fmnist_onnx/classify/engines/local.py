@@ -50,8 +50,8 @@ from fmnist_onnx.classify.contract import (
 )
 from fmnist_onnx.classify.predict import decoder_name, make_rows, rows_of
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import Row
 from fmnist_onnx.spec import IMAGE_SIZE
+from fmnist_onnx.table import Row
 from fmnist_onnx.testing import crash_point
 from fmnist_onnx.text import visible
 

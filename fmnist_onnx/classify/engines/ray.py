@@ -58,7 +58,7 @@ from fmnist_onnx.classify.predict import decoder_name, make_rows, rows_of
 from fmnist_onnx.classify.sources import is_uri
 from fmnist_onnx.classify.sources.uri import _uri_fs, read_uri
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import Row
+from fmnist_onnx.table import Row
 from fmnist_onnx.testing import crash_env, crash_point
 from fmnist_onnx.text import first_line, visible
 

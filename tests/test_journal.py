@@ -1,5 +1,5 @@
-"""sinks.py: the three formats round-trip, the journal survives a torn tail, nothing is clobbered.
-(Full disks and read-only folders, which need a tmpfs: test_sinks_failures.py.)"""
+"""table.py and journal.py: the three formats round-trip, the journal survives a torn tail, nothing is clobbered.
+(Full disks and read-only folders, which need a tmpfs: test_journal_failures.py.)"""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import stat
 import pytest
 
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.sinks import FORMATS, JournalSink, Row, RowRefused, columns, format_for, journal_path, read_rows
+from fmnist_onnx.journal import JournalSink, RowRefused, journal_path
 from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.table import FORMATS, Row, columns, format_for, read_rows
 
 ODD_PATHS = ["plain.png", "with space/é accent.png", 'quote"and,comma.png', "new\nline.png", "carriage\rreturn.png",
              "crlf\r\n.png", os.fsdecode(b"latin1-\xe9.png"),  # not UTF-8: possible on Linux

@@ -1,6 +1,6 @@
-"""sinks.py where writing fails: a full disk (a small tmpfs), a read-only folder, stdout on /dev/full, outputs
-that are not regular files, --format against the suffix. Real classify runs on the real test PNGs: one line,
-no traceback, and nothing lost (after freeing space --resume finishes with every file exactly once)."""
+"""journal.py and stdout_sink.py where writing fails: a full disk (a small tmpfs), a read-only folder, stdout
+on /dev/full, outputs that are not regular files, --format against the suffix. Real classify runs on the real test
+PNGs: one line, no traceback, and nothing lost (after freeing space --resume finishes with every file exactly once)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_onnx.sinks import OUTPUT_FAILED, JournalScan, JournalSink, OutputError, Row, journal_path, read_rows
+from fmnist_onnx.files import OUTPUT_FAILED, OutputError
+from fmnist_onnx.journal import JournalSink, journal_path
 from fmnist_onnx.spec import CLASSES
+from fmnist_onnx.table import JournalScan, Row, read_rows
 from harness import assert_one_line_error, run_cli
 
 # Names a CSV writer must quote (a CR too) and one that is not UTF-8: they sort before and after the digits,
