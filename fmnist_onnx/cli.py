@@ -395,7 +395,7 @@ Examples:
 @click.option("--provider", "providers", type=click.Choice(PROVIDER_CHOICES), multiple=True, default=("auto",),
               show_default=True, help="Repeatable. auto: cpu, plus cuda where onnxruntime has it.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads for onnxruntime and torch "
-              "[the cores this process may use: its affinity and cgroup quota].")
+              "[onnxruntime: the cores this process may use, by affinity and cgroup quota; torch: its own default].")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True),
               help="Seconds of timed calls per measurement, after the first run and a warm-up [1; --full: 2].")
 @click.option("--full", is_flag=True, help="The whole sweep: batch sizes 1,8,64,256,1024, 2 s each, and the peak "
