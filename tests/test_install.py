@@ -56,7 +56,7 @@ def test_readme_commands_pin_torch_and_install_the_extras_they_use():
     commands = readme_commands()
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("apt-get")]
     assert ci == [commands["tests"]]  # .ci/run runs the README's test command, verbatim
-    for name, extras in (("job", "train,cpu"), ("tests", "train,cpu,test,ray")):
+    for name, extras in (("job", "train,cpu,parquet"), ("tests", "train,cpu,test,ray")):
         command = commands[name]
         assert "\n" not in command and command.startswith("apt-get update"), command
         assert f'pip install{" -q" if name == "tests" else ""} {" ".join(TORCH_PINS)} -e ".[{extras}]"' in command
