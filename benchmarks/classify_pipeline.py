@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_classify(folder, model, args.workers, args.provider, repeats=args.repeats, scaling=True)
     if args.folder is None:
         result["folder"] = f"the {args.split} split as PNG (`fmnist-onnx data export-png --split {args.split}`)"
-    save_json(result, args.out)
+    save_json(result, args.out, overwrite=True)
     print(format_classify(result))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -149,7 +149,7 @@ def main() -> None:
         "timing": "wall clock of each whole process, start to exit, warm page cache; best of the repeats",
         "machine": machine_info(),
     }
-    save_json(result, args.out)
+    save_json(result, args.out, overwrite=True)
     print(f"{n} PNG files: naive {n / best_naive:,.0f} images/s, classify {n / best_classify:,.0f} images/s: "
           f"{ratio:.2f}x (target {TARGET:.0f}x, aim {AIM:.0f}x); from CPU time over {cores} cores: {cpu_ratio:.2f}x "
           f"(load average {os.getloadavg()[0]:.1f}). Wrote {args.out}")

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     data["accuracy"] = {"test_accuracy_pct": acc, "images": 10000}
     data["targets"] = check_targets(data["results"], acc)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(data, args.out_dir / "inference.json")
+    save_json(data, args.out_dir / "inference.json", overwrite=True)
     from fmnist_onnx.plots import bench_chart
 
     bench_chart(data, args.out_dir / "inference.png", title=f"inference on {report.machine['cpu']}, "

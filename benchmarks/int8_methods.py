@@ -144,7 +144,7 @@ def main() -> None:
     print(f"images/s: best of {args.rounds} rounds, {args.threads} threads; b256/core: CPU time on 1 thread; "
           f"vs before: images/s at batch 256 / per core, against '{BEFORE}'. Load average at the end "
           f"{machine['load_average']}; {machine['cpu']} ({', '.join(machine['cpu_flags'])})")
-    save_json(result, args.out)
+    save_json(result, args.out, overwrite=True)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -16,6 +16,7 @@ import difflib
 import json
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -321,11 +322,38 @@ def _median_line(d: dict) -> list[str]:
                 "to disk each time)."]
 
 
+WRITER_NAMES = {"folder": "PNG folder (`data export-png`)", "tarfile_pax": "tar: Python's tarfile (pax)",
+                "webdataset": "tar: WebDataset TarWriter", "gnutar_gnu": "tar: GNU tar --format=gnu",
+                "gnutar_posix": "tar: GNU tar --format=posix", "bsdtar": "tar: bsdtar",
+                "datasets_file": "Parquet: `datasets`, one file",
+                "datasets_shards": "Parquet: `datasets`, a folder of shards"}
+
+
+def writers_section() -> list[str]:
+    """benchmarks/classify_writers.py: the train PNGs as shards written by each tool users have."""
+    d = _load("classify_writers.json")
+    med, first = d["median_s"], d["first_shard_runs_s"]
+    steady, ratio = d["steady_images_per_s_median"], d["steady_over_folder_median"]
+    whole = d["speed_over_folder_median"]
+    rows = []
+    for k in med:
+        same = "" if k == "folder" else ("yes" if d["identical_rows"][k] else "**no**")
+        x = ("1.00x", "1.00x") if k == "folder" else (f"{whole[k]:.2f}x", f"{ratio[k]:.2f}x")
+        rows.append(f"| {WRITER_NAMES.get(k, k)} | {med[k]:.2f} | {statistics.median(first[k]):.2f} | "
+                    f"{steady[k]:,} | {x[0]} | {x[1]} | {same} |")
+    n, s = d["images"], d["shard_size"]
+    return [f"Machine: {machine_line(d['machine'])}; {n:,} train images in shards of {s:,}, medians of "
+            f"{d['repeats']} interleaved repeats.", "",
+            f"| written by | {n:,} images, s | first {s:,}, s | images/s, steady state | whole process, x folder "
+            "| steady state, x folder | rows as the folder's |", "| --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+            *rows]
+
+
 SECTIONS = {"plot": plot_section, "plot_docs": lambda: plot_section("../"),
             "headline": headline_section, "setup": setup_section, "inference": inference_section,
             "train": train_section, "pipeline": pipeline_section, "naive": naive_section, "int8": int8_section,
             "ray": ray_section, "gpu": gpu_section, "sources": sources_section,
-            "contention": contention_section}
+            "contention": contention_section, "writers": writers_section}
 
 
 def render_page(text: str, name: str) -> tuple[str, list[str]]:

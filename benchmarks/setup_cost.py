@@ -85,7 +85,7 @@ def main() -> None:
     machine = machine_info()  # before the job: its load average says how busy the machine was
     result = {"venv": {"path": str(venv), "extras": args.extras, **venv_size(venv)}, "job": time_job(venv),
               "machine": machine}
-    save_json(result, args.out)
+    save_json(result, args.out, overwrite=True)  # a results file is replaced by the newer measurement
     print(f"{result['venv']['total_bytes'] / 1e9:.1f} GB, job {result['job']['total_s']:.0f} s. Wrote {args.out}",
           file=sys.stderr)
 

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = dict(machine_info(), torch_threads=torch.get_num_threads())
     summary = summarize(runs)
     save_json({"machine": machine, "device": device, "runs": [asdict(r) for r in runs], "summary": summary},
-              args.out)
+              args.out, overwrite=True)
 
     print(f"{'recipe':<9} {'seeds':<8} {'epochs':>6} {'test acc (median)':>18} {'wall s (median)':>16}")
     for recipe, s in summary.items():
