@@ -10,7 +10,7 @@ whole process (`python -m fmnist_onnx ...`), quiet and busy alternating within e
 the figures are medians over the repeats and their ratio to that fair share (issue 28: at most 1.5).
 
 A setting is a name and environment variables for the command. `default`: the tool as it is (its threads sleep at
-a barrier: GOMP_SPINCOUNT=0, onnxruntime's session.intra_op.allow_spinning 0); `spinning`: the libraries' own
+a barrier: GOMP_SPINCOUNT=10000, onnxruntime's session.intra_op.allow_spinning 0); `spinning`: the libraries' own
 waits, as before issue 28 (libgomp's default spin count, 300,000, and onnxruntime's spinning pool); or
 NAME:VAR=VALUE,VAR=VALUE. Writes benchmarks/results/contention.json with the machine's description.
 """
