@@ -271,14 +271,18 @@ def setup_section() -> list[str]:
     steps = ", ".join(f"{name(s['command'])} {s['seconds']:.0f} s" for s in j["steps"])
     m, tm = d["machine"], t["machine"]
     where = lambda m: f"{m['cpu']} ({', '.join(m['cpu_flags'])}), {m.get('usable_cores', m['cores'])} cores"  # noqa: E731
+    total = j["total_s"]
+    took = f"{total:.0f} s" if total < 120 else f"{total / 60:.0f} minutes"
+    busy = m["load_average"][0] >= 3 or j["load_average_after"][0] >= 3  # 2 cores: more than one other job's worth
+    how = "shared with other work" if busy else "nothing else running"
+    quieter = (f" On a quieter {where(tm)} (load average {tm['load_average'][0]}, {tm['measured_at'][:10]}) the same "
+               f"training took {t['summary']['fast']['median_wall_s']:.0f} s." if busy else "")
     return [f"The test command's virtual environment (extras `[{v['extras']}]`: the first command's `[train,cpu,"
             f"parquet]`, plus the test tools and Ray) takes **{gb(v['total_bytes'])}** on disk: {parts}; the first "
             f"command's alone is smaller by the test tools and Ray, not measured here. The first command's "
-            f"`fmnist-onnx` steps took **{j['total_s'] / 60:.0f} minutes** after the "
-            f"install ({steps}) on {where(m)}, shared with other work (load average {m['load_average'][0]} at the "
-            f"start, {j['load_average_after'][0]} at the end; {m['measured_at'][:10]}). On a quieter {where(tm)} "
-            f"(load average {tm['load_average'][0]}, {tm['measured_at'][:10]}) the same training took "
-            f"{t['summary']['fast']['median_wall_s']:.0f} s. The install itself depends on the network."]
+            f"`fmnist-onnx` steps took **{took}** after the install ({steps}) on {where(m)}, {how} (load average "
+            f"{m['load_average'][0]} at the start, {j['load_average_after'][0]} at the end; "
+            f"{m['measured_at'][:10]}).{quieter} The install itself depends on the network."]
 
 
 def plot_section(prefix: str = "") -> list[str]:
