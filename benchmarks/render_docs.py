@@ -135,7 +135,7 @@ def contention_section() -> list[str]:
     for r in d["results"]:
         out.append(f"| `{r['command']}` | {r['setting']} | {r['quiet_median_s']:.1f} s | {r['busy_median_s']:.1f} s "
                    f"| {r['fair_share_s']:.1f} s | {r['busy_over_fair_share']:.2f}x |")
-    return out
+    return out + (["", *d["notes"]] if d.get("notes") else [])
 
 
 def pipeline_section() -> list[str]:
