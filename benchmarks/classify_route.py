@@ -62,6 +62,7 @@ def rank_of(module: str, ranks: dict[str, tuple[int, int]]) -> tuple[int, int]:
 class Route:
     def __init__(self) -> None:
         self.stops: list[str] = []
+        self.calls: list[tuple[str, str]] = []  # (caller, callee) of each call from one file into another
         self.depth = 0  # > 0: inside an opaque call, not followed
         self.on = False
         self.seen: set = set()
@@ -88,6 +89,13 @@ class Route:
         name = module.removeprefix("fmnist_onnx.")
         if not self.stops or self.stops[-1] != name:
             self.stops.append(name)
+        caller = frame.f_back
+        while caller is not None and (caller.f_globals.get("__name__", "") in IGNORED
+                                      or not caller.f_globals.get("__name__", "").startswith("fmnist_onnx")):
+            caller = caller.f_back
+        caller_name = caller.f_globals.get("__name__", "").removeprefix("fmnist_onnx.") if caller else ""
+        if caller_name != name:
+            self.calls.append((caller_name, name))
         if not followed:
             self.depth, self.opaque_frame = 1, frame
 
@@ -107,7 +115,7 @@ def images(folder: Path, n: int) -> None:
         Image.fromarray(p).save(d / f"{i}.png")
 
 
-def trace(args: list[str]) -> list[str]:
+def trace(args: list[str]) -> Route:
     from click.testing import CliRunner
 
     from fmnist_onnx.cli import cli
@@ -121,17 +129,30 @@ def trace(args: list[str]) -> list[str]:
     finally:
         sys.setprofile(None)
     assert result.exit_code == 0, result.output
-    return route.stops
+    return route
 
 
-def show(title: str, stops: list[str], ranks: dict[str, tuple[int, int]]) -> None:
-    climbs = [(a, b) for a, b in zip(stops, stops[1:], strict=False)
-              if rank_of("fmnist_onnx." + b, ranks) < rank_of("fmnist_onnx." + a, ranks)]
+def show(title: str, route: Route, ranks: dict[str, tuple[int, int]]) -> None:
+    """Two readings of one trace. By module: each call's module in turn (consecutive ones merged), a climb being
+    a module in a higher layer than the one before. By call: each call from one file into another is a stop (a
+    return to the calling function is not), a climb being a call made from a higher layer than the file of the
+    stop before it (the reader went back up to go on)."""
+    def rank(m: str) -> tuple[int, int]:
+        return rank_of("fmnist_onnx." + m, ranks)
+
+    stops = route.stops
+    climbs = [(a, b) for a, b in zip(stops, stops[1:], strict=False) if rank(b) < rank(a)]
     entered = Counter(stops)
-    print(f"{title}: {len(stops)} stops in {len(entered)} files, {len(climbs)} climbs; entered most: "
+    print(f"{title}, by module: {len(stops)} stops in {len(entered)} files, {len(climbs)} climbs; entered most: "
           + ", ".join(f"{m} {n}" for m, n in entered.most_common(6)))
     print("  route: " + " > ".join(stops))
-    print("  climbs: " + "; ".join(f"{a} -> {b}" for a, b in climbs))
+    calls = route.calls
+    up = [(prev[1], c) for prev, c in zip(calls, calls[1:], strict=False) if c[0] and rank(c[0]) < rank(prev[1])]
+    entered = Counter(callee for _, callee in calls)
+    print(f"{title}, by call: {len(calls)} stops in {len(entered)} files, {len(up)} climbs; entered most: "
+          + ", ".join(f"{m} {n}" for m, n in entered.most_common(6)))
+    print("  climbs (from the stop before, to the call made higher up): "
+          + "; ".join(f"{a} -> {c} > {b}" for a, (c, b) in up))
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
     _check_not_inputs(own, named, os.fspath(model))
     names = {} if output == "-" else {output: "--output", os.fspath(files.confusion_png): "the confusion matrix"}
     names.update({os.fspath(report): "--report"} if report is not None else {})
-    walk_skips = _check_not_walked(own, named, recursive, recorded_writes(output), names)
+    walk_skips = _check_not_walked(own, named, recursive, recorded_writes(files), names)
     if output != "-":
         check_writable(output)  # a read-only folder, a device: refused before any work
     # the model's hash only where there is a journal to resume

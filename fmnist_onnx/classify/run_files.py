@@ -8,7 +8,7 @@ list: request.py keeps them out of the walk and refuses any that is an input; re
     OUT.partial.run.json   its run record (contract.RunIdentity): written before the journal, checked by --resume
     OUT                    the output: the journal renamed (or converted, for Parquet) once complete
     OUT.run.json           the run record, renamed beside the output: a later --resume checks it
-    OUT-STEM.confusion.png the confusion matrix, where every row has a true class
+    STEM.confusion.png     the confusion matrix (STEM: OUT's name less its suffix), where rows have true classes
     PAGE                   the --report page (written by the caller's ``on_summary``: report.py is above this)
 
 With ``-o -`` the rows go to stdout (stdout_sink.py) and only the page and its lock are files. The run's life is
@@ -23,7 +23,8 @@ With ``-o -`` the rows go to stdout (stdout_sink.py) and only the page and its l
 4. keep, on any failure before the commit (``__exit__``):
    - Ctrl-C, SIGTERM: the journal and its record stay, named (errors.Interrupted: "--resume to finish");
    - a write that fails (files.OutputError, exit 4), a model that fails mid-run: both stay, named;
-   - any other error before the first row of a new run: the journal and its record are removed;
+   - a user error before the first row of a new run (the model fails on the first chunk): the journal and its
+     record are removed, as nothing is there to resume; any other error: both stay, not named;
    - the lock removed under the run (files.LockLost): everything is left as it is, and nothing is named;
    - killed (SIGKILL): the journal, its record and the lock file stay (a later run takes the lock over).
    A failure after the output got its name (the PNG: a warning; the page) leaves the output complete.
@@ -68,42 +69,33 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunFiles:
-    """The names of every file a run on ``output`` ('-': stdout) writes, derived once (the module's list)."""
+    """The names of every file a run on ``output`` ('-': stdout, no file of its own) writes, derived once from
+    the output's and the page's names (``of``): the module's list."""
 
     output: str
-    report: str | None = None
+    report: str | None
+    journal: Path  # with -o -: never used, as the other names of the output's files
+    journal_record: Path  # the run record of an unfinished output, beside its journal
+    record: Path  # the run record of a finished output: the journal's, renamed when the output got its name
+    lock: Path
+    confusion_png: Path
+    report_lock: Path | None
 
     @classmethod
     def of(cls, output: str | Path, report: str | Path | None = None) -> RunFiles:
-        return cls(os.fspath(output), os.fspath(report) if report is not None else None)
-
-    @property
-    def journal(self) -> Path:
-        return journal_path(self.output)
-
-    @property
-    def journal_record(self) -> Path:
-        """The run record of an unfinished output (beside its journal)."""
-        return self.journal.with_name(self.journal.name + ".run.json")
-
-    @property
-    def record(self) -> Path:
-        """The run record of a finished output: the journal's, renamed when the output got its name."""
-        output = Path(self.output)
-        return output.with_name(output.name + ".run.json")
-
-    @property
-    def confusion_png(self) -> Path:
-        output = Path(self.output)
-        return output.with_name(output.stem + ".confusion.png")
+        out, journal = Path(output), journal_path(output)
+        return cls(os.fspath(output), os.fspath(report) if report is not None else None, journal,
+                   journal.with_name(journal.name + ".run.json"), out.with_name(out.name + ".run.json"),
+                   lock_path(out), out.with_name(out.stem + ".confusion.png"),
+                   lock_path(report) if report is not None else None)
 
     def all(self) -> tuple[str, ...]:
         """Every file the run writes, locks included. None of them may be one of the run's inputs."""
-        named = [self.report, str(lock_path(self.report))] if self.report is not None else []
+        named = [self.report, str(self.report_lock)] if self.report is not None else []
         if self.output == "-":
             return tuple(named)
-        return (self.output, str(self.journal), str(self.journal_record), str(self.record),
-                str(lock_path(self.output)), str(self.confusion_png), *named)
+        return (self.output, str(self.journal), str(self.journal_record), str(self.record), str(self.lock),
+                str(self.confusion_png), *named)
 
     def finished_record(self) -> Path:
         """The record of the finished output: beside it, or still the journal's where the run ended between the
@@ -123,10 +115,6 @@ def record_path(output: str | Path) -> Path:
 
 def confusion_png_path(output: str | Path) -> Path:
     return RunFiles.of(output).confusion_png
-
-
-def run_files(output: str | Path, report: str | Path | None = None) -> tuple[str, ...]:
-    return RunFiles.of(output, report).all()
 
 
 NEW, JOURNAL, FINISHED = "new", "journal", "finished"  # what open finds (``Run.state``)
@@ -223,7 +211,8 @@ class Run:
         self.committed = True
         s = summary(final)
         if self.request.output != "-":
-            png = self._confusion_png(confusion, accuracy)
+            png = _confusion_png(self.files.confusion_png, self.request.output, confusion, accuracy,
+                                 replace=self.request.overwrite or self.request.resume)
             s = dataclasses.replace(s, confusion_png=str(png) if png else None)
         return self.publish(s)
 
@@ -239,24 +228,6 @@ class Run:
             pass
         except OSError as e:  # the output is complete: only a later --resume would miss the record
             log.warning("cannot keep the run record %s: %s", self.files.record, e.strerror)
-
-    def _confusion_png(self, confusion: np.ndarray | None, accuracy: float | None) -> Path | None:
-        """The confusion matrix beside the output, written atomically (a link at its name is replaced, never
-        followed), replacing a file there only where the run may (--overwrite, or the --resume of one)."""
-        from fmnist_onnx.plots import confusion_matrix  # Pillow only: works on the inference-only install too
-
-        path, replace = self.files.confusion_png, self.request.overwrite or self.request.resume
-        try:
-            if confusion is None:
-                if replace:
-                    remove_own(path)  # an earlier run's would describe other rows
-                return None
-            title = f"{Path(self.request.output).name}: accuracy {accuracy:.2f}%"
-            confusion_matrix(confusion, CLASSES, path, title=title, overwrite=replace)
-        except (OSError, UserError) as e:  # a full disk, a file put there meanwhile: the table is written, the
-            log.warning("cannot write %s: %s", path, getattr(e, "strerror", None) or e)  # picture is extra
-            return None
-        return path
 
     def __exit__(self, exc_type, e, tb) -> None:
         try:
@@ -294,6 +265,26 @@ class Run:
                                 "give a smaller --batch-size) and run the same command with --resume") from None
 
 
+def _confusion_png(path: Path, output: str, confusion: np.ndarray | None, accuracy: float | None,
+                   replace: bool) -> Path | None:
+    """The confusion matrix at ``path``, beside the output, written atomically (a link at its name is replaced,
+    never followed), replacing a file there only where the run may (``replace``: --overwrite, or the --resume of
+    one); ``confusion`` None: no picture, and an earlier run's removed where the run may replace it."""
+    from fmnist_onnx.plots import confusion_matrix  # Pillow only: works on the inference-only install too
+
+    try:
+        if confusion is None:
+            if replace:
+                remove_own(path)  # an earlier run's would describe other rows
+            return None
+        confusion_matrix(confusion, CLASSES, path, title=f"{Path(output).name}: accuracy {accuracy:.2f}%",
+                         overwrite=replace)
+    except (OSError, UserError) as e:  # a full disk, a file put there meanwhile: the table is written, the
+        log.warning("cannot write %s: %s", path, getattr(e, "strerror", None) or e)  # picture is extra
+        return None
+    return path
+
+
 def check_same_run(record: Path, identity: RunIdentity, what: Path) -> None:
     """--resume: UserError unless ``what`` (a journal, or a finished output) was written by this same run, as
     its ``record`` says. The record is read without following links."""
@@ -327,14 +318,13 @@ def _read_record(fd: int) -> RunIdentity:
     return RunIdentity.from_json(data.decode("utf-8"))
 
 
-def recorded_writes(output: str) -> frozenset[str]:
-    """What the run records beside ``output`` (an earlier run's, finished or not) name as that run's own files
+def recorded_writes(files: RunFiles) -> frozenset[str]:
+    """What the run records of ``files.output`` (an earlier run's, finished or not) name as that run's own files
     (``RunIdentity.writes``: the confusion PNG, the --report page), as absolute paths. A record that is
     missing, a link, or not one a run wrote names nothing: its files are then the user's."""
-    if output == "-":
+    if files.output == "-":
         return frozenset()
     named: set[str] = set()
-    files = RunFiles.of(output)
     for record in (files.record, files.journal_record):
         try:
             named.update(_read_record(open_existing(record)).writes)
