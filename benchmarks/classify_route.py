@@ -59,8 +59,13 @@ def rank_of(module: str, ranks: dict[str, tuple[int, int]]) -> tuple[int, int]:
     return ranks.get(module, (99, 99))
 
 
+OWNERS = {"Request", "RunFiles", "Run", "JournalSink", "OutputLock"}  # objects that stand for the run's files
+
+
 class Route:
-    def __init__(self) -> None:
+    def __init__(self, names: frozenset[str] = frozenset()) -> None:
+        self.names = names  # the run's files, by the names the command gives
+        self.file_stops: list[str] = []  # the stops whose call takes one of them, or an object that holds them
         self.stops: list[str] = []
         self.calls: list[tuple[str, str]] = []  # (caller, callee) of each call from one file into another
         self.depth = 0  # > 0: inside an opaque call, not followed
@@ -89,6 +94,9 @@ class Route:
         name = module.removeprefix("fmnist_onnx.")
         if not self.stops or self.stops[-1] != name:
             self.stops.append(name)
+        if any(self._is_run_file(v) for v in frame.f_locals.values()) and (
+                not self.file_stops or self.file_stops[-1] != name):
+            self.file_stops.append(name)
         caller = frame.f_back
         while caller is not None and (caller.f_globals.get("__name__", "") in IGNORED
                                       or not caller.f_globals.get("__name__", "").startswith("fmnist_onnx")):
@@ -98,6 +106,19 @@ class Route:
             self.calls.append((caller_name, name))
         if not followed:
             self.depth, self.opaque_frame = 1, frame
+
+
+    def _is_run_file(self, v) -> bool:
+        if isinstance(v, (str, Path)):
+            return str(v) in self.names
+        return type(v).__name__ in OWNERS
+
+
+def run_file_names(out: Path, page: Path) -> frozenset[str]:
+    """The run's files as issue 29 lists them (output, journal, records, lock, confusion PNG, page and its lock)."""
+    names = [out, Path(f"{out}.partial"), Path(f"{out}.partial.run.json"), Path(f"{out}.run.json"),
+             Path(f"{out}.lock"), out.with_name(out.stem + ".confusion.png"), page, Path(f"{page}.lock")]
+    return frozenset(str(n) for n in names)
 
 
 def images(folder: Path, n: int) -> None:
@@ -115,12 +136,12 @@ def images(folder: Path, n: int) -> None:
         Image.fromarray(p).save(d / f"{i}.png")
 
 
-def trace(args: list[str]) -> Route:
+def trace(args: list[str], names: frozenset[str]) -> Route:
     from click.testing import CliRunner
 
     from fmnist_onnx.cli import cli
 
-    route = Route()
+    route = Route(names)
     runner = CliRunner()
     route.on = True
     sys.setprofile(route.profile)
@@ -153,6 +174,12 @@ def show(title: str, route: Route, ranks: dict[str, tuple[int, int]]) -> None:
           + ", ".join(f"{m} {n}" for m, n in entered.most_common(6)))
     print("  climbs (from the stop before, to the call made higher up): "
           + "; ".join(f"{a} -> {c} > {b}" for a, (c, b) in up))
+    stops = route.file_stops
+    climbs = [(a, b) for a, b in zip(stops, stops[1:], strict=False) if rank(b) < rank(a)]
+    entered = Counter(stops)
+    print(f"{title}, the calls that take a run's file (by module): {len(stops)} stops in {len(entered)} files, "
+          f"{len(climbs)} climbs; entered most: " + ", ".join(f"{m} {n}" for m, n in entered.most_common(6)))
+    print("  route: " + " > ".join(stops))
 
 
 def main() -> None:
@@ -166,8 +193,9 @@ def main() -> None:
         images(work / "in", args.images)
         base = ["classify", str(work / "in"), "-m", args.model, "-o", str(work / "p.csv"), "--workers", "1", "-q",
                 "--report", str(work / "r.html")]
-        show("fresh run", trace(base), ranks)
-        show("--resume of the finished output", trace([*base[:-2], "--resume"]), ranks)
+        names = run_file_names(work / "p.csv", work / "r.html")
+        show("fresh run", trace(base, names), ranks)
+        show("--resume of the finished output", trace([*base[:-2], "--resume"], names), ranks)
 
 
 if __name__ == "__main__":

@@ -45,16 +45,16 @@ from typing import TYPE_CHECKING
 from fmnist_onnx.classify.contract import RECORD_MAX_BYTES, RECORD_VERSION, ClassifySummary, Request, Rows, RunIdentity
 from fmnist_onnx.errors import Interrupted, UserError
 from fmnist_onnx.files import (
+    LOCK_SUFFIX,
     LockLost,
     OutputError,
     OutputLock,
     check_locks,
-    lock_path,
     open_existing,
     open_new,
     remove_own,
 )
-from fmnist_onnx.journal import JournalSink, check_unused, journal_path
+from fmnist_onnx.journal import JOURNAL_SUFFIX, JournalSink, check_unused
 from fmnist_onnx.runtime import ModelRunError
 from fmnist_onnx.signals import StopSignals, signum_of
 from fmnist_onnx.spec import CLASSES
@@ -83,11 +83,12 @@ class RunFiles:
 
     @classmethod
     def of(cls, output: str | Path, report: str | Path | None = None) -> RunFiles:
-        out, journal = Path(output), journal_path(output)
+        out = Path(output)
+        journal = out.with_name(out.name + JOURNAL_SUFFIX)  # the names journal.py and files.py give them
         return cls(os.fspath(output), os.fspath(report) if report is not None else None, journal,
                    journal.with_name(journal.name + ".run.json"), out.with_name(out.name + ".run.json"),
-                   lock_path(out), out.with_name(out.stem + ".confusion.png"),
-                   lock_path(report) if report is not None else None)
+                   out.with_name(out.name + LOCK_SUFFIX), out.with_name(out.stem + ".confusion.png"),
+                   Path(f"{os.fspath(report)}{LOCK_SUFFIX}") if report is not None else None)
 
     def all(self) -> tuple[str, ...]:
         """Every file the run writes, locks included. None of them may be one of the run's inputs."""
