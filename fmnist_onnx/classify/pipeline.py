@@ -179,8 +179,8 @@ def _run(request: Request, run: Run, engine: str, progress: bool, on_provider, e
         if eng is not None:
             eng.close()
     acc, per_class = tally.metrics()
-    return run.commit(tally.confusion if per_class is not None else None, acc, lambda final: summarize(
-        tally, final, request.fmt, eng.provider, eng.workers, eng.decoder, time.perf_counter() - t0,
+    return run.commit(tally.confusion if per_class is not None else None, acc, lambda final, done, png: summarize(
+        tally, final, request.fmt, eng.provider, eng.workers, eng.decoder, done - t0, png,
         provider_reason=getattr(eng, "provider_reason", None)))
 
 

@@ -33,9 +33,9 @@ With ``-o -`` the rows go to stdout (stdout_sink.py) and only the page and its l
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -201,34 +201,32 @@ class Run:
         self.rows += len(rows)
 
     def commit(self, confusion: np.ndarray | None, accuracy: float | None,
-               summary: Callable[[str | Path], ClassifySummary]) -> ClassifySummary:
+               summary: Callable[[str | Path, float, str | None], ClassifySummary]) -> ClassifySummary:
         """The journal becomes the output, its record goes beside it, the confusion PNG (``confusion``: None
-        where not every row has a true class), then ``on_summary``; ``summary(final)`` makes the summary."""
+        where not every row has a true class), then ``on_summary``. ``summary(final, done, png)`` makes the
+        summary (``done``: time.perf_counter() once the output was complete; ``png``: the PNG written, or None)."""
+        output, files = self.request.output, self.files
         with StopSignals(raises=True):
             check_locks()  # a run whose lock was removed may share its output with another: nothing is renamed
             final = self.sink.finish()
-            if self.request.output != "-":
-                self._keep_record()
+            done = time.perf_counter()
+            try:
+                if output != "-":
+                    os.replace(files.journal_record, files.record)  # a link there is replaced, not followed
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # the output is complete: only a later --resume would miss the record
+                log.warning("cannot keep the run record %s: %s", files.record, e.strerror)
         self.committed = True
-        s = summary(final)
-        if self.request.output != "-":
-            png = _confusion_png(self.files.confusion_png, self.request.output, confusion, accuracy,
-                                 replace=self.request.overwrite or self.request.resume)
-            s = dataclasses.replace(s, confusion_png=str(png) if png else None)
-        return self.publish(s)
+        png = None if output == "-" else _confusion_png(files.confusion_png, output, confusion, accuracy,
+                                                         replace=self.request.overwrite or self.request.resume)
+        return self.publish(summary(final, done, str(png) if png else None))
 
     def publish(self, s: ClassifySummary) -> ClassifySummary:
+        """The summary to ``on_summary``, the run's last step (a --resume of a finished output: its only one)."""
         if self.on_summary is not None:
             self.on_summary(s)
         return s
-
-    def _keep_record(self) -> None:
-        try:
-            os.replace(self.files.journal_record, self.files.record)  # a link there is replaced, not followed
-        except FileNotFoundError:
-            pass
-        except OSError as e:  # the output is complete: only a later --resume would miss the record
-            log.warning("cannot keep the run record %s: %s", self.files.record, e.strerror)
 
     def __exit__(self, exc_type, e, tb) -> None:
         try:

@@ -71,8 +71,9 @@ class Tally:
 
 
 def summarize(tally: Tally, final: str | Path, fmt: str, provider: str, workers: int, decoder: str, seconds: float,
-              provider_reason: str | None = None) -> ClassifySummary:
-    """The summary of a finished run (any engine); its confusion PNG is the run's to add (run_files.Run.commit)."""
+              confusion_png: str | None = None, provider_reason: str | None = None) -> ClassifySummary:
+    """The summary of a finished run (any engine); ``confusion_png``: the picture the run wrote, if any
+    (run_files.Run.commit writes it)."""
     acc, per_class = tally.metrics()
     new = tally.classified + tally.failed - tally.resumed
     return ClassifySummary(
@@ -80,7 +81,7 @@ def summarize(tally: Tally, final: str | Path, fmt: str, provider: str, workers:
         files=tally.classified + tally.failed, classified=tally.classified, failed=tally.failed,
         skipped=tally.skipped, resumed=tally.resumed, seconds=round(seconds, 3),
         images_per_s=round(new / seconds, 1) if seconds > 0 else 0.0, accuracy_pct=acc, per_class=per_class,
-        confusion_png=None, failures=tally.failures, provider_reason=provider_reason,
+        confusion_png=confusion_png, failures=tally.failures, provider_reason=provider_reason,
         skipped_kinds=dict(sorted(tally.skipped_kinds.items())),
         containers_skipped=tally.beside[0], containers_skipped_first=tally.beside[1],
     )
