@@ -9,10 +9,17 @@ inputs and engine (classify/sources, classify/engines, predict, images, runtime,
 report page's rendering, the PNG's drawing) are each one stop: the calls inside them are not followed; the
 bottom layer's helpers (errors, text, signals, spec, testing, progress, timing, contract's records) and imports on
 first use are no stop. Each function is followed once, the first time it is called (as a reader follows the code,
-not once a row or a chunk). Consecutive calls in one module are one
-stop. A climb is a stop in a higher layer than the stop before it (the layers of pyproject.toml's import-linter
-contracts, classify's own layers inside its one). Prints the stops, the climbs, and how often each file is
-entered; the issue's targets: at most 5 climbs, no file entered more than 3 times.
+not once a row or a chunk). The issue did not say how it counted; the trace is read three ways:
+
+- by module: each call's module in turn, consecutive ones merged; a climb is a module in a higher layer than
+  the one before (the layers of pyproject.toml's import-linter contracts, classify's own inside its one);
+- by call: each call from one file into another is a stop; a climb is a call made from a higher layer than the
+  file of the stop before it (the reader went back up to go on);
+- the calls that take a run's file (closest to the issue's "the output, the journal and the record derived
+  from them"): by module, only the calls given one of the run's file names or an object standing for them
+  (Request, RunFiles, Run, JournalSink, OutputLock).
+
+The issue's targets: at most 5 climbs, no file entered more than 3 times.
 """
 
 from __future__ import annotations
