@@ -156,31 +156,27 @@ def _run(request: Request, run: Run, engine: str, progress: bool, on_provider, e
         with StopSignals(raises=True):
             summary = finished_summary(request)
         return run.publish(summary)
-    eng = done = None
+    done = None
     tally = Tally()
-    try:
-        with StopSignals(raises=True):
-            if run.state == JOURNAL:
-                done = continue_journal(request, run, tally)
-            pause_point(CLASSIFY_BEFORE_ENGINE)  # tests hold the run here, before the walk (testing.py)
-            # the engine's processes are forked before the walk reads any member's bytes: a fork after it would
-            # hold a compressed tar's first member in every worker for the whole run
-            eng = engines.open_engine(engine, request, **engine_options)
+    with StopSignals(raises=True):
+        if run.state == JOURNAL:
+            done = continue_journal(request, run, tally)
+        pause_point(CLASSIFY_BEFORE_ENGINE)  # tests hold the run here, before the walk (testing.py)
+        # the engine's processes are forked before the walk reads any member's bytes: a fork after it would
+        # hold a compressed tar's first member in every worker for the whole run
+        with engines.open_engine(engine, request, **engine_options) as eng:
             seen = sources.Seen()
-            walk = _found(sources.walk(request.roots, request.recursive, request.own_files, request.image_column,
-                                       seen), tally, seen, request.roots)
+            walk = _found(sources.walk(request.roots, request.recursive, request.own_files,
+                                       request.image_column, seen), tally, seen, request.roots)
             if on_provider is not None:
                 on_provider(eng.provider)
             pause_point(CLASSIFY_ENGINE_READY)
             run.start()
             _pipeline(run, eng, done, tally, progress, walk)
             tally.beside = (seen.beside_count, seen.beside)
-    finally:
-        if eng is not None:
-            eng.close()
-    acc, per_class = tally.metrics()
-    return run.commit(tally.confusion if per_class is not None else None, acc, lambda final, done, png: summarize(
-        tally, final, request.fmt, eng.provider, eng.workers, eng.decoder, done - t0, png,
+    acc, per_class = tally.metrics()  # the engine stopped: the run's files are committed without it
+    return run.commit(tally.confusion if per_class is not None else None, acc, lambda final, ended, png: summarize(
+        tally, final, request.fmt, eng.provider, eng.workers, eng.decoder, ended - t0, png,
         provider_reason=getattr(eng, "provider_reason", None)))
 
 
