@@ -142,25 +142,16 @@ class JournalSink:
                on_previous_row: Callable[[dict], None] | None) -> JournalSink:
         """--resume: the journal after its last complete row (a torn tail is dropped). Every row is checked
         first (the scan's own checks, then ``on_previous_row``'s): until then nothing is changed."""
-        try:
-            return cls._reopen(output, fmt, top_k, on_previous_row)
-        except OSError as e:
-            raise UserError(f"cannot write {journal_path(output)}: {why(e)}") from None
-
-    @classmethod
-    def _reopen(cls, output: Path, fmt: str, top_k: int,
-                on_previous_row: Callable[[dict], None] | None) -> JournalSink:
         journal = journal_path(output)
-        fd = files.open_existing(journal, os.O_RDWR)  # a link is refused: never read or written through one
         try:
-            good, cols = _scan(fd, journal, fmt, top_k, on_previous_row)
-            os.ftruncate(fd, good)  # drop a torn tail: new rows must start on a fresh line
-            os.lseek(fd, good, os.SEEK_SET)
-            if cols is None and fmt == "csv":
-                good += os.write(fd, csv_header(top_k))
-        except BaseException:
-            os.close(fd)
-            raise
+            fd = files.open_existing(journal, os.O_RDWR)  # a link is refused: never read or written through one
+            try:
+                good = _continue_at(fd, journal, fmt, top_k, on_previous_row)
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as e:
+            raise UserError(f"cannot write {journal}: {why(e)}") from None
         return cls(output, fmt, top_k, fd, good)
 
     def _failed(self, e: OSError) -> OutputError:
@@ -235,6 +226,18 @@ class JournalSink:
             finally:
                 os.close(self.fd)
                 self.fd = -1
+
+
+def _continue_at(fd: int, journal: Path, fmt: str, top_k: int,
+                 on_previous_row: Callable[[dict], None] | None) -> int:
+    """Where new rows go in the journal open at ``fd``: after its last complete row, every row checked first
+    (a torn tail is cut: new rows must start on a fresh line)."""
+    good, cols = _scan(fd, journal, fmt, top_k, on_previous_row)
+    os.ftruncate(fd, good)
+    os.lseek(fd, good, os.SEEK_SET)
+    if cols is None and fmt == "csv":
+        good += os.write(fd, csv_header(top_k))
+    return good
 
 
 def _scan(fd: int, journal: Path, fmt: str, top_k: int,
