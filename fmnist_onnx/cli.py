@@ -644,20 +644,19 @@ def classify(paths, model, output, fmt, top_k, batch_size, workers, provider, in
             why = " (auto)" if provider == "auto" else ""
             click.echo(f"provider: {name}{why}", err=True)
 
+    def on_summary(s) -> None:  # under the run's locks (the output's, the --report page's, taken before any work)
+        _show_run(s, as_json, report_path, model, invert, overwrite, image_column)
+
     options = {"address": ray_address, "actors": actors} if engine == "ray" else \
         {"workers": workers, "inference": inference}
-    from fmnist_onnx.files import locked
-
-    with locked(report_path):  # the --report page's lock, from before the run: refused before an hour of work
-        try:
-            s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
-                            invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
-                            progress=show_progress(quiet), on_provider=on_provider, report=report_path,
-                            engine=engine, image_column=image_column, **options)
-        except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            click.get_current_context().exit(141)
-        _show_run(s, as_json, report_path, model, invert, overwrite, image_column)
+    try:
+        s = cl.classify(paths, model, output, fmt=fmt, top_k=top_k, batch_size=batch_size, provider=provider,
+                        invert=invert, resume=resume, overwrite=overwrite, recursive=not no_recursive,
+                        progress=show_progress(quiet), on_provider=on_provider, report=report_path,
+                        engine=engine, image_column=image_column, on_summary=on_summary, **options)
+    except BrokenPipeError:  # `classify ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        click.get_current_context().exit(141)
     click.get_current_context().exit(3 if s.failed else 0)  # 3: some files failed (their rows say why)
 
 
@@ -678,18 +677,18 @@ def _check_classify_options(output, as_json, report_path, overwrite, model, path
     if engine == "ray" and local_options:
         raise click.UsageError("--workers and --inference are for --engine local; with --engine ray, use --actors")
     if image_column is not None:
-        from fmnist_onnx.classify.outputs import run_files
+        from fmnist_onnx.classify.run_files import RunFiles
         from fmnist_onnx.classify.sources import kinds
 
         # a folder of Parquet shards, a pattern of Parquet files: Parquet inputs too (the run's own files left out)
-        if "parquet" not in kinds(paths, recursive, run_files(output, report_path)):
+        if "parquet" not in kinds(paths, recursive, RunFiles.of(output, report_path).all()):
             raise click.UsageError("--image-column is for Parquet inputs, and none of PATHS is a .parquet file (or "
                                    "a folder of them)")
 
 
 def _show_run(s, as_json, report_path, model, invert, overwrite, image_column) -> None:
-    """The summary (text on stderr, or JSON on stdout: stdout holds data alone), then the --report page (its
-    lock is held by the caller)."""
+    """The summary (text on stderr, or JSON on stdout: stdout holds data alone), then the --report page: the
+    run's last file, written while its locks are held (classify calls this last, run_files.Run)."""
     import json
     from dataclasses import asdict
 

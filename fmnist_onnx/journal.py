@@ -58,9 +58,15 @@ def check_writable(output: str | Path) -> None:
 def check_free(output: str | Path) -> None:
     """UserError unless ``output`` can be written without clobbering a finished or interrupted run (and
     its folder can be written at all: checked before any work). A link counts as a file."""
+    check_writable(output)
+    check_unused(output)
+
+
+def check_unused(output: str | Path) -> None:
+    """UserError if ``output`` or its journal exists (a finished or an interrupted run's): the place itself
+    checked already (``check_writable``). A link counts as a file."""
     output = Path(output)
     journal = journal_path(output)
-    check_writable(output)
     if os.path.lexists(output):
         raise UserError(f"{output} exists; use --overwrite to replace it")
     if os.path.lexists(journal):
@@ -102,11 +108,20 @@ class JournalSink:
             check_free(output)
         if resume and not os.path.lexists(journal) and os.path.lexists(output):
             raise UserError(f"{output} is already complete; use --overwrite to classify again")
+        if resume and os.path.lexists(journal):
+            return cls.reopen(output, fmt, top_k, on_previous_row)
+        return cls.create(output, fmt, top_k, replace=overwrite)
+
+    @classmethod
+    def create(cls, output: Path, fmt: str, top_k: int, replace: bool = False) -> JournalSink:
+        """A new journal, its place checked already (``open``'s checks, or the caller's): ``replace`` removes
+        one there (a link: itself), and lets ``finish`` replace a file at the output's name."""
+        journal = journal_path(output)
+        if fmt == "parquet":
+            pyarrow_parquet()  # fail now, not after an hour of work
         try:
-            if overwrite:
+            if replace:
                 remove_own(journal)
-            if resume and os.path.lexists(journal):
-                return cls._reopen(output, fmt, top_k, on_previous_row)
             fd = files.open_new(journal, os.O_RDWR)
         except FileExistsError:  # created meanwhile, by something else than a run (which holds the lock)
             raise UserError(f"{journal} appeared meanwhile; use --resume or --overwrite") from None
@@ -120,24 +135,23 @@ class JournalSink:
             os.close(fd)
             journal.unlink(missing_ok=True)  # nothing in it yet
             raise UserError(f"cannot write {journal}: {why(e)}") from None
-        return cls(output, fmt, top_k, fd, len(header), replace=overwrite)
+        return cls(output, fmt, top_k, fd, len(header), replace=replace)
 
     @classmethod
-    def _reopen(cls, output: Path, fmt: str, top_k: int,
-                on_previous_row: Callable[[dict], None] | None) -> JournalSink:
+    def reopen(cls, output: Path, fmt: str, top_k: int,
+               on_previous_row: Callable[[dict], None] | None) -> JournalSink:
         """--resume: the journal after its last complete row (a torn tail is dropped). Every row is checked
         first (the scan's own checks, then ``on_previous_row``'s): until then nothing is changed."""
         journal = journal_path(output)
-        fd = files.open_existing(journal, os.O_RDWR)  # a link is refused: never read or written through one
         try:
-            good, cols = _scan(fd, journal, fmt, top_k, on_previous_row)
-            os.ftruncate(fd, good)  # drop a torn tail: new rows must start on a fresh line
-            os.lseek(fd, good, os.SEEK_SET)
-            if cols is None and fmt == "csv":
-                good += os.write(fd, csv_header(top_k))
-        except BaseException:
-            os.close(fd)
-            raise
+            fd = files.open_existing(journal, os.O_RDWR)  # a link is refused: never read or written through one
+            try:
+                good = _continue_at(fd, journal, fmt, top_k, on_previous_row)
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as e:
+            raise UserError(f"cannot write {journal}: {why(e)}") from None
         return cls(output, fmt, top_k, fd, good)
 
     def _failed(self, e: OSError) -> OutputError:
@@ -212,6 +226,18 @@ class JournalSink:
             finally:
                 os.close(self.fd)
                 self.fd = -1
+
+
+def _continue_at(fd: int, journal: Path, fmt: str, top_k: int,
+                 on_previous_row: Callable[[dict], None] | None) -> int:
+    """Where new rows go in the journal open at ``fd``: after its last complete row, every row checked first
+    (a torn tail is cut: new rows must start on a fresh line)."""
+    good, cols = _scan(fd, journal, fmt, top_k, on_previous_row)
+    os.ftruncate(fd, good)
+    os.lseek(fd, good, os.SEEK_SET)
+    if cols is None and fmt == "csv":
+        good += os.write(fd, csv_header(top_k))
+    return good
 
 
 def _scan(fd: int, journal: Path, fmt: str, top_k: int,

@@ -45,11 +45,12 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_onnx import images
-from fmnist_onnx.classify import Tally, confusion_png_path, identity_path
+from fmnist_onnx.classify import Tally, confusion_png_path
 from fmnist_onnx.classify.predict import row_truth
+from fmnist_onnx.classify.run_files import RunFiles
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import atomic_write_bytes, check_distinct, check_output
-from fmnist_onnx.journal import JOURNAL_SUFFIX, journal_path
+from fmnist_onnx.journal import JOURNAL_SUFFIX
 from fmnist_onnx.spec import CLASSES, IMAGE_SIZE, INVERT_MODES, NUM_CLASSES
 from fmnist_onnx.table import path_digest, read_rows
 from fmnist_onnx.text import visible
@@ -726,11 +727,10 @@ def check_destination(dest: str | Path, overwrite: bool, inputs: Iterable[str | 
                       outputs: Iterable[str | Path] = ()) -> Path:
     """Before a classify run (not after an hour of work): UserError unless its --report may be written at
     ``dest`` under the write policy: an existing file only with ``overwrite``, and never one of the run's
-    ``inputs`` (the model, the files named) or its other ``outputs`` (the table the report is made of, the
-    confusion PNG, the journal and its run record beside it), even with it."""
-    outputs = [Path(o) for o in outputs]
-    # and the run's own state: a page written over its journal or run record would wreck a --resume
-    others = outputs + [p for o in outputs for p in (confusion_png_path(o), journal_path(o), identity_path(o))]
+    ``inputs`` (the model, the files named) or its other ``outputs`` and each of their files (run_files.RunFiles:
+    the table the report is made of, the confusion PNG, the journal, the run records, the lock), even with it."""
+    # the run's own state too: a page written over its journal or run record would wreck a --resume
+    others = [Path(p) for o in outputs for p in RunFiles.of(o).all()]
     check_distinct([*others, dest])
     return check_output(dest, overwrite, inputs=[*inputs, *others], what="--report")
 

@@ -113,6 +113,29 @@ def test_a_lock_removed_under_a_run_stops_it_before_its_journal_is_renamed_or_na
     assert journal_path(out).exists() and not out.exists() and "--resume" not in stderr
 
 
+def test_the_report_is_the_last_file_written_under_the_output_s_and_the_page_s_locks(small, onnx_model, tmp_path):
+    """on_summary (where the CLI writes the --report page) runs with the output, its record and the confusion PNG in
+    place, the journal gone, both locks still held; the files there are the ones RunFiles names, and the locks
+    are gone once the run ends."""
+    from fmnist_onnx.classify import RunFiles, classify
+    from fmnist_onnx.errors import UserError
+
+    out, page = tmp_path / "preds.csv", tmp_path / "r.html"
+    there: list[str] = []
+
+    def on_summary(summary) -> None:
+        for name in (out, page):
+            with pytest.raises(UserError, match="is being written by another run"):
+                OutputLock(name).acquire()
+        there.extend(sorted(os.listdir(tmp_path)))
+
+    classify([small], onnx_model, out, report=page, on_summary=on_summary, workers=1)
+    assert there == sorted([out.name, record_path(out).name, confusion_png_path(out).name, lock_path(out).name,
+                            lock_path(page).name])
+    assert {str(tmp_path / name) for name in there} <= set(RunFiles.of(out, page).all())
+    assert sorted(os.listdir(tmp_path)) == sorted([out.name, record_path(out).name, confusion_png_path(out).name])
+
+
 # ---------------------------------------------------------------------------------------------- links
 
 @pytest.fixture

@@ -319,11 +319,13 @@ def test_a_link_to_an_image_the_table_names_is_refused(folder):
     assert (folder / "Bag/0.png").read_bytes() == before
 
 
-@pytest.mark.parametrize("case", ["the model", "an input file", "the output", "the journal", "existing"])
+@pytest.mark.parametrize("case", ["the model", "an input file", "the output", "the journal", "the run record",
+                                  "the lock", "existing"])
 def test_classify_report_onto_an_input_or_existing_file_is_refused_before_the_run(case, folder, model):
     (folder / "old.html").write_text("old")
     target = {"the model": model, "an input file": folder / "Bag/0.png", "the output": folder / "out.csv",
-              "the journal": folder / "out.csv.partial", "existing": folder / "old.html"}[case]
+              "the journal": folder / "out.csv.partial", "the run record": folder / "out.csv.run.json",
+              "the lock": folder / "out.csv.lock", "existing": folder / "old.html"}[case]
     before = target.read_bytes() if target.exists() else None
     flags = [] if case == "existing" else ["--overwrite"]
     proc = run_cli("classify", folder / "Bag" / "0.png", folder / "Coat", "-m", model, "-o", folder / "out.csv",

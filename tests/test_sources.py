@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fmnist_onnx.classify import sources
-from fmnist_onnx.classify.outputs import record_path
+from fmnist_onnx.classify.run_files import record_path
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.journal import journal_path
 from fmnist_onnx.spec import CLASSES

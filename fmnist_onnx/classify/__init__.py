@@ -1,9 +1,9 @@
 """classify: images -> a table of predictions, one row per image, with onnxruntime (pipeline.py tells how).
 
 The package's layers, lowest first (tests/test_architecture.py holds them): contract (records and interfaces),
-predict (a chunk through the model), outputs (what a run writes), tally (counting, the summary), request (the
-checks), resume, pipeline (the driver); beside them the registries of sources/ and engines/, whose modules are
-imported only when chosen. The public names below are what callers use.
+predict (a chunk through the model), run_files (a run's files and their owner), tally (counting, the summary),
+request (the checks), resume, pipeline (the driver); beside them the registries of sources/ and engines/, whose
+modules are imported only when chosen. The public names below are what callers use.
 """
 
 from importlib import import_module
@@ -13,7 +13,7 @@ from importlib import import_module
 _HOMES = {
     "contract": ["BATCHED_MAX_CHUNK", "CRASHED", "DEFAULT_BATCH", "MAX_CHUNK", "Batch", "ClassifySummary", "Found",
                  "Request", "Rows", "RunIdentity"],
-    "outputs": ["confusion_png_path", "identity_path", "record_path", "run_files"],
+    "run_files": ["Run", "RunFiles", "confusion_png_path", "identity_path", "record_path"],
     "pipeline": ["classify"],
     "predict": ["decoder_name", "make_rows", "predict_rows", "rows_of"],
     "tally": ["Tally", "format_summary"],

@@ -2,14 +2,15 @@
 every engine and source:
 
 1. the request and its checks (request.py): inputs, model, options, output, each a one-line UserError before
-   any work; then, holding the output's lock (one run per output at a time), its state: nothing to clobber
-   (``check_fresh``), or on --resume that the journal, or the finished output, was written by this same run
-   and holds only rows this run writes (resume.py);
+   any work; then the run's files opened (run_files.Run: the output's and the report's locks, one run each at a
+   time, and the output's state: nothing to clobber, or on --resume the journal, or the finished output,
+   written by this same run), and on --resume the rows read back checked against this run's walk (resume.py);
 2. the walk (sources/): streamed, sorted, cut into chunks (``work_items``); units an interrupted run wrote
    already are skipped, and the run's own files are left out wherever they lie: a run never reads its outputs;
 3. the engine (engines/, chosen by name from its registry): chunks -> ``Rows`` (encoded as the sink writes
    them, with their top-1 classes and true classes as arrays);
-4. the sink (outputs.py, journal.py): rows appended to a journal that becomes the output only when complete;
+4. the run's files (run_files.py): rows appended to a journal that becomes the output only when complete,
+   committed with the run record, the confusion PNG and the report; on failure, what --resume needs is kept;
 5. the summary (tally.py): counts, accuracy and the confusion matrix in the ImageFolder layout.
 
 The process that walks and writes handles arrays and bytes per chunk, not a Python object per file: that
@@ -18,7 +19,6 @@ is what keeps it off the critical path on many cores. No torch here.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,16 +38,12 @@ from fmnist_onnx.classify.contract import (
     Members,
     Request,
 )
-from fmnist_onnx.classify.outputs import finish_sink, identity_path, open_sink
-from fmnist_onnx.classify.request import check_fresh, check_request
-from fmnist_onnx.classify.resume import Done, resume_state
+from fmnist_onnx.classify.request import check_request
+from fmnist_onnx.classify.resume import Done, continue_journal, finished_summary
+from fmnist_onnx.classify.run_files import FINISHED, JOURNAL, Run
 from fmnist_onnx.classify.tally import Tally, summarize
-from fmnist_onnx.errors import Interrupted, UserError
-from fmnist_onnx.files import LockLost, OutputError, OutputLock, check_locks, remove_own
-from fmnist_onnx.journal import JournalSink, journal_path
-from fmnist_onnx.runtime import ModelRunError
-from fmnist_onnx.signals import StopSignals, signum_of
-from fmnist_onnx.stdout_sink import StdoutSink
+from fmnist_onnx.errors import UserError
+from fmnist_onnx.signals import StopSignals
 from fmnist_onnx.table import Row
 from fmnist_onnx.testing import CLASSIFY_AFTER_CHUNK, CLASSIFY_BEFORE_ENGINE, CLASSIFY_ENGINE_READY, pause_point
 
@@ -132,58 +128,56 @@ def classify(
     engine: str = "local",
     report: str | Path | None = None,
     image_column: str | None = None,
+    on_summary=None,
     **engine_options,
 ) -> ClassifySummary:
     """Classify every image file under ``paths`` into ``output`` ('-': CSV on stdout); see the module doc.
     ``engine``: a name in engines.ENGINES; ``engine_options`` go to it (local: workers, inference, stages; ray:
     address, actors).
     ``on_provider(name)`` is called once the engine is ready (the CLI says which provider runs). ``report``:
-    where the caller writes the run's report (the walk leaves it out). ``image_column``: the Parquet inputs'
-    column of images (--image-column; None: the source's rule). One run per output at a time: the
-    output's lock (files.OutputLock) is held from before its journal is looked at to the end."""
+    where the caller writes the run's report (the walk leaves it out; its lock is held for the run), in
+    ``on_summary(summary)``, called last, while the run's files are still held (run_files.Run).
+    ``image_column``: the Parquet inputs' column of images (--image-column; None: the source's rule). One run per
+    output at a time: the output's lock (files.OutputLock) is held from before its journal is looked at to the
+    end."""
     t0 = time.perf_counter()
     request = check_request(paths, model, output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
                             provider, report, engine, image_column)
-    with OutputLock(request.output) if request.output != "-" else contextlib.nullcontext():
-        return _run(request, engine, progress, on_provider, engine_options, t0)
+    with Run(request, report, on_summary) as run:  # failures leave through Run.__exit__: what --resume needs kept
+        return _run(request, run, engine, progress, on_provider, engine_options, t0)
 
 
-def _run(request: Request, engine: str, progress: bool, on_provider, engine_options: dict,
+def _run(request: Request, run: Run, engine: str, progress: bool, on_provider, engine_options: dict,
          t0: float) -> ClassifySummary:
-    """The run, under the output's lock. Ctrl-C and SIGTERM raise where the run is (signals.StopSignals), so
+    """The run, its files held (``run``). Ctrl-C and SIGTERM raise where the run is (signals.StopSignals), so
     that the engine stops (a local Ray runtime, the worker processes) and the journal is closed cleanly; they
     leave as errors.Interrupted."""
-    sink = eng = done = None
-    tally = Tally()
-    try:
+    if run.state == FINISHED:  # --resume of a finished output: its rows checked against the inputs
         with StopSignals(raises=True):
-            if request.resume:
-                finished, sink, done = resume_state(request, tally)
-                if finished is not None:
-                    return finished
-            else:
-                check_fresh(request)
-            pause_point(CLASSIFY_BEFORE_ENGINE)  # tests hold the run here, before the walk (testing.py)
-            # the engine's processes are forked before the walk reads any member's bytes: a fork after it would
-            # hold a compressed tar's first member in every worker for the whole run
-            with engines.open_engine(engine, request, **engine_options) as eng:
-                seen = sources.Seen()
-                walk = _found(sources.walk(request.roots, request.recursive, request.own_files,
-                                           request.image_column, seen), tally, seen, request.roots)
-                if on_provider is not None:
-                    on_provider(eng.provider)
-                pause_point(CLASSIFY_ENGINE_READY)
-                sink = sink or open_sink(request)
-                final = _pipeline(request, eng, sink, done, tally, progress, walk)
-                tally.beside = (seen.beside_count, seen.beside)
-    except BaseException as e:
-        _lock_still_held(sink)
-        close_on_error(sink, e)  # Ctrl-C and SIGTERM leave here as Interrupted
-        _after_failure(request, sink, tally, e)
-        raise
-    return summarize(tally, final, request.output, request.fmt, eng.provider, eng.workers, eng.decoder,
-                     time.perf_counter() - t0, replace=request.overwrite or request.resume,
-                     provider_reason=getattr(eng, "provider_reason", None))
+            summary = finished_summary(request)
+        return run.publish(summary)
+    done = None
+    tally = Tally()
+    with StopSignals(raises=True):
+        if run.state == JOURNAL:
+            done = continue_journal(request, run, tally)
+        pause_point(CLASSIFY_BEFORE_ENGINE)  # tests hold the run here, before the walk (testing.py)
+        # the engine's processes are forked before the walk reads any member's bytes: a fork after it would
+        # hold a compressed tar's first member in every worker for the whole run
+        with engines.open_engine(engine, request, **engine_options) as eng:
+            seen = sources.Seen()
+            walk = _found(sources.walk(request.roots, request.recursive, request.own_files,
+                                       request.image_column, seen), tally, seen, request.roots)
+            if on_provider is not None:
+                on_provider(eng.provider)
+            pause_point(CLASSIFY_ENGINE_READY)
+            run.start()
+            _pipeline(run, eng, done, tally, progress, walk)
+            tally.beside = (seen.beside_count, seen.beside)
+    acc, per_class = tally.metrics()  # the engine stopped: the run's files are committed without it
+    return run.commit(tally.confusion if per_class is not None else None, acc, lambda final, ended, png: summarize(
+        tally, final, request.fmt, eng.provider, eng.workers, eng.decoder, ended - t0, png,
+        provider_reason=getattr(eng, "provider_reason", None)))
 
 
 def _found(walk: Iterator[Batch], tally: Tally, seen: sources.Seen, roots: Sequence[str]) -> Iterator[Batch]:
@@ -204,60 +198,20 @@ def _then(first: list[Batch], walk: Iterator[Batch]) -> Iterator[Batch]:
     yield from walk
 
 
-def _pipeline(request: Request, eng: Engine, sink: JournalSink | StdoutSink, done: Done | None, tally: Tally,
-              progress: bool, walk: Iterator[Batch]) -> str | Path:
-    """The walk -> the engine -> the sink, counted in ``tally``; the final output."""
+def _pipeline(run: Run, eng: Engine, done: Done | None, tally: Tally, progress: bool,
+              walk: Iterator[Batch]) -> None:
+    """The walk -> the engine -> the run's sink, counted in ``tally``."""
     bar = progress_bar(progress, tally.resumed)
     sizer = ChunkSizer(eng.max_chunk)
     items = work_items(walk, done, tally, sizer)
-    for rows in eng.rows(items, sink.encoding, sizer.observe):
-        sink.write_encoded(rows.data)
+    for rows in eng.rows(items, run.encoding, sizer.observe):
+        run.write(rows)
         pause_point(CLASSIFY_AFTER_CHUNK)  # tests hold the run here (testing.py)
         tally.add_rows(rows)
         if bar is not None:
             bar.update(len(rows))
     if bar is not None:
         bar.close()
-    check_locks()  # a run whose lock was removed may share its output with another: nothing is renamed then
-    return finish_sink(sink, request.output)
-
-
-def _lock_still_held(sink) -> None:
-    """A run that fails or is stopped after its lock was removed under it (files.LockLost) says so, and only
-    that: its journal is neither removed nor named as where its rows are (another run may be writing it)."""
-    try:
-        check_locks()
-    except LockLost:
-        if sink is not None:
-            sink.close()
-        raise
-
-
-def _after_failure(request: Request, sink, tally: Tally, e: BaseException) -> None:
-    """A run that failed: a new journal without a row goes (the engine could not start, the model failed on
-    the first chunk: nothing to resume); a model that failed mid-run says where its rows are kept."""
-    rows = tally.classified + tally.failed
-    if not isinstance(e, UserError) or isinstance(e, OutputError) or not isinstance(sink, JournalSink):
-        return
-    if not rows and not request.resume:
-        with contextlib.suppress(UserError):  # best effort: the error on its way out is the one to tell
-            remove_own(journal_path(request.output))
-            remove_own(identity_path(request.output))
-    elif isinstance(e, ModelRunError):
-        raise ModelRunError(f"{e}. The {rows:,} rows so far are kept in {sink.journal}: free some memory (or give "
-                            "a smaller --batch-size) and run the same command with --resume") from None
-
-
-def close_on_error(sink, e: BaseException) -> None:
-    """After an exception in a run: close the sink (its journal stays, for --resume); Ctrl-C and SIGTERM become
-    errors.Interrupted, naming the journal. The caller re-raises anything else."""
-    if sink is not None:
-        sink.close()
-    signum = signum_of(e)
-    if signum is not None:
-        journal = getattr(sink, "journal", None)
-        raise Interrupted(signum, journal, f"rows so far are in {journal}; run the same command with --resume to "
-                          "finish.") from None
 
 
 def progress_bar(progress: bool, initial: int):

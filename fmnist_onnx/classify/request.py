@@ -1,6 +1,6 @@
 """The request's checks, once, for every engine: options, inputs (by their sources), model, output, and the
-files the run will write, each a one-line UserError before any work. The output's state (a journal, a finished
-output) is checked under its lock, by ``check_fresh`` here or resume.py."""
+files the run will write (run_files.RunFiles), each a one-line UserError before any work. The output's state (a
+journal, a finished output) is checked under its lock, when the run's files are opened (run_files.Run)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 from fmnist_onnx.classify import engines, sources
 from fmnist_onnx.classify.contract import MAX_TOP_K, Request, RunIdentity
-from fmnist_onnx.classify.outputs import confusion_png_path, recorded_writes, run_files
+from fmnist_onnx.classify.run_files import RunFiles, recorded_writes
 from fmnist_onnx.errors import UserError
 from fmnist_onnx.files import same_file
 from fmnist_onnx.images import image_extensions
-from fmnist_onnx.journal import check_free, check_writable
+from fmnist_onnx.journal import check_writable
 from fmnist_onnx.spec import INVERT_MODES
 from fmnist_onnx.table import format_for
 from fmnist_onnx.text import visible
@@ -60,7 +60,7 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
                   report: str | Path | None = None, engine: str = "local",
                   image_column: str | None = None) -> Request:
     """The checks every engine makes before any work, each a one-line UserError. The state of the output
-    (a journal, a finished output) is checked under the output's lock: ``check_fresh``, ``resume_state``.
+    (a journal, a finished output) is checked under the output's lock, by run_files.Run.
     ``image_column``: the Parquet inputs' column of images (--image-column; None: the source's rule)."""
     from fmnist_onnx.runtime import PROVIDER_CHOICES
 
@@ -78,15 +78,16 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
         raise UserError("--resume needs an --output file (stdout cannot be resumed)")
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    own = run_files(output, report)
+    files = RunFiles.of(output, report)
+    own = files.all()
     roots = sources.check_inputs(paths, engines.entry(engine).sources, engine, image_column, recursive, own)
     if not Path(model).is_file():
         raise UserError(f"model file not found: {model} (make one with `fmnist-onnx export`)")
     named = sources.names(roots)  # the files a pattern names, too
     _check_not_inputs(own, named, os.fspath(model))
-    names = {} if output == "-" else {output: "--output", os.fspath(confusion_png_path(output)): "the confusion matrix"}
+    names = {} if output == "-" else {output: "--output", os.fspath(files.confusion_png): "the confusion matrix"}
     names.update({os.fspath(report): "--report"} if report is not None else {})
-    walk_skips = _check_not_walked(own, named, recursive, recorded_writes(output), names)
+    walk_skips = _check_not_walked(own, named, recursive, recorded_writes(files), names)
     if output != "-":
         check_writable(output)  # a read-only folder, a device: refused before any work
     # the model's hash only where there is a journal to resume
@@ -96,14 +97,3 @@ def check_request(paths: Sequence[str | Path], model: str | Path, output: str | 
     return Request(roots, os.fspath(model), output, fmt, top_k, batch_size, invert, recursive, resume, overwrite,
                    provider, identity, walk_skips, image_column)
 
-
-def check_fresh(request: Request) -> None:
-    """A run without --resume or --overwrite: nothing it would write may exist (the output, an interrupted
-    run's journal, the confusion PNG). Under the output's lock, before any work."""
-    if request.output == "-" or request.overwrite:
-        return
-    check_free(request.output)
-    png = confusion_png_path(request.output)
-    if os.path.lexists(png):
-        raise UserError(f"{png} exists (this run would write its confusion matrix there); use --overwrite to "
-                        "replace it")

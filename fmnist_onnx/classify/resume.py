@@ -1,26 +1,28 @@
 """--resume: continue only the run that wrote the journal, and only with rows that run writes. Under the
-output's lock, before any work: the run record must be this run's, and every row read back one for a file this
-run's walk yields, once, with fields of the right type and range (table.py checks the fields); else one line
-naming the line, and nothing is changed. A finished output is checked the same way."""
+output's lock, before any work: the run record must be this run's (checked when the run's files are opened,
+run_files.py), and every row read back one for a file this run's walk yields, once, with fields of the right type
+and range (table.py checks the fields); else one line naming the line, and nothing is changed. A finished output
+is checked the same way."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fmnist_onnx.classify import sources
 from fmnist_onnx.classify.contract import Batch, ClassifySummary, Request
-from fmnist_onnx.classify.outputs import check_same_run, identity_path, record_path
 from fmnist_onnx.classify.tally import Tally, summary_of_finished
 from fmnist_onnx.errors import UserError
-from fmnist_onnx.files import open_existing
-from fmnist_onnx.journal import JournalSink, RowRefused, journal_path
+from fmnist_onnx.journal import RowRefused
 from fmnist_onnx.table import path_digest, read_rows
 from fmnist_onnx.text import visible
+
+if TYPE_CHECKING:
+    from fmnist_onnx.classify.run_files import Run
 
 log = logging.getLogger(__name__)
 
@@ -72,41 +74,25 @@ class Walked:
         return int(len(self.seen) - self.seen.sum())
 
 
-def resume_state(request: Request, tally: Tally) -> tuple[ClassifySummary | None, JournalSink | None,
-                                                                        Done | None]:
-    """--resume, under the output's lock and before any work: (the summary of a finished output, or None;
-    the journal continued, or None for a new one; the files it has rows for). The journal's run record must be
-    this run's, and every row one this run writes: a file its walk yields, once, with fields of the right type
-    and range; else one line naming the line, and nothing is changed (a torn last line is cut)."""
-    output, journal = request.output, journal_path(request.output)
-    if os.path.lexists(journal):
-        try:
-            os.close(open_existing(journal))  # a link there: refused first, whatever else is wrong
-        except OSError as e:
-            raise UserError(f"cannot open {journal}: {e.strerror}") from None
-        check_same_run(identity_path(output), request.identity, journal)
-        walked = Walked(sources.walk(request.roots, request.recursive, request.own_files, request.image_column))
+def continue_journal(request: Request, run: Run, tally: Tally) -> Done | None:
+    """--resume of an interrupted run (``run.state`` JOURNAL, its record checked at open): the journal continued,
+    each row read back one this run writes (a file its walk yields, once), counted in ``tally``; else one line
+    naming the line, and nothing is changed (a torn last line is cut). The files it has rows for."""
+    walked = Walked(sources.walk(request.roots, request.recursive, request.own_files, request.image_column))
 
-        def previous(row: dict) -> None:
-            walked.mark(row["path"])
-            tally.add_row(row)
-            tally.resumed += 1
+    def previous(row: dict) -> None:
+        walked.mark(row["path"])
+        tally.add_row(row)
+        tally.resumed += 1
 
-        sink = JournalSink.open(output, request.fmt, request.top_k, resume=True, on_previous_row=previous)
-        return None, sink, walked.done()
-    if os.path.lexists(output):
-        return _finished(request), None, None
-    return None, None, None  # nothing to resume: a new run
+    run.resume_journal(previous)
+    return walked.done()
 
 
-def _finished(request: Request) -> ClassifySummary:
-    """--resume on a finished output: its summary, if this same run wrote it and it has a row for every file
-    the inputs hold, once; else one line."""
+def finished_summary(request: Request) -> ClassifySummary:
+    """--resume of a finished output (``run.state`` FINISHED, its record checked at open): its summary, if it has
+    a row for every file the inputs hold, once; else one line."""
     output = Path(request.output)
-    record = record_path(output)
-    if not os.path.lexists(record) and os.path.lexists(identity_path(output)):
-        record = identity_path(output)  # the run ended between the output's rename and the record's
-    check_same_run(record, request.identity, output)
     walked = Walked(sources.walk(request.roots, request.recursive, request.own_files, request.image_column))
     tally = Tally()
     for n, row in enumerate(read_rows(output), 1):

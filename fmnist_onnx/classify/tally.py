@@ -1,9 +1,9 @@
 """Counting a run: files classified and failed, the confusion matrix in the ImageFolder layout, accuracy and
-per-class precision and recall, the summary and its text (``format_summary``), and the confusion-matrix PNG."""
+per-class precision and recall, the summary and its text (``format_summary``). Counting only: the run's files,
+the confusion-matrix PNG among them, are run_files.py's."""
 
 from __future__ import annotations
 
-import logging
 import shlex
 from collections import Counter
 from pathlib import Path
@@ -11,14 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_onnx.classify.contract import ClassifySummary, ClassMetrics, Rows
-from fmnist_onnx.classify.outputs import confusion_png_path
 from fmnist_onnx.classify.predict import row_truth
-from fmnist_onnx.errors import UserError
-from fmnist_onnx.files import remove_own
 from fmnist_onnx.spec import CLASSES, NUM_CLASSES
 from fmnist_onnx.text import visible
-
-log = logging.getLogger(__name__)
 
 
 class Tally:
@@ -75,44 +70,21 @@ class Tally:
         return round(100.0 * diag.sum() / labelled, 2), per_class
 
 
-def summarize(tally: Tally, final: str | Path, output: str, fmt: str, provider: str, workers: int, decoder: str,
-              seconds: float, replace: bool = False, provider_reason: str | None = None) -> ClassifySummary:
-    """The summary of a finished run (any engine), with the confusion-matrix PNG in the ImageFolder layout.
-    ``replace``: the run may replace an existing PNG (--overwrite, or the --resume of a run that could)."""
+def summarize(tally: Tally, final: str | Path, fmt: str, provider: str, workers: int, decoder: str, seconds: float,
+              confusion_png: str | None = None, provider_reason: str | None = None) -> ClassifySummary:
+    """The summary of a finished run (any engine); ``confusion_png``: the picture the run wrote, if any
+    (run_files.Run.commit writes it)."""
     acc, per_class = tally.metrics()
-    png = None
-    if per_class is not None and output != "-":
-        png = _confusion_png(tally, output, acc, replace)
-    elif output != "-" and replace:
-        try:
-            remove_own(confusion_png_path(output))  # an earlier run's would describe other rows
-        except UserError as e:  # the table is written: the picture is extra
-            log.warning("%s", e)
     new = tally.classified + tally.failed - tally.resumed
     return ClassifySummary(
         output=str(final), format=fmt, provider=provider, workers=workers, decoder=decoder,
         files=tally.classified + tally.failed, classified=tally.classified, failed=tally.failed,
         skipped=tally.skipped, resumed=tally.resumed, seconds=round(seconds, 3),
         images_per_s=round(new / seconds, 1) if seconds > 0 else 0.0, accuracy_pct=acc, per_class=per_class,
-        confusion_png=str(png) if png else None, failures=tally.failures, provider_reason=provider_reason,
+        confusion_png=confusion_png, failures=tally.failures, provider_reason=provider_reason,
         skipped_kinds=dict(sorted(tally.skipped_kinds.items())),
         containers_skipped=tally.beside[0], containers_skipped_first=tally.beside[1],
     )
-
-
-def _confusion_png(tally: Tally, output: str, acc: float | None, replace: bool) -> Path | None:
-    """The confusion matrix beside the output, written atomically (files.atomic_write: a link at its name is
-    replaced, never followed), replacing a file there only where the run may."""
-    from fmnist_onnx.plots import confusion_matrix  # Pillow only: works on the inference-only install too
-
-    path = confusion_png_path(output)
-    try:
-        confusion_matrix(tally.confusion, CLASSES, path, title=f"{Path(output).name}: accuracy {acc:.2f}%",
-                         overwrite=replace)
-    except (OSError, UserError) as e:  # a full disk, or a file put there meanwhile: the table is written, the
-        log.warning("cannot write %s: %s", path, getattr(e, "strerror", None) or e)  # picture is extra
-        return None
-    return path
 
 
 _KIND_WORDS = {"symlink": ("symlink to nothing in its archive", "symlinks to nothing in their archive"),
