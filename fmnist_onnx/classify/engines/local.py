@@ -97,6 +97,7 @@ class Slots:
 
 
 _slots: Slots | None = None  # in a worker or inference process: the engine's Slots, inherited through fork
+_readers: sources.Readers | None = None  # in a worker: what it keeps open between chunks (_worker_init's)
 
 
 def _queue_fds(executor: ProcessPoolExecutor | None) -> list[int]:
@@ -115,8 +116,8 @@ def _queue_fds(executor: ProcessPoolExecutor | None) -> list[int]:
 
 
 def _worker_init(parent: int | None = None, slots: Slots | None = None, foreign: Sequence[int] = ()) -> None:
-    global _slots
-    _slots = slots
+    global _slots, _readers
+    _slots, _readers = slots, sources.Readers()
     if foreign:  # the other executor's pipes, inherited through fork: /dev/null in their place (see _queue_fds)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in foreign:
@@ -218,7 +219,7 @@ def _decode(item: Sequence[str] | Members, invert: str) -> tuple[np.ndarray, lis
     if isinstance(item, _Piped):
         item = item.received()
     if isinstance(item, Members):  # one member's bytes held at a time
-        imgs, errors = images.preprocess_batch(sources.read(item), invert, len(item))
+        imgs, errors = images.preprocess_batch(sources.read(item, _readers), invert, len(item))
     else:
         imgs, errors = images.preprocess_batch(item, invert)
     return imgs, errors, time.perf_counter() - t0

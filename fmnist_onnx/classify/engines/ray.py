@@ -94,6 +94,7 @@ class Predictor:
         self.fatal: tuple[int, str] | None = None
         self.invert, self.top_k, self.batch_size = invert, top_k, batch_size
         self.filesystems: dict[str, object] = {}
+        self.readers = sources.Readers()  # what it keeps open between chunks (a Parquet file)
         try:
             from fmnist_onnx.runtime import open_session
 
@@ -132,7 +133,7 @@ class Predictor:
         crash_point(units_of(item))  # tests kill the actor here, on a file they name (testing.py)
         try:
             t0 = time.perf_counter()
-            data = sources.read(item) if isinstance(item, Members) else self._data(item)
+            data = sources.read(item, self.readers) if isinstance(item, Members) else self._data(item)
             imgs, errors = images.preprocess_batch(data, self.invert, len(item))  # one member held at a time
             seconds = time.perf_counter() - t0
             session = None if all(errors) else self.session

@@ -87,10 +87,42 @@ def source(kind: str):
     return import_module(SOURCES[kind])
 
 
-def read(members: Members) -> Iterable:
+def read(members: Members, readers: Readers | None = None) -> Iterable:
     """The bytes of each image of ``members`` (or its images.ImageError), in a worker: its source's ``read``,
-    one member at a time where the source can (images.preprocess_batch takes them as they come)."""
+    one member at a time where the source can (images.preprocess_batch takes them as they come); through
+    ``readers``, the worker's own, where it keeps one (what a source keeps open between chunks)."""
+    if readers is not None:
+        return readers.read(members)
     return source(members.kind).read(members)
+
+
+class Readers:
+    """What one worker keeps open between the chunks it reads: a reader object of each source that has one (a
+    ``Reader`` class in its module: the Parquet source's open files and the record batches being read), made at
+    its first chunk of that kind. Made by the pool's initializer (the local engine's workers), by a Ray actor,
+    or by whoever reads chunks in a row; never a module's global."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, object] = {}  # source kind -> its reader
+
+    def read(self, members: Members) -> Iterable:
+        module = source(members.kind)
+        if not hasattr(module, "Reader"):
+            return module.read(members)
+        if members.kind not in self.open:
+            self.open[members.kind] = module.Reader()
+        return self.open[members.kind].read(members)
+
+    def close(self) -> None:
+        for reader in self.open.values():
+            reader.close()
+        self.open.clear()
+
+    def __enter__(self) -> Readers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def loose_row(path: str) -> str:
