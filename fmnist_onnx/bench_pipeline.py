@@ -86,10 +86,9 @@ def _decode(item: list[str] | Members, readers=None):
     """classify's decoding of one task (images.preprocess_batch), its images read as a worker reads them
     (through ``readers``, else the process's own)."""
     from fmnist_onnx import images
-    from fmnist_onnx.classify import sources
 
     if isinstance(item, Members):
-        return images.preprocess_batch(sources.read(item, readers or _readers), count=len(item))
+        return images.preprocess_batch((readers or _readers).read(item), count=len(item))
     return images.preprocess_batch(item)
 
 

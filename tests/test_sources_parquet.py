@@ -168,12 +168,12 @@ def test_rows_of_a_parquet_file_damaged_after_the_walk_are_error_rows(samples, t
     assert [len(m) for m in chunks] == [25] * 4
     whole = path.read_bytes()
     path.write_bytes(whole[:len(whole) // 2])
-    got = list(sources.read(chunks[0], sources.Readers()))  # a worker that has not read this file yet
+    got = list(sources.Readers().read(chunks[0]))  # a worker that has not read this file yet
     assert len(got) == 25 and all(isinstance(e, ImageError) for e in got)
     assert str(got[0]).startswith("cannot read the file now: not a readable Parquet file (")
     write_hub(path, items[:30], row_group_size=25)  # replaced by a shorter table: rows 30-99 are gone
     readers = sources.Readers()  # a fresh worker, which reads its chunks in turn
-    got = [x for m in chunks for x in sources.read(m, readers)]
+    got = [x for m in chunks for x in readers.read(m)]
     assert [isinstance(x, bytes) for x in got] == [True] * 30 + [False] * 70
     assert str(got[-1]) == "no such row: the file holds 30 rows now"
 

@@ -87,41 +87,43 @@ def source(kind: str):
     return import_module(SOURCES[kind])
 
 
-def read(members: Members, readers: Readers | None = None) -> Iterable:
+def read(members: Members) -> Iterable:
     """The bytes of each image of ``members`` (or its images.ImageError), in a worker: its source's ``read``,
-    one member at a time where the source can (images.preprocess_batch takes them as they come); through
-    ``readers``, the worker's own, where it keeps one (what a source keeps open between chunks)."""
-    if readers is not None:
-        return readers.read(members)
+    one member at a time where the source can (images.preprocess_batch takes them as they come)."""
     return source(members.kind).read(members)
 
 
 class Readers:
-    """What one worker keeps open between the chunks it reads: a reader object of each source that has one (a
-    ``Reader`` class in its module: the Parquet source's open files and the record batches being read), made at
-    its first chunk of that kind. Made by the pool's initializer (the local engine's workers), by a Ray actor,
-    or by whoever reads chunks in a row; never a module's global."""
+    """What a process that reads containers' members keeps from one chunk to the next (a local worker's
+    reader, a Ray actor): one reader per source that keeps state between chunks (its module's ``reader()``: an
+    object with ``read(members)`` as the module's, and ``close()``), made at its first chunk and closed with
+    this; a source without one is read by its module's ``read``. A context manager."""
 
     def __init__(self) -> None:
         self.open: dict[str, object] = {}  # source kind -> its reader
 
     def read(self, members: Members) -> Iterable:
+        """``read``, through the source's reader where it has one."""
         module = source(members.kind)
-        if not hasattr(module, "Reader"):
+        if not hasattr(module, "reader"):
             return module.read(members)
         if members.kind not in self.open:
-            self.open[members.kind] = module.Reader()
+            self.open[members.kind] = module.reader()
         return self.open[members.kind].read(members)
 
     def close(self) -> None:
+        """Close every reader (never raises: a process that closes them is on its way out)."""
         for reader in self.open.values():
-            reader.close()
+            try:
+                reader.close()
+            except Exception:  # noqa: BLE001 - an open file of a finished run: nothing left to tell
+                pass
         self.open.clear()
 
     def __enter__(self) -> Readers:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc) -> None:
         self.close()
 
 

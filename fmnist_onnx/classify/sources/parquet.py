@@ -194,8 +194,13 @@ PAGE_BUFFER = 1 << 20  # bytes read ahead of a plain column's pages (pyarrow's b
 
 def read(m: Members) -> Iterator:
     """The images' bytes (or ImageError each) of ``m``, by a Reader of this call alone (a worker keeps one for
-    all its chunks: sources.Readers)."""
+    all its chunks: sources.Readers, through ``reader``)."""
     return Reader().read(m)
+
+
+def reader() -> Reader:
+    """What a worker keeps open between the chunks it reads (sources.Readers makes it at its first chunk)."""
+    return Reader()
 
 
 class Reader:
