@@ -71,13 +71,24 @@ class Workload:
         return list(dict.fromkeys((m.kind, m.container) for m in self.members))
 
 
-def _decode(item: list[str] | Members):
-    """classify's decoding of one task (images.preprocess_batch), its images read as a worker reads them."""
-    from fmnist_onnx import images
+_readers = None  # in a decoding process: what it keeps open between tasks, as a worker does (_open_readers)
+
+
+def _open_readers() -> None:
+    """A decoding process's initializer: its sources.Readers."""
+    global _readers
     from fmnist_onnx.classify import sources
 
+    _readers = sources.Readers()
+
+
+def _decode(item: list[str] | Members, readers=None):
+    """classify's decoding of one task (images.preprocess_batch), its images read as a worker reads them
+    (through ``readers``, else the process's own)."""
+    from fmnist_onnx import images
+
     if isinstance(item, Members):
-        return images.preprocess_batch(sources.read(item), count=len(item))
+        return images.preprocess_batch((readers or _readers).read(item), count=len(item))
     return images.preprocess_batch(item)
 
 
@@ -87,11 +98,15 @@ def _decode_chunks(chunks: Sequence[list[str] | Members], workers: int) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     if workers == 1:
-        for c in chunks:
-            _decode(c)
+        from fmnist_onnx.classify import sources
+
+        with sources.Readers() as readers:
+            for c in chunks:
+                _decode(c, readers)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                             initializer=_open_readers) as pool:
         for _ in pool.map(_decode, chunks):
             pass
 

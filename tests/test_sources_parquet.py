@@ -161,7 +161,6 @@ def test_rows_of_a_parquet_file_damaged_after_the_walk_are_error_rows(samples, t
     """A worker that opens the file after the walk listed it (the walk in this process, then a worker's read,
     from a fresh worker's state): its rows are error rows, not an exception that ends the run."""
     from fmnist_onnx.classify import sources
-    from fmnist_onnx.classify.sources import parquet
 
     _, items = samples
     path = write_hub(tmp_path / "t.parquet", items[:100], row_group_size=25)
@@ -169,13 +168,12 @@ def test_rows_of_a_parquet_file_damaged_after_the_walk_are_error_rows(samples, t
     assert [len(m) for m in chunks] == [25] * 4
     whole = path.read_bytes()
     path.write_bytes(whole[:len(whole) // 2])
-    parquet._files.clear(), parquet._batch.clear()  # a worker that has not read this file yet
-    got = list(sources.read(chunks[0]))
+    got = list(sources.Readers().read(chunks[0]))  # a worker that has not read this file yet
     assert len(got) == 25 and all(isinstance(e, ImageError) for e in got)
     assert str(got[0]).startswith("cannot read the file now: not a readable Parquet file (")
     write_hub(path, items[:30], row_group_size=25)  # replaced by a shorter table: rows 30-99 are gone
-    parquet._files.clear(), parquet._batch.clear()
-    got = [x for m in chunks for x in sources.read(m)]
+    readers = sources.Readers()  # a fresh worker, which reads its chunks in turn
+    got = [x for m in chunks for x in readers.read(m)]
     assert [isinstance(x, bytes) for x in got] == [True] * 30 + [False] * 70
     assert str(got[-1]) == "no such row: the file holds 30 rows now"
 
@@ -358,11 +356,68 @@ def test_record_batches_give_each_row_its_own_bytes(tmp_path, monkeypatch, dicti
     pq.write_table(pa.table({"image": pa.array(values, pa.binary())}), path, row_group_size=120,
                    use_dictionary=dictionary)
     monkeypatch.setattr(parquet, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(parquet, "_files", {})
-    monkeypatch.setattr(parquet, "_batch", {})
     for rows in (list(range(300)), [0, 7, 119, 120, 121, 299], [250, 3, 130, 129, 5]):
         got = list(parquet.read(Members("parquet", str(path), [""] * len(rows), rows, [-1] * len(rows))))
         want = [values[r] for r in rows]
         assert [g if isinstance(g, bytes) else None for g in got] == want
         assert all(isinstance(g, ImageError) and "null" in str(g) for g, w in zip(got, want, strict=True)
                    if w is None)
+
+
+# ---------------------------------------------------------------------------------------------- one big row group
+
+def test_one_row_group_written_by_datasets_gives_the_folders_rows_and_resumes_exactly(samples, folder_labels,
+                                                                                      onnx_model, tmp_path):
+    """`datasets` writes a split as ONE row group (60,000 rows of the train PNGs: one group): more rows than a
+    record batch holds, its chunks read by two workers in turn. Rows, labels and true classes are the folder's;
+    killed after its first chunks and resumed, every row once."""
+    datasets = pytest.importorskip("datasets", reason="the test extra installs datasets")
+    from fmnist_onnx.classify.sources import parquet
+
+    _, items = samples
+    times = parquet.BATCH_ROWS // len(items) + 2  # the samples over and over: a group of a few batches
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=HUB_NAMES)})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for _, b, _ in items] * times,
+                                     "label": [c for _, _, c in items] * times}, features=features)
+    path = tmp_path / "train.parquet"
+    ds.to_parquet(path)
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 1 and meta.num_rows == len(items) * times > parquet.BATCH_ROWS
+    out = tmp_path / "p.csv"
+    cmd = [sys.executable, "-m", "fmnist_onnx", "classify", str(path), "-m", str(onnx_model), "-o", str(out),
+           "--workers", "2"]
+    with Held(cmd, f"{CLASSIFY_AFTER_CHUNK}:2", start_new_session=True, stdout=subprocess.DEVNULL,
+              stderr=subprocess.DEVNULL) as held:
+        held.wait()
+        os.killpg(held.proc.pid, signal.SIGKILL)
+        held.proc.wait()
+    summary, rows = _classify(path, "-m", onnx_model, "-o", out, "--resume")
+    assert 0 < summary["resumed"] < meta.num_rows and summary["failed"] == 0
+    assert [r["path"] for r in rows] == [f"{path}::row/{i}" for i in range(meta.num_rows)]
+    assert [r["label"] for r in rows] == folder_labels * times
+    assert [r["true_label"] for r in rows] == [CLASSES[c] for _, _, c in items] * times
+
+
+def test_a_worker_reads_a_big_row_group_a_batch_at_a_time(tmp_path, monkeypatch):
+    """Two workers' Readers take turns at the chunks of one row group: each holds one record batch of it at a
+    time (its first chunk waits for one batch, not the group), and every row of its chunks gets its own bytes,
+    a row before the batch held too (read from the group's start again)."""
+    from fmnist_onnx.classify.contract import Members
+    from fmnist_onnx.classify.sources import parquet
+
+    values = [None if i % 41 == 7 else bytes([i % 251]) * (20 + i % 70) for i in range(1000)]
+    path = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"image": pa.array(values, pa.binary())}), path, row_group_size=10_000,
+                   use_dictionary=False)
+    monkeypatch.setattr(parquet, "BATCH_ROWS", 64)
+    workers = [parquet.Reader(), parquet.Reader()]
+    chunks = [range(0, 9), range(9, 203), *(range(a, min(1000, a + 97)) for a in range(203, 1000, 97)), [3, 5, 990]]
+    for i, rows in enumerate(chunks):
+        reader = workers[i % 2]
+        got = list(reader.read(Members("parquet", str(path), [""] * len(rows), list(rows), [-1] * len(rows))))
+        assert [g if isinstance(g, bytes) else None for g in got] == [values[r] for r in rows]
+        held = reader.batches[1]
+        assert len(held.values) <= 64 and held.start <= rows[-1] < held.start + len(held.values)
+    for reader in workers:
+        reader.close()
+        assert reader.batches is None and not reader.files

@@ -4,12 +4,16 @@ Face Hub (an ``image`` struct of ``bytes`` and ``path``, a ``label`` whose class
 ``--image-column`` (``image_column``: a binary column, or a struct with a binary ``bytes`` field). Rows are
 named ``<file>::row/<N>`` (N from 0, in the file's order).
 
-The walk (this process) reads the metadata and the label column only; the workers read the image column a
-row group at a time where it is CHUNK_BYTES or less, else in record batches of about CHUNK_BYTES (the last
-batch kept: chunks and batches need not line up), and hand the images on one at a time (``_Batches``). A
-column chunk with a dictionary page is read with its dictionary kept encoded, each row's image the
-dictionary's own bytes: a dictionary may repeat one value in every row (a 902-byte file, one 20 MiB value and
-60 rows pointing at it, decodes to 1.26 GB where the footer says 20 MiB), and it is held once, not once a row.
+The walk (this process) reads the metadata and the label column only; the workers read the image column in
+record batches of at most BATCH_ROWS rows and about CHUNK_BYTES (the last batch kept: chunks and batches need
+not line up), make bytes of the rows their chunks name only, and hand the images on one at a time
+(``_Batches``), keeping the files and the batch being read on a Reader between chunks. A row group can only
+be read from its start, and the chunks of one group (`datasets` writes 60,000 rows as one) go to every worker
+in turn: so a worker's first chunk waits for one small batch, not for the whole group. A column chunk with a
+dictionary page (read a group at a time where it is CHUNK_BYTES or less: small batches of it are slow) is read
+with its dictionary kept encoded, each row's image the dictionary's own bytes: a dictionary may repeat one
+value in every row (a 902-byte file, one 20 MiB value and 60 rows pointing at it, decodes to 1.26 GB where the
+footer says 20 MiB), and it is held once, not once a row.
 A row group that cannot be read (a damaged file) gives its rows error rows; the run goes on. A file damaged (or
 replaced) after check() read it is handled as a damaged tar: one error row ``<file>::`` where the walk cannot
 open it, else error rows for the rows the workers cannot read, and the run goes on."""
@@ -32,8 +36,6 @@ from fmnist_onnx.text import first_line, visible
 
 log = logging.getLogger(__name__)
 
-_files: dict[tuple, tuple] = {}  # per process: (path, column asked) -> (ParquetFiles, column, first row of groups)
-_batch: dict[tuple, _Batches] = {}  # per process: the record batches being read: (path, column, group) -> them
 
 
 def _pq():
@@ -186,59 +188,103 @@ def _truth(pf, g: int, n: int, labels: tuple[str, np.ndarray] | None) -> list[in
 
 # ---------------------------------------------------------------------------------------------- in a worker
 
-def read(m: Members) -> Iterator:
-    """The images' bytes (or ImageError each), one at a time, from record batches of their row groups."""
-    if (m.container, m.column) not in _files:
-        import pyarrow as pa
+BATCH_ROWS = 2048  # rows a record batch of a plain column holds at most: a worker's first chunk waits for one
+PAGE_BUFFER = 1 << 20  # bytes read ahead of a plain column's pages (pyarrow's buffer_size): a page at a time
 
-        try:
-            pf, column = _open(m.container, m.column)
-            # the same file, its image column's dictionary kept encoded where it has one (_Batches)
-            pfd = _pq().ParquetFile(m.container, read_dictionary=[f"{column[0]}.bytes" if column[1] else column[0]])
-        except (UserError, OSError, pa.ArrowException) as e:  # the walk read it: damaged or replaced since
-            yield from itertools.repeat(ImageError(f"cannot read the file now: {first_line(e)}"), len(m.keys))
+
+def read(m: Members) -> Iterator:
+    """The images' bytes (or ImageError each) of ``m``, by a Reader of this call alone (a worker keeps one for
+    all its chunks: sources.Readers, through ``reader``)."""
+    return Reader().read(m)
+
+
+def reader() -> Reader:
+    """What a worker keeps open between the chunks it reads (sources.Readers makes it at its first chunk)."""
+    return Reader()
+
+
+class Reader:
+    """What a worker keeps open between the chunks it reads: its Parquet files, and the record batches of the
+    row group being read, read on as its rows are asked for in order (a chunk's rows most often follow the last
+    chunk's in the same group). One per worker process (sources.Readers, made by the pool's initializer); the
+    report makes one for its draws."""
+
+    def __init__(self) -> None:
+        # (path, column asked) -> (ParquetFile, the same with dictionaries kept encoded, column, groups' first rows)
+        self.files: dict[tuple, tuple] = {}
+        self.batches: tuple[tuple, _Batches] | None = None  # ((path, column, group), its batches)
+
+    def close(self) -> None:
+        self.files.clear()
+        self.batches = None
+
+    def read(self, m: Members) -> Iterator:
+        """The images' bytes (or ImageError each), one at a time, from record batches of their row groups."""
+        opened = self._open(m)
+        if isinstance(opened, ImageError):
+            yield from itertools.repeat(opened, len(m.keys))
             return
-        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
-        _files[m.container, m.column] = (pf, pfd, column, starts)
-    pf, pfd, column, starts = _files[m.container, m.column]
-    rows = np.asarray(m.keys, np.int64)
-    if not len(rows):
-        return
-    ordered = bool((np.diff(rows) > 0).all())  # as the walk makes them: each batch's rows in one run
-    groups = np.searchsorted(starts, rows, side="right") - 1
-    cuts = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(rows)]  # runs of rows in one row group
-    for a, b in itertools.pairwise(cuts):
-        g = int(groups[a])
-        if g == len(starts) - 1:  # past the file's last row: it was replaced by a shorter one since the walk
-            yield from itertools.repeat(ImageError(f"no such row: the file holds {starts[-1]:,} rows now"), b - a)
-            continue
-        key = (m.container, column[0], g)
-        if key not in _batch:
-            _batch.clear()
-            _batch[key] = _Batches(pf, pfd, column, g)
-        yield from _rows_of(_batch[key], rows[a:b] - starts[g], ordered)
+        pf, pfd, column, starts = opened
+        rows = np.asarray(m.keys, np.int64)
+        if not len(rows):
+            return
+        ordered = bool((np.diff(rows) > 0).all())  # as the walk makes them: each batch's rows in one run
+        groups = np.searchsorted(starts, rows, side="right") - 1
+        cuts = [0, *(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(rows)]  # runs of rows in one row group
+        for a, b in itertools.pairwise(cuts):
+            g = int(groups[a])
+            if g == len(starts) - 1:  # past the file's last row: it was replaced by a shorter one since the walk
+                yield from itertools.repeat(ImageError(f"no such row: the file holds {starts[-1]:,} rows now"), b - a)
+                continue
+            key = (m.container, column[0], g)
+            if self.batches is None or self.batches[0] != key:
+                self.batches = None  # the group before goes before the next is read
+                self.batches = (key, _Batches(pf, pfd, column, g))
+            yield from _rows_of(self.batches[1], rows[a:b] - starts[g], ordered)
+
+    def _open(self, m: Members) -> tuple | ImageError:
+        """(the file, the same with its image column's dictionary kept encoded, the column, the first row of
+        each group and the row count after them), opened once; an ImageError where it cannot be now."""
+        if (m.container, m.column) not in self.files:
+            import pyarrow as pa
+
+            try:
+                pf, column = _open(m.container, m.column)
+                leaf = f"{column[0]}.bytes" if column[1] else column[0]
+                # a plain column's batches read a page at a time, not the whole column chunk first (pre_buffer)
+                plain = _pq().ParquetFile(m.container, pre_buffer=False, buffer_size=PAGE_BUFFER)
+                pfd = _pq().ParquetFile(m.container, read_dictionary=[leaf])  # _Batches: a dictionary's values once
+            except (UserError, OSError, pa.ArrowException) as e:  # the walk read it: damaged or replaced since
+                return ImageError(f"cannot read the file now: {first_line(e)}")
+            groups = pf.metadata.num_row_groups
+            starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(groups)])
+            self.files[m.container, m.column] = (plain, pfd, column, starts)
+        return self.files[m.container, m.column]
 
 
 def _rows_of(batches: _Batches, rows: np.ndarray, ordered: bool) -> Iterator:
     """The images of ``rows`` (of one row group), a run of them per batch that holds them."""
     i = 0
     while i < len(rows):
-        start, values = batches.at(int(rows[i]))
-        if isinstance(values, ImageError):
-            yield from itertools.repeat(values, len(rows) - i)
+        start, count = batches.at(int(rows[i]))
+        if isinstance(count, ImageError):
+            yield from itertools.repeat(count, len(rows) - i)
             return
-        j = i + 1 + int(np.searchsorted(rows[i + 1:], start + len(values))) if ordered else i + 1
-        yield from [_value(values[r - start]) for r in rows[i:j].tolist()]
+        j = i + 1 + int(np.searchsorted(rows[i + 1:], start + count)) if ordered else i + 1
+        yield from [_value(v) for v in batches.pick(rows[i:j] - start)]
         i = j
 
 
 class _Batches:
     """Row group ``g``'s images, read on as its rows are asked for in order (from its start again for a row
-    before the batch held), a batch at a time: the whole group where its image column is CHUNK_BYTES or less
-    (one read, the fast way), else record batches of about CHUNK_BYTES of it. A column chunk with a dictionary
-    page is read with its dictionary kept encoded (``pfd``): a dictionary may hold one 20 MiB value that 60
-    rows point at (a 902-byte file, 1.26 GB decoded); each row's value is looked up in it as it is asked for,
-    never the rows decoded together. A batch that cannot be read is an ImageError for each row from it on."""
+    before the batch held), a record batch at a time: of a plain column, BATCH_ROWS rows at most and about
+    CHUNK_BYTES (by the footer's size), its rows' bytes made only for the rows asked for (two workers take
+    turns at the chunks of one big group: each makes its own); of a column chunk with a dictionary page, the
+    whole group where it is CHUNK_BYTES or less (small batches of a dictionary column are slow: pyarrow
+    encodes the plain pages after it again), else record batches of about CHUNK_BYTES, read with the dictionary
+    kept encoded (``pfd``): a dictionary may hold one 20 MiB value that 60 rows point at (a 902-byte file,
+    1.26 GB decoded); each row's value is looked up in it, never the rows decoded together. A batch that cannot
+    be read is an ImageError for each row from it on."""
 
     def __init__(self, pf, pfd, column: tuple[str, bool], g: int) -> None:
         group = pf.metadata.row_group(g)
@@ -246,14 +292,17 @@ class _Batches:
         chunk = next((group.column(i) for i in range(group.num_columns)
                       if group.column(i).path_in_schema == leaf), None)
         encoded = max(1, chunk.total_uncompressed_size if chunk is not None else 1)
-        self.pf = pfd if chunk is not None and chunk.has_dictionary_page else pf
+        self.dictionary = chunk is not None and chunk.has_dictionary_page
+        self.pf = pfd if self.dictionary else pf
         self.column, self.g, self.rows = column, g, group.num_rows
         self.size = max(1, int(self.rows * min(1.0, CHUNK_BYTES / encoded)))  # rows a batch holds
+        if not self.dictionary:
+            self.size = min(self.size, BATCH_ROWS)
         self._restart()
 
     def _restart(self) -> None:
         # one thread: a worker per core is the pipeline's design, and pyarrow's pool would add one per core
-        if self.size >= self.rows:  # the fast way: iter_batches reads the same group at a third of the speed
+        if self.size >= self.rows:  # a dictionary column's group at once: its batches would be slower
             self.it = (self.pf.read_row_group(self.g, columns=[self.column[0]], use_threads=False).column(0)
                        .combine_chunks()
                        for _ in range(1))
@@ -262,9 +311,9 @@ class _Batches:
                                                                  columns=[self.column[0]], use_threads=False))
         self.start, self.values, self.error = 0, [], None
 
-    def at(self, r: int) -> tuple[int, list | ImageError]:
-        """(the first row of the batch that holds row ``r``, that batch's values; or the ImageError of every
-        row from the one that could not be read on)."""
+    def at(self, r: int) -> tuple[int, int | ImageError]:
+        """(the first row of the batch that holds row ``r``, how many rows that batch holds; or the ImageError of
+        every row from the one that could not be read on)."""
         import pyarrow as pa
 
         if r < self.start:
@@ -274,22 +323,28 @@ class _Batches:
             self.values = []  # the batch before goes before the next is read
             try:
                 col = next(self.it)
-                self.values = _values(col.field("bytes") if self.column[1] else col)
+                col = col.field("bytes") if self.column[1] else col
+                # a dictionary's values by row at once: each a reference to the dictionary's own bytes
+                self.values = _values(col) if pa.types.is_dictionary(col.type) else col
             except StopIteration:
                 self.error = ImageError(f"row group {self.g} has no row {r}")
             except (pa.ArrowException, OSError, ValueError) as e:
                 self.error = ImageError(f"cannot read row group {self.g} of the file: {first_line(e)}")
-        return (r, self.error) if self.error is not None else (self.start, self.values)
+        return (r, self.error) if self.error is not None else (self.start, len(self.values))
+
+    def pick(self, rows: np.ndarray) -> list:
+        """The bytes (None where null) of ``rows`` of the batch held, counted from its first row: the rows
+        asked for only (a run of rows, a slice; else taken one by one)."""
+        if isinstance(self.values, list):
+            return [self.values[r] for r in rows.tolist()]
+        if rows[-1] - rows[0] + 1 == len(rows):
+            return self.values.slice(int(rows[0]), len(rows)).to_pylist()
+        return [self.values[r].as_py() for r in rows.tolist()]
 
 
 def _values(col) -> list:
-    """A batch's image bytes by row (None where null): a plain column's values; a dictionary's looked up in
-    it, each row the dictionary's own bytes object (the rows never decoded apart: 60 rows of one 20 MiB value
-    hold 20 MiB)."""
-    import pyarrow as pa
-
-    if not pa.types.is_dictionary(col.type):
-        return col.to_pylist()
+    """A dictionary batch's image bytes by row (None where null), looked up in its dictionary: each row the
+    dictionary's own bytes object (the rows never decoded apart: 60 rows of one 20 MiB value hold 20 MiB)."""
     dictionary = col.dictionary.to_pylist()
     values = [dictionary[i] for i in col.indices.fill_null(0).to_numpy(zero_copy_only=False).tolist()]
     if col.null_count:
