@@ -1,5 +1,11 @@
-"""Shared fixtures, and fixtures only (the helpers are in harness.py). Everything runs on the real dataset
-(Debian's dataset-fashion-mnist)."""
+"""Shared fixtures, and fixtures only (the helpers are in harness.py), and how pytest-xdist shares the work.
+Everything runs on the real dataset (Debian's dataset-fashion-mnist).
+
+The suite runs on the usable cores (`-n auto --dist loadgroup` in pyproject.toml's addopts; `-n 0` runs it in
+this one process). Each worker is its own pytest session, so a session fixture would be built once per worker:
+the costly ones (the trained model, its ONNX export, the 10,000 PNGs) are built once by whichever worker asks
+first, under a file lock in the folder the workers' base folders share, and the others wait and reuse them.
+A test whose fixtures are module-scoped runs on the worker of its module, so those are built once too."""
 
 from __future__ import annotations
 
@@ -7,19 +13,67 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from harness import Unprivileged, foreign_model, run_cli
 
+MAX_WORKERS = 4  # each worker holds its own models, sessions and folders of PNGs; more gain little on this suite
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: the cores this process may use (affinity and cgroup quota, as the tool counts them), not the
+    machine's count, at most MAX_WORKERS."""
+    from fmnist_onnx.runtime import usable_cores
+
+    return max(1, min(usable_cores(), MAX_WORKERS))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    """`--dist loadgroup` sends each xdist_group to one worker, in order: a test that uses a module-scoped fixture
+    joins its module's group (the fixture is built once, not once per worker), unless it names a group itself.
+    Every other test goes to whichever worker is free."""
+    if not config.getoption("loadgroup", False):  # set in the workers of `--dist loadgroup` only
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        scopes = {d.scope for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs}
+        if scopes & {"module", "class", "package"}:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
 
 @pytest.fixture(scope="session")
-def trained_dir(tmp_path_factory) -> Path:
+def shared(request, tmp_path_factory) -> Callable[[str, Callable[[Path], object]], Path]:
+    """``shared(name, build)``: the folder ``name``, made by ``build(folder)`` once for the whole run: alone, in this
+    session's base folder; under pytest-xdist, in the folder all workers' base folders share, by the first worker
+    to ask while the others wait on its lock (pytest-xdist's documented recipe). A build that failed is tried
+    again by the next worker, which then reports its own failure."""
+    from filelock import FileLock
+
+    worker = hasattr(request.config, "workerinput")
+    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+
+    def get(name: str, build: Callable[[Path], object]) -> Path:
+        folder, done = root / name, root / f"{name}.done"
+        with FileLock(root / f"{name}.lock"):
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                build(folder)
+                done.touch()
+        return folder
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained_dir(shared) -> Path:
     """A real training run (fast recipe, 2 epochs: about 88% test accuracy): model.pth and metrics.json."""
-    out = tmp_path_factory.mktemp("trained")
-    run_cli("train", "--epochs", "2", "--out-dir", out, "--quiet", check=True)
-    return out
+    return shared("trained", lambda out: run_cli("train", "--epochs", "2", "--out-dir", out, "--quiet", check=True))
 
 
 @pytest.fixture(scope="session")
@@ -28,25 +82,25 @@ def weights(trained_dir) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory):
-    """Keep the dataset cache of the tests apart from the user's."""
-    os.environ.setdefault("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+def _private_cache(shared):
+    """Keep the dataset cache of the tests apart from the user's (one for all workers: its files are written
+    atomically)."""
+    os.environ.setdefault("XDG_CACHE_HOME", str(shared("cache", lambda _: None)))
 
 
 @pytest.fixture(scope="session")
-def onnx_model(weights, tmp_path_factory) -> Path:
+def onnx_model(weights, shared) -> Path:
     """The `weights` fixture exported to ONNX (fp32, opset 18, symbolic batch axis), without the parity check."""
     from fmnist_onnx.export import export_onnx
 
-    return export_onnx(weights, tmp_path_factory.mktemp("onnx") / "model.onnx")
+    return shared("onnx", lambda out: export_onnx(weights, out / "model.onnx")) / "model.onnx"
 
 
 @pytest.fixture(scope="session")
-def test_pngs(tmp_path_factory) -> Path:
+def test_pngs(shared) -> Path:
     """The 10,000 test images as PNG files in the ImageFolder layout, written by `data export-png`."""
-    out = tmp_path_factory.mktemp("pngs") / "test"
-    run_cli("data", "export-png", "--split", "test", "--out", out, "--quiet", check=True)
-    return out
+    return shared("pngs", lambda out: run_cli("data", "export-png", "--split", "test", "--out", out / "test",
+                                              "--quiet", check=True)) / "test"
 
 
 @pytest.fixture(scope="session")
