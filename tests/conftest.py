@@ -1,11 +1,12 @@
 """Shared fixtures, and fixtures only (the helpers are in harness.py), and how pytest-xdist shares the work.
 Everything runs on the real dataset (Debian's dataset-fashion-mnist).
 
-The suite runs on the usable cores (`-n auto --dist loadgroup` in pyproject.toml's addopts; `-n 0` runs it in
-this one process). Each worker is its own pytest session, so a session fixture would be built once per worker:
-the costly ones (the trained model, its ONNX export, the 10,000 PNGs) are built once by whichever worker asks
-first, under a file lock in the folder the workers' base folders share, and the others wait and reuse them.
-A test whose fixtures are module-scoped runs on the worker of its module, so those are built once too."""
+The suite runs on the usable cores (`-n auto --dist loadgroup` unless told otherwise; `-n 0`, `-p no:xdist` and
+`--pdb` run it in one process). Each worker is its own pytest session, so a session fixture would be built once
+per worker: the costly ones (the trained model, its ONNX export, the 10,000 PNGs) are built once by whichever
+worker asks first, under a file lock in the folder the workers' base folders share, and the others wait and
+reuse them. A test whose fixtures are module-scoped runs on the worker of its module, so those are built once
+too."""
 
 from __future__ import annotations
 
@@ -23,9 +24,24 @@ from harness import Unprivileged, foreign_model, run_cli
 MAX_WORKERS = 4  # each worker holds its own models, sessions and folders of PNGs; more gain little on this suite
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns -n into workers
+def pytest_cmdline_main(config) -> None:
+    """Parallel by default, in this hook rather than addopts so that `-p no:xdist` still parses: `-n auto` where
+    no -n was given, and `--dist loadgroup` (the groups below) where no --dist was; a worker is one already."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    if config.option.numprocesses is None:
+        config.option.numprocesses = "auto"
+    if config.option.dist == "no":
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown under -p no:xdist
+def pytest_xdist_auto_num_workers(config) -> int | None:
     """`-n auto`: the cores this process may use (affinity and cgroup quota, as the tool counts them), not the
-    machine's count, at most MAX_WORKERS."""
+    machine's count, at most MAX_WORKERS; a PYTEST_XDIST_AUTO_NUM_WORKERS of the user's wins (xdist reads it)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     from fmnist_onnx.runtime import usable_cores
 
     return max(1, min(usable_cores(), MAX_WORKERS))
