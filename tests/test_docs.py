@@ -181,7 +181,6 @@ def run_pages_before(page: Path, workspace: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")  # one worker, in reader order (one shared folder); docs/ray.md starts Ray
 @pytest.mark.parametrize(("page", "index"), CASES)
 def test_docs_example(page, index, main_job, ray_tmpdir):
     """Each shell example of each page, in reader order, all in main_job's folder: it exits 0 and prints what the

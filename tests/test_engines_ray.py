@@ -28,9 +28,6 @@ pytest.importorskip("ray", reason='the Ray engine needs the [ray] extra: pip ins
 from fmnist_onnx.table import read_rows  # noqa: E402
 
 CUDA = "CUDAExecutionProvider" in pytest.importorskip("onnxruntime").get_available_providers()
-# One worker runs every test that starts Ray (these, and docs/ray.md's example in test_docs.py), one at a time as
-# when run alone: two runtimes on one machine would share its ports and memory (tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("ray")
 
 TOP_K = "3"
 NON_UTF8 = os.fsdecode(b"T-shirt-top/caf\xe9.png")  # a file name that is not UTF-8: rows keep it byte for byte

@@ -28,9 +28,6 @@ from harness import REPO, assert_one_line_error
 RESOLVER_PIP = "pip==26.3"
 TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]  # as in the README's commands
 CORE = {"click", "numpy", "pillow", "tqdm", "pyspng", "jinja2", "braceexpand"}
-# `python -m build` of this checkout writes build/ and *.egg-info into it: one worker runs the tests that build
-# (these and test_no_torch.py's), one at a time (tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("build")
 
 
 def canonical(name: str) -> str:

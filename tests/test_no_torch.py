@@ -27,8 +27,7 @@ HEAVY = {"torch", "torchvision", "onnx", "onnxscript", "matplotlib", "triton", "
 # 37 MB of it is the bytecode pip compiles at install). The [train] extra adds gigabytes.
 MAX_MB = 250
 
-# one worker builds from this checkout at a time (test_install.py says why)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("build")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
