@@ -52,6 +52,11 @@ MAX_EXTENDED_BYTES = 1 << 20  # a pax or GNU long-name record; real ones are a f
 _ZERO_BLOCK = bytes(BLOCK)
 _USTAR = np.frombuffer(b"ustar", np.uint8)
 _WINDOW = 1 << 15  # headers checked at once: 16 MB of copied blocks
+# The blocks searched for headers at once: 128 KiB first, doubled while the chain of headers runs on into the next
+# span (a shard of small members: a few searches), back to the first size after a member longer than a span (a
+# tar of huge members: a span after each header, never the members' bytes). 16 MiB and more: 64 of them.
+_SPANS = (256, 1 << 15)
+_POPULATE_BYTES = 64 << 20  # a tar up to this size is mapped whole at once (its headers lie on every page)
 MAX_SPAN_BYTES = 64 << 20  # read_tar's one read of a chunk's members
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode's
 _ASCII = bytes(range(128))  # deleted by translate, what is left counts the bytes a signed checksum sees < 0
@@ -358,8 +363,9 @@ class _Candidates:
     name_at: np.ndarray  # where each candidate's is in ``names`` (-1: none)
 
 
-def _candidates(blocks: np.ndarray, length: int) -> _Candidates:
-    found = np.flatnonzero(blocks[:, 257] == ord("u"))
+def _candidates(blocks: np.ndarray, length: int, lo: int = 0, hi: int | None = None) -> _Candidates:
+    """The candidates among blocks lo..hi (their members' data may run past hi)."""
+    found = lo + np.flatnonzero(blocks[lo:hi, 257] == ord("u"))
     parts = [_check(blocks, found[s:s + _WINDOW], length) for s in range(0, len(found), _WINDOW)] or \
         [_check(blocks, found, length)]
     kind, size, ok, special, named = (np.concatenate(p) for p in zip(*[p[:5] for p in parts], strict=True))
@@ -431,9 +437,16 @@ class _Lister:
     def walk(self) -> None:
         blocks = np.frombuffer(self.mm, np.uint8, self.length // BLOCK * BLOCK).reshape(-1, BLOCK)
         try:
-            c, at = _candidates(blocks, self.length), 0
+            at, lo, hi, span = 0, 0, 0, _SPANS[0] // 2
             while True:
-                at = self.fast(blocks, c, at)
+                if not lo <= at // BLOCK < hi:  # a span from this header on (_SPANS)
+                    span = min(2 * span, _SPANS[1]) if at // BLOCK < hi + span else _SPANS[0]
+                    lo, hi = at // BLOCK, at // BLOCK + span
+                    self.prefetch(lo * BLOCK, hi * BLOCK)
+                    c = _candidates(blocks, self.length, lo, hi)
+                went, at = at, self.fast(blocks, c, at)
+                if at != went and not lo <= at // BLOCK < hi:
+                    continue  # the chain ran past the span: the next span's fast walk goes on from there
                 while True:  # one member through _step, with the extension records before it
                     block = _next_block(self.read, at, self.last)
                     if block is None:
@@ -444,6 +457,12 @@ class _Lister:
                         break
         finally:
             del blocks  # the memory map cannot close while an array holds it
+
+    def prefetch(self, start: int, end: int) -> None:
+        """Ask the kernel to read bytes start..end ahead (one request, not a fault a page) where not mapped whole."""
+        start -= start % mmap.PAGESIZE
+        if start < self.length:
+            self.mm.madvise(mmap.MADV_WILLNEED, start, min(end, self.length) - start)
 
     def add(self, member: tuple) -> None:
         name, at, size, kind = member[:4]
@@ -577,8 +596,10 @@ def index_tar(path: str) -> ArchiveIndex:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise _NotTar("not a tar archive (empty file)")
-        # MAP_POPULATE: the headers are spread over the whole file; one call maps it instead of a fault a page
-        populate = getattr(mmap, "MAP_POPULATE", 0)
+        # MAP_POPULATE: in a shard the headers lie on every page; one call maps it instead of a fault a page. Not
+        # for a bigger file, whose members may be most of it: the walk reads the spans it searches, no more.
+        small = os.fstat(f.fileno()).st_size <= _POPULATE_BYTES
+        populate = getattr(mmap, "MAP_POPULATE", 0) if small else 0
         with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ) as mm:
             lister = _Lister(mm, index)
             try:

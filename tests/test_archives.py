@@ -9,6 +9,7 @@ import io
 import os
 import struct
 import subprocess
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -532,3 +533,47 @@ def test_compressed_member_over_the_limit_stops_the_stream_at_its_header(tmp_pat
         for name, member in archives.iter_tar_stream(str(path)):
             got.append((name, str(member)))
     assert got == [("big.png", f"member too large ({big.size} bytes, limit {images.MAX_FILE_BYTES})")]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_tar_listing_is_whole_across_spans(tmp_path, pngs, monkeypatch, fmt):
+    """Headers are searched a span at a time, doubled while the chain runs on; spans of 2 and 4 blocks here, so
+    members longer than a span, pax records and a folder all fall on span ends."""
+    monkeypatch.setattr(archives, "_SPANS", (2, 4))
+    path = tmp_path / "s.tar"
+    big = os.urandom(9 * archives.BLOCK)
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for i, (name, data) in enumerate(shard(pngs[:6])):
+            if i == 5:
+                folder = tarfile.TarInfo("Bag")
+                folder.type = tarfile.DIRTYPE
+                tf.addfile(folder)
+            info = tarfile.TarInfo(name)
+            data = big if i % 4 == 1 else data
+            info.size, info.mtime = len(data), 1.5  # a fractional mtime: a pax record before each member
+            tf.addfile(info, io.BytesIO(data))
+    index = archives.index_tar(str(path))
+    assert index.names == [n for n, _, _ in tarfile_members(path)]
+    assert list(index.offsets) == [at for _, at, _ in tarfile_members(path)]
+    assert list(index.sizes) == [len(data) for _, _, data in tarfile_members(path)]
+
+
+def test_tar_of_huge_members_is_listed_without_reading_them(tmp_path):
+    """A tar of four 512 MiB members (holes on disk): the listing maps the spans it searches, not the members'
+    bytes; the whole file mapped would put 2 GiB in the process's resident set."""
+    path, member = tmp_path / "huge.tar", 512 << 20
+    with open(path, "wb") as f:
+        for i in range(4):
+            info = tarfile.TarInfo(f"Bag/{i}.png")
+            info.size = member
+            f.write(info.tobuf(tarfile.USTAR_FORMAT))
+            f.seek(member, os.SEEK_CUR)
+        f.write(bytes(2 * archives.BLOCK))
+    code = ("import resource, sys; from fmnist_onnx import archives; index = archives.index_tar(sys.argv[1]); "
+            "print(index.names, list(index.sizes), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    before = subprocess.run([sys.executable, "-c", "import resource; from fmnist_onnx import archives; "
+                             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"],
+                            capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith(str([f"Bag/{i}.png" for i in range(4)]) + " " + str([member] * 4))
+    assert int(out.stdout.split()[-1]) - int(before.stdout) < 64, out.stdout

@@ -61,3 +61,29 @@ def test_a_file_that_kills_its_worker_costs_that_file_alone(inference, onnx_mode
     del want[str(culprit)]
     assert got == want
     assert json.loads(crashed.stdout)["failed"] == 1
+
+
+@pytest.mark.parametrize(("inference", "processes"), [("workers", 2), ("batched", 3)])
+def test_the_engine_starts_its_processes_at_with_and_stops_them_at_its_end(inference, processes, onnx_model,
+                                                                           test_pngs):
+    """Made, the engine has started nothing; ``with`` forks its processes (2 workers; and 1 inference process on
+    the batched path), the block's end stops them all, even where an error ends it; close() again is nothing."""
+    import multiprocessing
+
+    from fmnist_onnx.classify.contract import Request
+    from fmnist_onnx.classify.engines import open_engine
+
+    paths = [str(p) for p in sorted((test_pngs / "Bag").glob("*.png"))[:100]]
+    request = Request([str(test_pngs / "Bag")], str(onnx_model), "-", "csv", 1, None, "auto", True, False, False,
+                      "cpu", None)
+    before = set(multiprocessing.active_children())
+    engine = open_engine("local", request, workers=2, inference=inference)
+    assert set(multiprocessing.active_children()) == before
+    with pytest.raises(RuntimeError, match="ends the block"), engine as eng:
+        started = set(multiprocessing.active_children()) - before
+        assert len(started) == processes and all(p.is_alive() for p in started)
+        assert sum(len(rows) for rows in eng.rows(iter([paths]), "csv", lambda seconds, files: None)) == 100
+        raise RuntimeError("an error ends the block")
+    assert not any(p.is_alive() for p in started)
+    engine.close()
+    assert set(multiprocessing.active_children()) == before

@@ -578,3 +578,19 @@ def _local(inputs: list[Path], model: Path, out: Path) -> Path:
     proc = run_cli("classify", *inputs, "-m", model, "-o", out, "-k", TOP_K, "-q")
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+def test_the_engine_joins_no_cluster_until_with(model):
+    """Made, the Ray engine has checked its options and the model and connected to nothing; close() before
+    ``with``, and again, is nothing."""
+    import ray
+
+    from fmnist_onnx.classify.contract import Request
+    from fmnist_onnx.classify.engines.ray import RayEngine
+
+    request = Request(["x"], str(model), "-", "csv", 1, None, "auto", True, False, False, "cpu", None)
+    engine = RayEngine(request)
+    assert not ray.is_initialized() and engine.pool is None
+    engine.close()
+    engine.close()
+    assert not ray.is_initialized()

@@ -273,19 +273,30 @@ class RunIdentity:
 
 
 class Engine(Protocol):
-    """What the pipeline needs of an engine (engines/local.py, engines/ray.py)."""
+    """What the pipeline needs of an engine (engines/local.py, engines/ray.py). Made from the checked Request
+    with its options (checked there, one line each: no process, no connection yet), then used as a context
+    manager: ``with`` starts what it runs on (``open``: processes forked, a cluster joined, the model checked
+    where it runs), its end stops it all (``close``), whatever ended the block. ``rows`` only within it."""
 
-    provider: str  # the provider that runs the model (a name in runtime.PROVIDER_TABLE)
-    workers: int  # decoding processes, or Ray actors
+    provider: str  # the provider that runs the model (a name in runtime.PROVIDER_TABLE); set by open at the latest
+    workers: int  # decoding processes, or Ray actors; set by open at the latest
     decoder: str  # in words, for the summary
     max_chunk: int  # files a chunk of work_items holds at most
+
+    def __enter__(self) -> Engine:
+        """``open()``: the engine, started."""
+
+    def __exit__(self, *exc) -> None:
+        """``close()``."""
 
     def rows(self, items: Iterator[list[str] | Members | Row], encoding: str,
              observe: Callable[[float, int], None]) -> Iterator[Rows]:
         """Rows for the work items, encoded for the sink; ``observe(seconds, files)`` after each chunk decoded
         (it sizes the chunks to come)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop what ``open`` started (what it started of it, where it failed); idempotent, and it never raises:
+        it runs on the way out of a run, where the error that ended it is the one to tell."""
 
 
 class Source(Protocol):
@@ -302,3 +313,6 @@ class Source(Protocol):
 
     # Sources of Members also have: read(members: Members) -> Iterable[bytes | images.ImageError], in a worker:
     # the members' bytes in order, one at a time where it can (a worker holds one member while it decodes it).
+    # A source that keeps state between chunks (open files) keeps it on a reader, not in module globals: its
+    # ``reader()`` gives an object with that ``read`` and ``close()``, which a worker's sources.Readers makes
+    # at its first chunk of that source and closes as the worker ends.

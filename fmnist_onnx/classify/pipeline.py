@@ -166,24 +166,21 @@ def _run(request: Request, engine: str, progress: bool, on_provider, engine_opti
             pause_point(CLASSIFY_BEFORE_ENGINE)  # tests hold the run here, before the walk (testing.py)
             # the engine's processes are forked before the walk reads any member's bytes: a fork after it would
             # hold a compressed tar's first member in every worker for the whole run
-            eng = engines.open_engine(engine, request, **engine_options)
-            seen = sources.Seen()
-            walk = _found(sources.walk(request.roots, request.recursive, request.own_files, request.image_column,
-                                       seen), tally, seen, request.roots)
-            if on_provider is not None:
-                on_provider(eng.provider)
-            pause_point(CLASSIFY_ENGINE_READY)
-            sink = sink or open_sink(request)
-            final = _pipeline(request, eng, sink, done, tally, progress, walk)
-            tally.beside = (seen.beside_count, seen.beside)
+            with engines.open_engine(engine, request, **engine_options) as eng:
+                seen = sources.Seen()
+                walk = _found(sources.walk(request.roots, request.recursive, request.own_files,
+                                           request.image_column, seen), tally, seen, request.roots)
+                if on_provider is not None:
+                    on_provider(eng.provider)
+                pause_point(CLASSIFY_ENGINE_READY)
+                sink = sink or open_sink(request)
+                final = _pipeline(request, eng, sink, done, tally, progress, walk)
+                tally.beside = (seen.beside_count, seen.beside)
     except BaseException as e:
         _lock_still_held(sink)
         close_on_error(sink, e)  # Ctrl-C and SIGTERM leave here as Interrupted
         _after_failure(request, sink, tally, e)
         raise
-    finally:
-        if eng is not None:
-            eng.close()
     return summarize(tally, final, request.output, request.fmt, eng.provider, eng.workers, eng.decoder,
                      time.perf_counter() - t0, replace=request.overwrite or request.resume,
                      provider_reason=getattr(eng, "provider_reason", None))

@@ -13,20 +13,20 @@ from fmnist_onnx.classify.contract import NON_FINITE, Rows
 from fmnist_onnx.spec import CLASSES
 from fmnist_onnx.table import Row, encode, encode_csv_top1
 
-_truth_cache: dict[str, int] = {}
 
-
-def true_classes(paths: Sequence[str]) -> np.ndarray:
-    """images.true_class of each path as int16 (-1: none), looked up once per folder."""
+def true_classes(paths: Sequence[str], known: dict[str, int] | None = None) -> np.ndarray:
+    """images.true_class of each path as int16 (-1: none), looked up once per folder. ``known``: folder ->
+    class, kept by the caller between chunks (a worker's reader, a Ray actor), filled here; None: this call's."""
+    known = {} if known is None else known
     if os.altsep is None:  # POSIX: one separator
         folders = [p.rpartition(os.sep)[0] for p in paths]
     else:
         folders = [p[:max(p.rfind(os.altsep), p.rfind(os.sep))] for p in paths]
     for folder, path in zip(folders, paths, strict=True):  # new folders only: a dict lookup per path below
-        if folder not in _truth_cache:
+        if folder not in known:
             c = images.true_class(path)
-            _truth_cache[folder] = -1 if c is None else c
-    return np.array([_truth_cache[f] for f in folders], np.int16)
+            known[folder] = -1 if c is None else c
+    return np.array([known[f] for f in folders], np.int16)
 
 
 def row_truth(row: dict) -> int:
@@ -34,16 +34,19 @@ def row_truth(row: dict) -> int:
     without it, the ImageFolder layout of its path."""
     if "true_label" in row:
         return -1 if row["true_label"] is None else CLASSES.index(row["true_label"])
-    return int(true_classes([row["path"]])[0])
+    c = images.true_class(row["path"])
+    return -1 if c is None else c
 
 
 def make_rows(session, paths: Sequence[str], imgs: np.ndarray | None, errors: Sequence[str], top_k: int,
-              batch_size: int, encoding: str, io_binding: bool = False, truth: Sequence[int] | None = None) -> Rows:
+              batch_size: int, encoding: str, io_binding: bool = False, truth: Sequence[int] | None = None,
+              known: dict[str, int] | None = None) -> Rows:
     """The model on a decoded chunk -> its Rows (``session`` may be None when every file failed). ``truth``:
-    the true classes the source knows (None: from the paths, the ImageFolder layout). The common case (CSV,
-    top-1) is encoded straight from the arrays, without a Row object per file."""
+    the true classes the source knows (None: from the paths, the ImageFolder layout; ``known`` as for
+    ``true_classes``). The common case (CSV, top-1) is encoded straight from the arrays, without a Row object
+    per file."""
     errors, ok, order, scores = _top_k(session, paths, imgs, errors, top_k, batch_size, io_binding)
-    truth = true_classes(paths) if truth is None else np.asarray(truth, np.int16)
+    truth = true_classes(paths, known) if truth is None else np.asarray(truth, np.int16)
     data = None
     if encoding == "csv" and top_k == 1 and len(ok) == len(paths):
         data = encode_csv_top1(paths, order[:, 0].tolist(), scores[:, 0].tolist(), truth.tolist())

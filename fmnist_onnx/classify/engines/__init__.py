@@ -2,8 +2,9 @@
 gives it (contract.Engine) somewhere: ``local`` in worker processes on this machine (the default), ``ray`` on a
 Ray cluster. Each is imported only when chosen, so that the default install never imports Ray.
 
-Adding an engine: a module here with a class that takes ``(request, **options)`` and fills contract.Engine, and
-an entry below naming it and the sources it reads.
+Adding an engine: a module here with a class that takes ``(request, **options)`` and fills contract.Engine (a
+context manager: made cheaply, started by ``with``, stopped at its end), and an entry below naming it and the
+sources it reads.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def entry(name: str) -> EngineEntry:
 
 
 def open_engine(name: str, request, **options):
-    """The engine ``name`` for ``request`` (contract.Engine); its framework is imported only here."""
+    """The engine ``name`` for ``request`` (contract.Engine), its options checked, not started yet: ``with``
+    starts it. Its framework is imported only here."""
     e = entry(name)
     return getattr(import_module(e.module), e.cls)(request, **options)
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
+from multiprocessing.util import Finalize
 
 import numpy as np
 
@@ -96,9 +97,6 @@ class Slots:
             pass
 
 
-_slots: Slots | None = None  # in a worker or inference process: the engine's Slots, inherited through fork
-
-
 def _queue_fds(executor: ProcessPoolExecutor | None) -> list[int]:
     """The pipes of an executor's queues (attributes of concurrent.futures that have not changed since 3.8;
     none found, none closed). A process forked later inherits them, and while it holds the reading end of the
@@ -115,8 +113,9 @@ def _queue_fds(executor: ProcessPoolExecutor | None) -> list[int]:
 
 
 def _worker_init(parent: int | None = None, slots: Slots | None = None, foreign: Sequence[int] = ()) -> None:
-    global _slots
-    _slots = slots
+    global _reader
+    _reader = _Reader(slots)
+    Finalize(_reader, _reader.close, exitpriority=0)  # as the process ends, on shutdown
     if foreign:  # the other executor's pipes, inherited through fork: /dev/null in their place (see _queue_fds)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in foreign:
@@ -155,23 +154,39 @@ class _Job:
     batched: bool  # the model runs in the batched stage (else in the decoding workers)
 
 
-_sessions: dict[tuple[str, str], object] = {}  # per process: one onnxruntime session per (model, provider)
+class _Reader:
+    """What a worker or an inference process keeps from one chunk to the next, built by its pool's initializer
+    (``_reader``): the engine's Slots (inherited through fork), its onnxruntime sessions, the true class of each
+    folder met (predict.true_classes) and the sources' readers (sources.Readers). It lives as long as the
+    process, and is closed as the process ends (the pool's shutdown)."""
+
+    def __init__(self, slots: Slots | None) -> None:
+        self.slots = slots
+        self.sessions: dict[tuple[str, str], object] = {}  # (model, provider) -> its session
+        self.known: dict[str, int] = {}  # folder -> true class
+        self.sources = sources.Readers()
+
+    def session(self, model: str, provider: str):
+        """This process's session, on one intra-op thread: in a decoding worker, the other workers keep the
+        other cores busy, and onnxruntime's spinning threads would only take CPU time from them (measured: 14 us
+        of CPU per image on one thread, 23 on two); in an inference process on a GPU, the CPU has nothing to
+        compute."""
+        key = (model, provider)
+        if key not in self.sessions:
+            from fmnist_onnx.runtime import open_session
+
+            self.sessions[key] = open_session(model, provider, threads=1)
+        return self.sessions[key]
+
+    def close(self) -> None:
+        self.sources.close()
 
 
-def _session(model: str, provider: str):
-    """This process's session, on one intra-op thread: in a decoding worker, the other workers keep the other
-    cores busy, and onnxruntime's spinning threads would only take CPU time from them (measured: 14 us of CPU
-    per image on one thread, 23 on two); in an inference process on a GPU, the CPU has nothing to compute."""
-    key = (model, provider)
-    if key not in _sessions:
-        from fmnist_onnx.runtime import open_session
-
-        _sessions[key] = open_session(model, provider, threads=1)
-    return _sessions[key]
+_reader: _Reader | None = None  # in a worker or inference process: the one its pool's initializer built
 
 
 def _check_model(model: str, provider: str) -> None:
-    _session(model, provider)  # a UserError (bad model, provider missing) comes back to the parent as it is
+    _reader.session(model, provider)  # a UserError (bad model, provider missing) comes back to the parent as it is
 
 
 def _stage_init(parent: int, slots: Slots | None, foreign: Sequence[int], model: str, provider: str) -> None:
@@ -179,7 +194,7 @@ def _stage_init(parent: int, slots: Slots | None, foreign: Sequence[int], model:
     process does it at once). A failure is left for _check_model to report, in one line."""
     _worker_init(parent, slots, foreign)
     try:
-        _session(model, provider)
+        _reader.session(model, provider)
     except Exception:  # noqa: BLE001 - reported by _check_model, which meets it again
         pass
 
@@ -218,7 +233,7 @@ def _decode(item: Sequence[str] | Members, invert: str) -> tuple[np.ndarray, lis
     if isinstance(item, _Piped):
         item = item.received()
     if isinstance(item, Members):  # one member's bytes held at a time
-        imgs, errors = images.preprocess_batch(sources.read(item), invert, len(item))
+        imgs, errors = images.preprocess_batch(_reader.sources.read(item), invert, len(item))
     else:
         imgs, errors = images.preprocess_batch(item, invert)
     return imgs, errors, time.perf_counter() - t0
@@ -230,9 +245,9 @@ def _classify_decoded(item: Sequence[str] | Members, imgs: np.ndarray, errors: l
     (the whole chunk in one call, with IO binding). The paths stay in the parent, which has them."""
     paths = units_of(item)
     batch = job.batch_size or (max(1, len(paths)) if job.batched else DEFAULT_BATCH)
-    session = None if all(errors) else _session(job.model, job.provider)
+    session = None if all(errors) else _reader.session(job.model, job.provider)
     rows = make_rows(session, paths, imgs, errors, job.top_k, batch, encoding, io_binding=job.batched,
-                     truth=truth_of(item))
+                     truth=truth_of(item), known=_reader.known)
     rows.seconds, rows.paths = seconds, None
     return rows
 
@@ -240,14 +255,14 @@ def _classify_decoded(item: Sequence[str] | Members, imgs: np.ndarray, errors: l
 def _decode_into(item: Sequence[str] | Members, invert: str, slot: int) -> tuple[list[str], float]:
     """A worker's job on the batched path: decode the chunk into its slot of shared memory."""
     imgs, errors, seconds = _decode(item, invert)
-    _slots.view(slot, len(imgs))[:] = imgs
+    _reader.slots.view(slot, len(imgs))[:] = imgs
     return errors, seconds
 
 
 def _classify_slot(item: Sequence[str] | Members, slot: int, errors: list[str], seconds: float, job: _Job,
                    encoding: str) -> Rows:
     """An inference process's job: the model on the chunk decoded into ``slot``."""
-    return _classify_decoded(item, _slots.view(slot, len(errors)), errors, seconds, job, encoding)
+    return _classify_decoded(item, _reader.slots.view(slot, len(errors)), errors, seconds, job, encoding)
 
 
 def _decode_and_classify(item: Sequence[str] | Members, job: _Job, encoding: str) -> Rows:
@@ -281,9 +296,138 @@ def _failed(e: BaseException) -> Future:
     return fut
 
 
+def _stage_result(fut: Future, written: bool):
+    """A result of the inference processes; one line where one of them died. ``written``: rows were written
+    before (the journal keeps them for --resume)."""
+    try:
+        return fut.result()
+    except BrokenProcessPool:
+        kept = "; the rows so far are kept: run the same command with --resume" if written else ""
+        raise UserError(f"an inference process died (out of memory, or a crash in onnxruntime){kept}") from None
+
+
+class _Processes:
+    """The engine's processes: decoding workers, in a pool started again when one of them dies, never hanging;
+    and for the batched stage, inference processes that run the model, with the Slots they all share. All
+    forked before this process starts any thread (onnxruntime's pool, CUDA): by ``open``; ``close`` stops them."""
+
+    def __init__(self, job: _Job, workers: int, stages: int, slots: int, capacity: int) -> None:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: milliseconds
+        self.ctx = multiprocessing.get_context(method)
+        self.job, self.workers, self.stages = job, workers, stages
+        # fork only: spawned processes would not share the mapping (they get the pixels pickled instead). Pages
+        # are only used as slots are: the chunks in flight, 6.4 MB each at most.
+        self.slots = Slots(slots, capacity) if slots and method == "fork" else None
+        self.pool: ProcessPoolExecutor | None = None
+        self.stage: ProcessPoolExecutor | None = None
+        self.ready: Future | None = None  # the model checked in a process that runs it
+
+    def open(self) -> None:
+        """Start the processes. The model is checked in a process that will run it, before any row is written:
+        one clear line if it is bad. The inference processes are waited for at the first row (the engine's
+        rows), decoding meanwhile."""
+        self._start_pool()
+        if self.job.batched:
+            self.stage = ProcessPoolExecutor(
+                self.stages, mp_context=self.ctx, initializer=_stage_init,
+                initargs=(os.getpid(), self.slots, self._foreign(self.pool), self.job.model, self.job.provider))
+        self.ready = (self.stage or self.pool).submit(_check_model, self.job.model, self.job.provider)
+        if not self.job.batched:
+            self.ready.result()
+
+    def _foreign(self, executor: ProcessPoolExecutor | None) -> list[int]:
+        """The pipes of ``executor`` that processes forked now inherit (spawned ones inherit none)."""
+        return _queue_fds(executor) if self.ctx.get_start_method() == "fork" else []
+
+    def _start_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_worker_init,
+                                        initargs=(os.getpid(), self.slots, self._foreign(self.stage)))
+        self.pool.submit(os.getpid).result()  # all workers exist from here on
+
+    def submit(self, paths: list[str], encoding: str, slot: int | None) -> Future:
+        """A future of the chunk's Rows (the workers' path), or of its decoding (the batched path: errors and
+        seconds, the images in ``slot``; or without slots, the images too); one that raises BrokenProcessPool
+        if the pool is broken already (found out where results are collected)."""
+        paths = _piped(self.ctx, paths)
+        try:
+            if slot is not None:
+                return self.pool.submit(_decode_into, paths, self.job.invert, slot)
+            if self.job.batched:
+                return self.pool.submit(_decode, paths, self.job.invert)
+            return self.pool.submit(_decode_and_classify, paths, self.job, encoding)
+        except BrokenProcessPool as e:
+            return _failed(e)
+
+    def stage_submit(self, paths: list[str], encoding: str, slot: int | None, res: tuple) -> Future:
+        """A future of the chunk's Rows from the inference processes (one that raises BrokenProcessPool if they
+        are broken already: found out where results are collected)."""
+        if isinstance(paths, Members) and paths.inline:  # the stage needs the names, not the bytes again
+            paths = replace(paths, keys=(), sizes=(), inline=False)
+        try:
+            if slot is None:
+                return self.stage.submit(_classify_decoded, paths, *res, self.job, encoding)
+            return self.stage.submit(_classify_slot, paths, slot, *res, self.job, encoding)
+        except BrokenProcessPool as e:
+            return _failed(e)
+
+    def redo(self, paths: list[str], slot: int | None, encoding: str, decoding: deque):
+        """A worker died (the OOM killer, a decoder crash), and every chunk in flight in its pool failed with it,
+        this one perhaps as a bystander: a new pool, this chunk tried again alone, and if a worker dies on it
+        again, file by file (a file that kills its worker gets an error row); only then the chunks in flight
+        submitted again, each of which, should it fail, comes here in its turn."""
+        log.warning("a worker process died; trying its chunks again")
+        self._start_pool()
+        try:
+            res = self.submit(paths, encoding, slot).result()
+        except BrokenProcessPool:
+            log.warning("a worker process died on the same chunk; decoding it file by file")
+            self._start_pool()
+            res = self._isolate(paths)
+            if slot is not None:  # the isolated images go where the chunk's worker would have put them
+                self.slots.view(slot, len(paths))[:] = res[0]
+                res = res[1:]
+            if not self.job.batched:  # the workers' path: classify here what was decoded there
+                res = self.pool.submit(_classify_decoded, paths, *res, self.job, encoding).result()
+        decoding = deque((p, self.submit(p, encoding, s) if p is not None else f, s) for p, f, s in decoding)
+        return res, decoding
+
+    def _isolate(self, item: list[str] | Members) -> tuple[np.ndarray, list[str], float]:
+        """Decode a chunk that was in a dying pool file by file, each alone in the pool, so that a file that
+        kills its worker is named and the others are decoded."""
+        out = np.zeros((len(item), images.IMAGE_SIZE, images.IMAGE_SIZE), dtype=np.uint8)
+        errors = [""] * len(item)
+        for i, path in enumerate(units_of(item)):
+            try:
+                one = _piped(self.ctx, part(item, i, i + 1))
+                imgs, errs, _ = self.pool.submit(_decode, one, self.job.invert).result()
+                out[i], errors[i] = imgs[0], errs[0]
+            except BrokenProcessPool:
+                log.warning("%s: %s", visible(path), CRASHED)
+                errors[i] = CRASHED
+                self._start_pool()
+        return out, errors, 0.0
+
+    def close(self) -> None:
+        """Stop every process and free the slots; again, nothing. Never raises: it runs on the way out of
+        a run, whatever ended it."""
+        for ex in (self.pool, self.stage):
+            if ex is not None:
+                try:
+                    ex.shutdown(wait=True, cancel_futures=True)
+                except Exception as e:  # noqa: BLE001 - the error that ended the run is the one to tell
+                    log.debug("stopping the processes: %s", e)
+        self.pool = self.stage = None
+        if self.slots is not None:
+            self.slots.close()
+            self.slots = None
+
+
 class LocalEngine:
-    """Worker processes, restarted when one dies, never hanging; and for the batched stage, inference processes
-    that run the model. All forked before this process starts any thread (onnxruntime's pool, CUDA)."""
+    """Worker processes on this machine (``_Processes``) turning the walk's chunks into Rows, in walk order
+    (contract.Engine). Made from the request, its options checked, no process started: ``with`` (``open``)
+    starts them, its end (``close``) stops them."""
 
     def __init__(self, request: Request, workers: int | None = None, inference: str = "auto",
                  stages: int | None = None) -> None:
@@ -308,96 +452,37 @@ class LocalEngine:
         # this many more slots: at most 4 chunks a worker.
         self.startup_depth = 4 * self.workers if self.batched else 0
         self.decoder = decoder_name() + (", then a batched inference stage" if self.batched else "")
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: milliseconds
-        self.ctx = multiprocessing.get_context(method)
         self.max_chunk = contract.BATCHED_MAX_CHUNK if self.batched else contract.MAX_CHUNK
-        # fork only: spawned processes would not share the mapping (they get the pixels pickled instead). Pages
-        # are only used as slots are: the chunks in flight, 6.4 MB each at most.
-        self.slots = Slots(self.depth + self.stage_depth + self.startup_depth, self.max_chunk) \
-            if self.batched and method == "fork" else None
-        self.pool: ProcessPoolExecutor | None = None
-        self.stage: ProcessPoolExecutor | None = None
-        try:
-            self._start_pool()
-            if self.batched:
-                self.stage = ProcessPoolExecutor(
-                    self.stages, mp_context=self.ctx, initializer=_stage_init,
-                    initargs=(os.getpid(), self.slots, self._foreign(self.pool), request.model, self.provider))
-            # The model is checked in a process that will run it, before any row is written: one clear line if
-            # it is bad. The inference processes are waited for at the first row (rows()), decoding meanwhile.
-            self.ready = (self.stage or self.pool).submit(_check_model, request.model, self.provider)
-            if not self.batched:
-                self.ready.result()
-        except BaseException:
-            self.close()
-            raise
+        self.procs: _Processes | None = None
 
-    def _foreign(self, executor: ProcessPoolExecutor | None) -> list[int]:
-        """The pipes of ``executor`` that processes forked now inherit (spawned ones inherit none)."""
-        return _queue_fds(executor) if self.ctx.get_start_method() == "fork" else []
-
-    def _start_pool(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pool = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_worker_init,
-                                        initargs=(os.getpid(), self.slots, self._foreign(self.stage)))
-        self.pool.submit(os.getpid).result()  # all workers exist from here on
-
-    def _submit(self, paths: list[str], encoding: str, slot: int | None) -> Future:
-        """A future of the chunk's Rows (the workers' path), or of its decoding (the batched path: errors and
-        seconds, the images in ``slot``; or without slots, the images too); one that raises BrokenProcessPool
-        if the pool is broken already (found out where results are collected)."""
-        paths = _piped(self.ctx, paths)
-        try:
-            if slot is not None:
-                return self.pool.submit(_decode_into, paths, self.job.invert, slot)
-            if self.batched:
-                return self.pool.submit(_decode, paths, self.job.invert)
-            return self.pool.submit(_decode_and_classify, paths, self.job, encoding)
-        except BrokenProcessPool as e:
-            return _failed(e)
-
-    def _isolate(self, item: list[str] | Members) -> tuple[np.ndarray, list[str], float]:
-        """Decode a chunk that was in a dying pool file by file, each alone in the pool, so that a file that
-        kills its worker is named and the others are decoded."""
-        out = np.zeros((len(item), images.IMAGE_SIZE, images.IMAGE_SIZE), dtype=np.uint8)
-        errors = [""] * len(item)
-        for i, path in enumerate(units_of(item)):
+    def open(self) -> LocalEngine:
+        """Start the processes (a UserError for a bad model: it is checked there); once only."""
+        if self.procs is None:
+            slots = self.depth + self.stage_depth + self.startup_depth if self.batched else 0
+            self.procs = _Processes(self.job, self.workers, self.stages, slots, self.max_chunk)
             try:
-                one = _piped(self.ctx, part(item, i, i + 1))
-                imgs, errs, _ = self.pool.submit(_decode, one, self.job.invert).result()
-                out[i], errors[i] = imgs[0], errs[0]
-            except BrokenProcessPool:
-                log.warning("%s: %s", visible(path), CRASHED)
-                errors[i] = CRASHED
-                self._start_pool()
-        return out, errors, 0.0
+                self.procs.open()
+            except BaseException:
+                self.close()
+                raise
+        return self
 
-    def _stage_submit(self, paths: list[str], encoding: str, slot: int | None, res: tuple) -> Future:
-        """A future of the chunk's Rows from the inference processes (one that raises BrokenProcessPool if they
-        are broken already: found out where results are collected)."""
-        if isinstance(paths, Members) and paths.inline:  # the stage needs the names, not the bytes again
-            paths = replace(paths, keys=(), sizes=(), inline=False)
-        try:
-            if slot is None:
-                return self.stage.submit(_classify_decoded, paths, *res, self.job, encoding)
-            return self.stage.submit(_classify_slot, paths, slot, *res, self.job, encoding)
-        except BrokenProcessPool as e:
-            return _failed(e)
+    def close(self) -> None:
+        """Stop the processes; again, nothing. Never raises."""
+        if self.procs is not None:
+            self.procs.close()
+            self.procs = None
 
-    def _stage_result(self, fut: Future, written: bool):
-        """A result of the inference processes; one line where one of them died. ``written``: rows were
-        written before (the journal keeps them for --resume)."""
-        try:
-            return fut.result()
-        except BrokenProcessPool:
-            kept = "; the rows so far are kept: run the same command with --resume" if written else ""
-            raise UserError(f"an inference process died (out of memory, or a crash in onnxruntime){kept}") from None
+    def __enter__(self) -> LocalEngine:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def rows(self, items: Iterator[list[str] | Members | Row], encoding: str,
              observe: Callable[[float, int], None]) -> Iterator[Rows]:
         """Rows for each work item (a chunk of paths, or a row known already), in walk order."""
-        slots = self.slots
+        procs, slots = self.procs, self.procs.slots
         decoding: deque = deque()  # (paths, future, slot) or (None, Row, None), in walk order
         staged: deque = deque()  # (paths, future of Rows, slot) in the inference stage, in walk order
         written = False  # rows went to the sink already
@@ -413,16 +498,16 @@ class LocalEngine:
                 else:
                     carried += _carried(item)
                     slot = slots.free.pop() if slots is not None else None
-                    decoding.append((item, self._submit(item, encoding, slot), slot))
+                    decoding.append((item, procs.submit(item, encoding, slot), slot))
 
         feed()
         while decoding or staged:
             # the stage's oldest chunk: when the stage is full (more may wait as it starts), or nothing is before it
-            limit = self.stage_depth + (0 if self.ready.done() else self.startup_depth)
+            limit = self.stage_depth + (0 if procs.ready.done() else self.startup_depth)
             if staged and (len(staged) >= limit or not decoding or decoding[0][0] is None):
                 paths, fut, slot = staged.popleft()
-                self._stage_result(self.ready, written)  # a bad model: its one line, before any row
-                rows = self._stage_result(fut, written)
+                _stage_result(procs.ready, written)  # a bad model: its one line, before any row
+                rows = _stage_result(fut, written)
                 if slot is not None:
                     slots.free.append(slot)
                 rows.paths, carried = units_of(paths), carried - _carried(paths)
@@ -433,51 +518,21 @@ class LocalEngine:
                 continue
             paths, fut, slot = decoding.popleft()
             if paths is None:  # a row known already (a folder that cannot be listed)
-                self._stage_result(self.ready, written)
+                _stage_result(procs.ready, written)
                 written = True
                 yield rows_of([fut], encoding, self.job.top_k)
                 continue
             try:
                 res = fut.result()
             except BrokenProcessPool:
-                res, decoding = self._after_worker_died(paths, slot, encoding, decoding)
+                res, decoding = procs.redo(paths, slot, encoding, decoding)
             observe(res.seconds if isinstance(res, Rows) else res[-1], len(paths))
             if isinstance(res, Rows):
                 res.paths, carried = units_of(paths), carried - _carried(paths)
             else:
-                staged.append((paths, self._stage_submit(paths, encoding, slot, res), slot))
+                staged.append((paths, procs.stage_submit(paths, encoding, slot, res), slot))
             del paths  # its bytes, if it carries any and is done, go before the walk reads on
             feed()  # keep the workers busy while this chunk is written
             if isinstance(res, Rows):
                 written = True
                 yield res
-
-    def _after_worker_died(self, paths: list[str], slot: int | None, encoding: str, decoding: deque):
-        """A worker died (the OOM killer, a decoder crash), and every chunk in flight in its pool failed with it,
-        this one perhaps as a bystander: a new pool, this chunk tried again alone, and if a worker dies on it
-        again, file by file (a file that kills its worker gets an error row); only then the chunks in flight
-        submitted again, each of which, should it fail, comes here in its turn."""
-        log.warning("a worker process died; trying its chunks again")
-        self._start_pool()
-        try:
-            res = self._submit(paths, encoding, slot).result()
-        except BrokenProcessPool:
-            log.warning("a worker process died on the same chunk; decoding it file by file")
-            self._start_pool()
-            res = self._isolate(paths)
-            if slot is not None:  # the isolated images go where the chunk's worker would have put them
-                self.slots.view(slot, len(paths))[:] = res[0]
-                res = res[1:]
-            if not self.batched:  # the workers' path: classify here what was decoded there
-                res = self.pool.submit(_classify_decoded, paths, *res, self.job, encoding).result()
-        decoding = deque((p, self._submit(p, encoding, s) if p is not None else f, s) for p, f, s in decoding)
-        return res, decoding
-
-    def close(self) -> None:
-        for ex in (self.pool, self.stage):
-            if ex is not None:
-                ex.shutdown(wait=True, cancel_futures=True)
-        self.pool = self.stage = None
-        if self.slots is not None:
-            self.slots.close()
-            self.slots = None

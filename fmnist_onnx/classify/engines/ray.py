@@ -29,6 +29,7 @@ for clusters, and never picked by default.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -83,8 +84,9 @@ def _import_ray():
 
 
 class Predictor:
-    """One Ray actor: an onnxruntime session, and a call that turns a chunk of work (paths, or a container's
-    Members) into encoded Rows, as a local worker does.
+    """One Ray actor: an onnxruntime session, what it keeps between chunks (file systems, the true class of each
+    folder met, the sources' readers), and a call that turns a chunk of work (paths, or a container's Members)
+    into encoded Rows, as a local worker does.
 
     An exception here would only kill the actor, which the driver would take for a crash and retry; instead
     it goes back to the driver as (a UserError's exit code, or 0 for a bug; message), and the driver stops the
@@ -94,6 +96,8 @@ class Predictor:
         self.fatal: tuple[int, str] | None = None
         self.invert, self.top_k, self.batch_size = invert, top_k, batch_size
         self.filesystems: dict[str, object] = {}
+        self.known: dict[str, int] = {}  # folder -> true class (predict.true_classes)
+        self.sources = sources.Readers()  # what the sources keep between chunks
         try:
             from fmnist_onnx.runtime import open_session
 
@@ -132,12 +136,12 @@ class Predictor:
         crash_point(units_of(item))  # tests kill the actor here, on a file they name (testing.py)
         try:
             t0 = time.perf_counter()
-            data = sources.read(item) if isinstance(item, Members) else self._data(item)
+            data = self.sources.read(item) if isinstance(item, Members) else self._data(item)
             imgs, errors = images.preprocess_batch(data, self.invert, len(item))  # one member held at a time
             seconds = time.perf_counter() - t0
             session = None if all(errors) else self.session
             rows = make_rows(session, units_of(item), imgs, errors, self.top_k, self.batch_size, encoding,
-                             truth=truth_of(item))
+                             truth=truth_of(item), known=self.known)
         except Exception as e:  # noqa: BLE001 - see the class doc
             return _fatal(e)
         rows.seconds, rows.paths = seconds, None
@@ -240,7 +244,10 @@ class _Pool:
 
     def close(self) -> None:
         for actor in self.actors:
-            self.ray.kill(actor)
+            try:
+                self.ray.kill(actor)
+            except Exception as e:  # noqa: BLE001 - one that cannot be killed does not spare the others
+                log.debug("killing a Ray actor: %s", e)
         self.actors, self.pending, self.carried = [], {}, 0
 
 
@@ -357,19 +364,36 @@ def _errors_to_log() -> Callable[[], None] | None:
 
 
 class RayEngine:
-    """The pipeline's engine on Ray (classify.Engine): connects (or starts a local runtime), plans and starts the
-    actor pool, and turns the walk's chunks into Rows. Rows come in the order they are done."""
+    """The pipeline's engine on Ray (contract.Engine): made from the request, its options and the model checked;
+    ``with`` (``open``) connects (or starts a local runtime), plans and starts the actor pool, its end (``close``)
+    stops them. It turns the walk's chunks into Rows, in the order they are done."""
 
     def __init__(self, request: Request, address: str | None = None, actors: int | None = None) -> None:
         if actors is not None and actors < 1:
             raise UserError("--actors must be at least 1")
         self.ray = _import_ray()
-        from fmnist_onnx.runtime import PROVIDERS, available_providers, open_session, resolve_provider
+        from fmnist_onnx.runtime import open_session
 
         open_session(request.model, "cpu")  # a broken or wrong model is one clear error here, before any cluster work
-        self.request = request
+        self.request, self.address, self.actors = request, address, actors
         self.pool: _Pool | None = None
         self.started, self.warnings, self.undo_errors = False, None, None
+        self.decoder = f"{decoder_name()} in Ray actors"
+        self.max_chunk = MAX_CHUNK
+
+    def __enter__(self) -> RayEngine:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> RayEngine:
+        """Connect and start the actors (they start while the driver walks); once only."""
+        if self.pool is not None:
+            return self
+        from fmnist_onnx.runtime import PROVIDERS, available_providers, resolve_provider
+
+        request, address = self.request, self.address
         if not _verbose():
             # Ray's warnings (an idle actor, a deprecation) are about Ray, not about this run; -v shows them. The
             # filter holds until close(): Ray may warn from its own threads.
@@ -384,7 +408,7 @@ class RayEngine:
             if local_runtime and request.provider == "cuda" and not local_cuda:
                 resolve_provider("cuda")  # the local engine's error: onnxruntime here has no CUDA
             self.provider, self.workers, per_cpu, per_gpu = plan_pool(self.ray.cluster_resources(), request.provider,
-                                                                      actors, local_cuda)
+                                                                      self.actors, local_cuda)
             options = {"num_cpus": per_cpu, **({"num_gpus": per_gpu} if per_gpu else {})}
             # Actors on a cluster do not inherit the driver's environment. Importing this package turns onnxruntime's
             # telemetry off in them as here (fmnist_onnx/__init__.py); a user's own ORT_DISABLE_TELEMETRY=0 goes to
@@ -401,9 +425,8 @@ class RayEngine:
         except BaseException:
             self.close()
             raise
-        self.decoder = f"{decoder_name()} in Ray actors"
-        self.max_chunk = MAX_CHUNK
         log.info("Ray pool: %d actors, %g CPU and %g GPU each (%s)", self.workers, per_cpu, per_gpu, self.provider)
+        return self
 
     def rows(self, items: Iterator[list[str] | Members | Row], encoding: str,
              observe: Callable[[float, int], None] | None = None) -> Iterator[Rows]:
@@ -468,15 +491,20 @@ class RayEngine:
         yield res
 
     def close(self) -> None:
+        """Stop the actors, and a runtime this engine started; again, nothing. Never raises: it runs on the way
+        out of a run, whatever ended it."""
+        steps = []
         if self.pool is not None:
-            self.pool.close()
-            self.pool = None
+            steps.append(self.pool.close)
         if self.started:
-            self.ray.shutdown()
-            self.started = False
+            steps.append(self.ray.shutdown)
         if self.undo_errors is not None:
-            self.undo_errors()
-            self.undo_errors = None
+            steps.append(self.undo_errors)
         if self.warnings is not None:
-            self.warnings.__exit__(None, None, None)
-            self.warnings = None
+            steps.append(functools.partial(self.warnings.__exit__, None, None, None))
+        self.pool, self.started, self.undo_errors, self.warnings = None, False, None, None
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - the error that ended the run is the one to tell
+                log.debug("stopping Ray: %s", e)

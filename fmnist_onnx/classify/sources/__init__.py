@@ -93,6 +93,40 @@ def read(members: Members) -> Iterable:
     return source(members.kind).read(members)
 
 
+class Readers:
+    """What a process that reads containers' members keeps from one chunk to the next (a local worker's
+    reader, a Ray actor): one reader per source that keeps state between chunks (its module's ``reader()``: an
+    object with ``read(members)`` as the module's, and ``close()``), made at its first chunk and closed with
+    this; a source without one is read by its module's ``read``. A context manager."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, object] = {}  # source kind -> its reader
+
+    def read(self, members: Members) -> Iterable:
+        """``read``, through the source's reader where it has one."""
+        module = source(members.kind)
+        if not hasattr(module, "reader"):
+            return module.read(members)
+        if members.kind not in self.open:
+            self.open[members.kind] = module.reader()
+        return self.open[members.kind].read(members)
+
+    def close(self) -> None:
+        """Close every reader (never raises: a process that closes them is on its way out)."""
+        for reader in self.open.values():
+            try:
+                reader.close()
+            except Exception:  # noqa: BLE001 - an open file of a finished run: nothing left to tell
+                pass
+        self.open.clear()
+
+    def __enter__(self) -> Readers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def loose_row(path: str) -> str:
     """A loose file's row name: its path; where the path holds ``::`` or ``\\:``, each ``\\`` doubled and each
     ``:`` written ``\\:``. An escaped row holds ``\\:`` and never ``::``, a path left as it is neither, a
