@@ -215,20 +215,25 @@ def test_tar_name_with_bytes_after_its_nul_is_read_as_tarfile_does(tmp_path, png
     assert index.names[2] == "00001.png"
 
 
-def test_tar_listing_is_whole_across_windows(tmp_path, pngs, monkeypatch):
-    """Headers are checked a window at a time (thousands in a real shard); three here, so the chain crosses
-    window ends, one of them at a folder's header that only the loop lists past."""
-    monkeypatch.setattr(archives, "_WINDOW", 3)
-    path = tmp_path / "s.tar"
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for i, (name, data) in enumerate(shard(pngs[:8])):
-            if i == 7:
+def tar_with_a_folder(path: Path, members, fmt: int, folder_at: int, mtime: float = 0) -> Path:
+    """``members`` written by tarfile in ``fmt``, a folder entry ("Bag") before the one at ``folder_at``."""
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for i, (name, data) in enumerate(members):
+            if i == folder_at:
                 folder = tarfile.TarInfo("Bag")
                 folder.type = tarfile.DIRTYPE
                 tf.addfile(folder)
             info = tarfile.TarInfo(name)
-            info.size = len(data)
+            info.size, info.mtime = len(data), mtime
             tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_listing_is_whole_across_windows(tmp_path, pngs, monkeypatch):
+    """Headers are checked a window at a time (thousands in a real shard); three here, so the chain crosses
+    window ends, one of them at a folder's header that only the loop lists past."""
+    monkeypatch.setattr(archives, "_WINDOW", 3)
+    path = tar_with_a_folder(tmp_path / "s.tar", shard(pngs[:8]), tarfile.USTAR_FORMAT, folder_at=7)
     index = archives.index_tar(str(path))
     assert index.names == [n for n, _, _ in tarfile_members(path)]
     assert list(index.offsets) == [at for _, at, _ in tarfile_members(path)]
@@ -540,18 +545,10 @@ def test_tar_listing_is_whole_across_spans(tmp_path, pngs, monkeypatch, fmt):
     """Headers are searched a span at a time, doubled while the chain runs on; spans of 2 and 4 blocks here, so
     members longer than a span, pax records and a folder all fall on span ends."""
     monkeypatch.setattr(archives, "_SPANS", (2, 4))
-    path = tmp_path / "s.tar"
     big = os.urandom(9 * archives.BLOCK)
-    with tarfile.open(path, "w", format=fmt) as tf:
-        for i, (name, data) in enumerate(shard(pngs[:6])):
-            if i == 5:
-                folder = tarfile.TarInfo("Bag")
-                folder.type = tarfile.DIRTYPE
-                tf.addfile(folder)
-            info = tarfile.TarInfo(name)
-            data = big if i % 4 == 1 else data
-            info.size, info.mtime = len(data), 1.5  # a fractional mtime: a pax record before each member
-            tf.addfile(info, io.BytesIO(data))
+    members = [(name, big if i % 4 == 1 else data) for i, (name, data) in enumerate(shard(pngs[:6]))]
+    # a fractional mtime: a pax record before each member in the pax format
+    path = tar_with_a_folder(tmp_path / "s.tar", members, fmt, folder_at=5, mtime=1.5)
     index = archives.index_tar(str(path))
     assert index.names == [n for n, _, _ in tarfile_members(path)]
     assert list(index.offsets) == [at for _, at, _ in tarfile_members(path)]
